@@ -29,7 +29,8 @@ CORE_COLUMNS: dict[str, pl.DataType] = {
 REQUIRED_COLUMNS = ("entity_id", "event_id", "ts", "event_type")
 
 # Rejected rows keep what arrived, as text, so a row that could not be parsed is still readable.
-REJECT_REASON_COLUMNS = {"reason": pl.String(), "field": pl.String()}
+# `source` says where a rejected row came from (a landing file's name, or "simulator").
+REJECT_REASON_COLUMNS = {"reason": pl.String(), "field": pl.String(), "source": pl.String()}
 
 
 class SpecError(ValueError):
@@ -181,7 +182,7 @@ def map_columns(raw: pl.DataFrame, spec: DatasetSpec) -> pl.DataFrame:
     )
 
 
-def _parse_ts(col: pl.Expr, dtype: pl.DataType, spec: DatasetSpec) -> pl.Expr:
+def parse_ts(col: pl.Expr, dtype: pl.DataType, spec: DatasetSpec) -> pl.Expr:
     if isinstance(dtype, pl.Datetime):
         if dtype.time_zone is None:
             return col.dt.replace_time_zone(spec.timezone).dt.convert_time_zone("UTC").dt.cast_time_unit("us")
@@ -189,9 +190,6 @@ def _parse_ts(col: pl.Expr, dtype: pl.DataType, spec: DatasetSpec) -> pl.Expr:
     if isinstance(dtype, pl.Date):
         return col.cast(pl.Datetime("us")).dt.replace_time_zone(spec.timezone).dt.convert_time_zone("UTC")
     text = col.cast(pl.String).str.strip_chars()
-    if spec.ts_format:
-        naive = text.str.strptime(pl.Datetime("us"), spec.ts_format, strict=False)
-        return naive.dt.replace_time_zone(spec.timezone).dt.convert_time_zone("UTC")
     # ISO 8601: with an offset it names its own instant; without, it is read in the spec's zone.
     iso = text.str.replace(r"Z$", "+00:00").str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T")
     aware = iso.str.strptime(pl.Datetime("us"), "%Y-%m-%dT%H:%M:%S%.f%z", strict=False)
@@ -199,24 +197,34 @@ def _parse_ts(col: pl.Expr, dtype: pl.DataType, spec: DatasetSpec) -> pl.Expr:
         iso.str.strptime(pl.Datetime("us"), "%Y-%m-%dT%H:%M:%S%.f", strict=False),
         iso.str.strptime(pl.Datetime("us"), "%Y-%m-%d", strict=False),
     )
+    if spec.ts_format:  # the source's own format first; ISO still parses (typed columns arrive as ISO)
+        naive = pl.coalesce(text.str.strptime(pl.Datetime("us"), spec.ts_format, strict=False), naive)
     local = naive.dt.replace_time_zone(spec.timezone, non_existent="null", ambiguous="earliest")
     return pl.coalesce(aware.dt.convert_time_zone("UTC"), local.dt.convert_time_zone("UTC"))
 
 
-def validate(raw: pl.DataFrame, spec: DatasetSpec, now: datetime | None = None) -> Validated:
+def validate(
+    raw: pl.DataFrame,
+    spec: DatasetSpec,
+    now: datetime | None = None,
+    source: str | pl.Series = "unknown",
+) -> Validated:
     """Split source rows into clean events and rejects with one reason each.
 
     Checks, first failure wins: a required field missing; a timestamp or number that does not
     parse; an event type outside the vocabulary; a negative or non-finite amount; a timestamp
     before `spec.source_start` or after `now`; an event id already seen (the first copy is kept).
+    `source` (one name, or one per row) is recorded on rejects so a user can find the bad file.
     """
     now = now or datetime.now(UTC)
-    mapped = map_columns(raw, spec)
+    mapped = map_columns(raw, spec).with_columns(
+        (source if isinstance(source, pl.Series) else pl.lit(source)).cast(pl.String).alias("__source")
+    )
     schema = spec.event_schema()
     numeric_cols = [c for c, t in schema.items() if t == pl.Float64()]
 
     parsed = mapped.with_columns(
-        _parse_ts(pl.col("ts"), mapped.schema["ts"], spec).alias("__ts"),
+        parse_ts(pl.col("ts"), mapped.schema["ts"], spec).alias("__ts"),
         *[pl.col(c).cast(pl.Float64, strict=False).alias(f"__{c}") for c in numeric_cols],
         *[pl.col(c).cast(pl.String).str.strip_chars().alias(f"__{c}") for c in ("entity_id", "event_id", "event_type")],
     )
@@ -269,7 +277,10 @@ def validate(raw: pl.DataFrame, spec: DatasetSpec, now: datetime | None = None) 
         for c, t in schema.items()
     )
     rejects = tagged.filter(pl.col("reason").is_not_null()).select(
-        *[pl.col(c).cast(pl.String).alias(c) for c in schema], "reason", "field"
+        *[pl.col(c).cast(pl.String).alias(c) for c in schema],
+        "reason",
+        "field",
+        pl.col("__source").alias("source"),
     )
     return Validated(clean=clean, rejects=rejects)
 

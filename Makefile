@@ -1,0 +1,45 @@
+# Two set-up commands: `make demo` and `make test`. Each creates .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+# All runtime state lives under one folder.
+export EVENTML_HOME ?= $(CURDIR)/.state
+export DAGSTER_HOME ?= $(EVENTML_HOME)/dagster
+
+.PHONY: install demo test ui bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in pyproject: pip takes the CPU build on disk, not a CUDA download.
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip check
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\n' > $@
+
+demo: install $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -m ml_assets.demo
+
+test: install
+	$(PY) -m pytest -q
+
+ui: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml
+
+bench: install
+	$(PY) bench/simulate.py
+	$(PY) bench/features.py
+	$(PY) bench/encoder.py
+
+lint: install
+	$(BIN)/ruff check eventml ml_assets resources tests bench
+
+clean:
+	rm -rf $(EVENTML_HOME)

@@ -1,0 +1,555 @@
+"""The sequence encoder: a small Transformer over a decision's prior events, its training loop,
+and save/load without pickle.
+
+Imports only torch, numpy and the standard library, so the same file trains on a GPU box that
+has neither polars nor dagster. Its input is a dict of tensors built by `eventml.sequences`:
+
+    event_type (B, K) int64, 0 = padding   cats (B, K, C) int64   nums (B, K, F) float32
+    time       (B, K, T) float32           mask (B, K) bool, True = a real event
+    labels     (B, n_tasks) float32, NaN where the label is missing or not yet matured (optional)
+
+Layout, top to bottom: config, model (attention → block → encoder), losses, batching, metrics,
+training, inference, save/load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+BATCH_KEYS = ("event_type", "cats", "nums", "time", "mask", "labels")
+IGNORE = -100  # cross-entropy target for positions the aux task does not score
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    n_event_types: int  # vocabulary size including the padding id 0
+    cat_cardinalities: tuple[int, ...] = ()  # one per categorical attribute, ids in [0, card)
+    n_numeric: int = 0  # F: numeric features per event
+    n_time_features: int = 0  # T: time encodings per event
+    max_len: int = 128  # K: the most recent events kept before each decision
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.1
+    emb_dim: int = 32  # width of the pooled embedding handed to the scorer
+    tasks: tuple[str, ...] = ("default_90d", "fraud_60d")
+    task_weights: tuple[float, ...] = (1.0, 1.0)
+    # The self-supervised task that learns from every sequence, labelled or not.
+    aux_task: Literal["masked_event", "next_event"] = "masked_event"
+    aux_weight: float = 0.5
+    mask_prob: float = 0.15  # share of real events hidden per sequence by "masked_event"
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if len(self.task_weights) != len(self.tasks):
+            raise ValueError(
+                f"task_weights has {len(self.task_weights)} entries for {len(self.tasks)} tasks "
+                f"{self.tasks}; give one weight per task"
+            )
+        if self.aux_task not in ("masked_event", "next_event"):
+            raise ValueError(f"aux_task={self.aux_task!r}: use 'masked_event' or 'next_event'")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob={self.mask_prob} must lie strictly between 0 and 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderConfig:
+        # JSON has no tuples; turn its lists back so the frozen config compares and hashes.
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.d_model, config.d_model)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_heads = config.n_heads
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, 4 * config.d_model)
+        self.c_proj = nn.Linear(4 * config.d_model, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN: normalising before each sublayer keeps the residual stream an identity path,
+    which trains stably without a long learning-rate warmup."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), allowed)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Encoder(nn.Module):
+    """Events → per-position states → one pooled embedding → a logit per task.
+
+    Pooling is a masked mean rather than a CLS token: every real event reaches the embedding
+    directly (which trains faster on short histories), T stays K (a multiple of 64 suits the
+    GPU attention kernels), and an empty history pools to zero, so it gets the projection's
+    bias as its embedding: finite, and the same for everyone with no history.
+    """
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.mask_id = config.n_event_types  # one extra row: the [MASK] input of masked_event
+        self.wte = nn.Embedding(config.n_event_types + 1, d)
+        # All categorical attributes share one table, each at its own offset, and an
+        # EmbeddingBag sums a position's C lookups in one kernel without a (B, T, C, d) tensor.
+        cards = config.cat_cardinalities
+        self.wce = nn.EmbeddingBag(sum(cards), d, mode="sum") if cards else None
+        offsets = torch.tensor([0, *np.cumsum(cards)[:-1]], dtype=torch.long) if cards else None
+        self.register_buffer("cat_offsets", offsets, persistent=False)
+        # A buffer, so the loss reads the weights on the model's device without a copy per step.
+        self.register_buffer("task_weights", torch.tensor(config.task_weights), persistent=False)
+        n_features = config.n_numeric + config.n_time_features
+        self.wfe = nn.Linear(n_features, d) if n_features else None
+        # Sequences are right-aligned, so position K-1 is always the most recent event and this
+        # embedding encodes recency rank, which the time features only give up to its log.
+        self.wpe = nn.Embedding(config.max_len, d)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.to_emb = nn.Linear(d, config.emb_dim)
+        self.task_head = nn.Linear(config.emb_dim, len(config.tasks))
+        self.aux_head = nn.Linear(d, config.n_event_types)  # per position: which event type
+
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections into the residual stream (nanoGPT model.py).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding | nn.EmbeddingBag):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Returns emb (B, E), logits (B, n_tasks), aux_logits (B, K, V); with `labels` in the
+        batch also loss, task_loss and aux_loss."""
+        cfg = self.config
+        mask = batch["mask"]  # (B, T)
+        B, T = mask.shape
+        # Canonical padding: whatever padded slots hold (even NaN) is replaced before use, so it
+        # cannot reach any output, gradient included.
+        pad = ~mask[..., None]
+        event_type = batch["event_type"].masked_fill(~mask, 0)  # (B, T)
+        cats = batch["cats"].masked_fill(pad, 0)  # (B, T, C)
+        nums = batch["nums"].masked_fill(pad, 0.0)  # (B, T, F)
+        times = batch["time"].masked_fill(pad, 0.0)  # (B, T, n_time)
+
+        aux_target = None
+        if cfg.aux_weight > 0 and cfg.aux_task == "masked_event" and self.training:
+            # BERT-style: hide what happened at a few events (type, attributes, amounts) but keep
+            # when it happened; the model must infer it from the rest of the history.
+            hidden = (torch.rand(B, T, device=mask.device) < cfg.mask_prob) & mask  # (B, T)
+            aux_target = event_type.masked_fill(~hidden, IGNORE)
+            event_type = event_type.masked_fill(hidden, self.mask_id)
+            cats = cats.masked_fill(hidden[..., None], 0)
+            nums = nums.masked_fill(hidden[..., None], 0.0)
+        elif cfg.aux_weight > 0 and cfg.aux_task == "next_event":
+            # Position t predicts the type at t+1, scored where both are real events.
+            aux_target = torch.full_like(event_type, IGNORE)
+            both = mask[:, :-1] & mask[:, 1:]
+            aux_target[:, :-1] = event_type[:, 1:].masked_fill(~both, IGNORE)
+
+        pos = torch.arange(T, device=mask.device)
+        x = self.wte(event_type) + self.wpe(pos)  # (B, T, d)
+        if self.wce is not None:
+            x = x + self.wce((cats + self.cat_offsets).view(B * T, -1)).view(B, T, -1)
+        if self.wfe is not None:
+            x = x + self.wfe(torch.cat([nums, times], dim=-1))
+        x = self.drop(x)
+
+        allowed = self._attention_mask(mask)
+        for block in self.blocks:
+            x = block(x, allowed)
+        x = self.ln_f(x)  # (B, T, d)
+
+        w = mask[..., None].to(x.dtype)  # (B, T, 1)
+        pooled = (x * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, d); zero for an empty history
+        emb = self.to_emb(pooled)  # (B, E)
+        out = {"emb": emb, "logits": self.task_head(emb), "aux_logits": self.aux_head(x)}
+        if "labels" in batch:
+            out["task_loss"] = masked_bce(out["logits"], batch["labels"], self.task_weights)
+            out["aux_loss"] = (
+                aux_cross_entropy(out["aux_logits"], aux_target)
+                if aux_target is not None
+                else torch.zeros((), device=mask.device)
+            )
+            out["loss"] = out["task_loss"] + cfg.aux_weight * out["aux_loss"]
+        return out
+
+    def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """True where a query may attend to a key: (B, 1, 1, T), or (B, 1, T, T) when causal."""
+        B, T = mask.shape
+        # Real events never attend to padding. An empty history attends over its (canonical)
+        # padding instead, so no softmax row is all -inf (which would give NaN).
+        keys = mask | ~mask.any(dim=1, keepdim=True)  # (B, T)
+        allowed = keys[:, None, None, :]
+        if self.config.aux_task == "next_event":
+            # Causal, so position t cannot read the event it must predict. A padded query left of
+            # the first event then sees no key at all: let every position see itself.
+            causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+            eye = torch.eye(T, dtype=torch.bool, device=mask.device)
+            allowed = (allowed & causal) | eye  # (B, 1, T, T)
+        return allowed
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Encoder:
+        path = Path(path)
+        config = EncoderConfig.from_dict(json.loads((path / "config.json").read_text()))
+        model = cls(config)
+        state = torch.load(path / "state_dict.pt", map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over tasks of the mean BCE over the labels that are known (not NaN).
+
+    A missing or unmatured label is selected away by `where`, not multiplied by zero, so it adds
+    neither loss nor gradient; a task with no known label in the batch contributes zero.
+    """
+    logits = logits.float()  # (B, n_tasks); the loss in fp32 whatever the autocast dtype
+    known = ~torch.isnan(labels)
+    bce = F.binary_cross_entropy_with_logits(logits, labels.nan_to_num(0.0), reduction="none")
+    per_task = torch.where(known, bce, 0.0).sum(0) / known.sum(0).clamp(min=1)  # (n_tasks,)
+    return (per_task * weights).sum()
+
+
+def aux_cross_entropy(aux_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over scored positions; zero, not NaN, when a batch scores none."""
+    scored = (target != IGNORE).sum()
+    total = F.cross_entropy(
+        aux_logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    return total / scored.clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def to_tensors(arrays: dict[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The batch keys of built arrays as tensors, zero-copy on CPU; moved to `device` once, up
+    front, so a GPU's batches are slices in its own memory and no copy sits in the step."""
+    return {k: torch.as_tensor(v).to(device) for k, v in arrays.items() if k in BATCH_KEYS}
+
+
+def iter_batches(
+    data: dict[str, np.ndarray | torch.Tensor],
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    device: str | torch.device | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield batches in the encoder's format from arrays (numpy or tensors, any device).
+
+    Rows are gathered where the data lives; batches of CPU data bound for a GPU go through
+    pinned memory with a non-blocking copy. Ids are widened to int64 here, so stored arrays may
+    keep compact int32. The same seed gives the same order.
+    """
+    tensors = {k: torch.as_tensor(v) for k, v in data.items() if k in BATCH_KEYS}
+    n = len(tensors["mask"])
+    source = tensors["mask"].device
+    device = torch.device(device) if device is not None else source
+    order = None
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(source)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        rows = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
+        batch = {}
+        for k, t in tensors.items():
+            t = t[rows]
+            if k in ("event_type", "cats"):
+                t = t.long()
+            if t.device != device:
+                if device.type == "cuda":
+                    t = t.pin_memory()
+                t = t.to(device, non_blocking=True)
+            batch[k] = t
+        yield batch
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Rank-based (Mann-Whitney) ROC AUC with tied scores given their average rank; NaN unless
+    both classes are present. numpy only: the GPU box may have no scikit-learn."""
+    y = np.asarray(y, dtype=bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(np.asarray(p, dtype=np.float64), return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each value
+    rank_sum = average_rank[inverse][y].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    patience: int = 3  # epochs without improvement before stopping
+    monitor: Literal["loss", "auc"] = "loss"  # validation task loss, or mean AUC over tasks
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = True  # bf16 autocast on CUDA; CPU always trains in fp32
+    compile: bool = False  # torch.compile on CUDA
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_metric: float
+    history: list[dict] = field(default_factory=list)  # one dict per epoch
+
+
+def train(
+    model: Encoder,
+    train_data: dict[str, np.ndarray],
+    valid_data: dict[str, np.ndarray] | None,
+    config: TrainConfig = TrainConfig(),
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train in place with AdamW, linear warmup then cosine decay, and early stopping; the
+    model ends with the weights of its best epoch. Deterministic on CPU for a given seed.
+
+    Without validation data (or with no known validation label) the training loss is monitored.
+    """
+    log = log or (lambda line: None)
+    device = torch.device(config.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(config.seed)  # dropout and masked_event's choice of events
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    if not cuda:  # CUDA's fused attention backward has no deterministic variant
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _train(model, train_data, valid_data, config, log, device)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+
+
+def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
+    cuda = device.type == "cuda"
+    model.to(device)
+    step_model = torch.compile(model) if config.compile and cuda else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and config.bf16 else nullcontext()
+    train_t = to_tensors(train_data, device if cuda else "cpu")
+    has_labels = valid_data is not None and "labels" in valid_data
+    valid_t = to_tensors(valid_data, device if cuda else "cpu") if has_labels else None
+
+    # Weight decay on matrices and embeddings only, not on biases and norms (nanoGPT).
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=cuda)
+    n = len(train_t["mask"])
+    steps_per_epoch = max(1, n // config.batch_size)
+    total = config.epochs * steps_per_epoch
+    warmup = min(config.warmup_steps, max(1, total // 10))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    higher_is_better = config.monitor == "auc"
+    best = TrainResult(best_epoch=-1, best_metric=float("nan"))
+    best_state, stale = None, 0
+    for epoch in range(config.epochs):
+        start = time.perf_counter()
+        model.train()
+        sums = torch.zeros(3, device=device)  # loss, task_loss, aux_loss: summed on device, read once
+        steps = 0
+        batches = iter_batches(
+            train_t, config.batch_size, shuffle=True, seed=config.seed + epoch, drop_last=True, device=device
+        )
+        for batch in batches:
+            with autocast:
+                out = step_model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            schedule.step()
+            sums += torch.stack([out["loss"], out["task_loss"], out["aux_loss"]]).detach()
+            steps += 1
+        train_loss, train_task, train_aux = (sums / max(steps, 1)).tolist()
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_task_loss": train_task,
+            "train_aux_loss": train_aux,
+            "lr": schedule.get_last_lr()[0],
+        }
+        if valid_t is not None:
+            row.update(_validate(model, valid_t, config.eval_batch_size))
+        row["seconds"] = time.perf_counter() - start
+        row["sequences_per_s"] = steps * config.batch_size / row["seconds"]
+
+        metric = row.get("valid_mean_auc" if higher_is_better else "valid_loss", float("nan"))
+        if math.isnan(metric):
+            metric, higher_is_better = train_task, False
+        row["monitored"] = metric
+        best.history.append(row)
+        log(_format(row))
+
+        improved = math.isnan(best.best_metric) or (
+            metric > best.best_metric if higher_is_better else metric < best.best_metric
+        )
+        if improved:
+            best.best_epoch, best.best_metric, stale = epoch, metric, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= config.patience:
+                log(f"early stop after epoch {epoch}: no improvement for {stale} epochs")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        log(f"restored epoch {best.best_epoch} (monitored {best.best_metric:.4f})")
+    return best
+
+
+@torch.no_grad()
+def _validate(model: Encoder, data: dict[str, torch.Tensor], batch_size: int) -> dict:
+    """Task loss over every known validation label (not a mean of batch means) and AUC per task."""
+    logits = _outputs(model, data, "logits", batch_size)
+    labels = data["labels"].to(logits.device)
+    row = {"valid_loss": masked_bce(logits, labels, model.task_weights).item()}
+    if not (~torch.isnan(labels)).any():
+        row["valid_loss"] = float("nan")
+    aucs = []
+    for j, task in enumerate(model.config.tasks):
+        known = ~torch.isnan(labels[:, j])
+        auc = roc_auc(labels[known, j].cpu().numpy(), logits[known, j].cpu().numpy())
+        row[f"valid_auc_{task}"] = auc
+        aucs.append(auc)
+    finite = [a for a in aucs if not math.isnan(a)]
+    row["valid_mean_auc"] = float(np.mean(finite)) if finite else float("nan")
+    return row
+
+
+def _format(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}"]
+    parts += [f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds", "sequences_per_s", "lr")]
+    parts += [f"lr {row['lr']:.2e}", f"{row['sequences_per_s']:.0f} seq/s"]
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@torch.no_grad()
+def _outputs(model: Encoder, data, key: str, batch_size: int) -> torch.Tensor:
+    """One output of the model in eval mode, fp32, for every row, in order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    unlabelled = {k: v for k, v in data.items() if k != "labels"}
+    parts = [model(batch)[key].float() for batch in iter_batches(unlabelled, batch_size, device=device)]
+    model.train(was_training)
+    if parts:
+        return torch.cat(parts)
+    width = model.config.emb_dim if key == "emb" else len(model.config.tasks)
+    return torch.zeros(0, width, device=device)
+
+
+def embed(model: Encoder, data: dict[str, np.ndarray], batch_size: int = 1024) -> np.ndarray:
+    """(N, emb_dim) pooled embeddings, one per row of `data`, in order."""
+    return _outputs(model, data, "emb", batch_size).cpu().numpy()
+
+
+def predict(model: Encoder, data: dict[str, np.ndarray], batch_size: int = 1024) -> dict[str, np.ndarray]:
+    """task name -> (N,) probabilities."""
+    probs = torch.sigmoid(_outputs(model, data, "logits", batch_size)).cpu().numpy()
+    return {task: probs[:, j] for j, task in enumerate(model.config.tasks)}
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save(model: Encoder, path: str | Path) -> Path:
+    """Write config.json and state_dict.pt (tensors only: `Encoder.load` reads it with
+    weights_only=True, so loading a checkpoint cannot run code)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every key
+    (path / "config.json").write_text(json.dumps(asdict(model.config), indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, path / "state_dict.pt")
+    return path

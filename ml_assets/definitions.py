@@ -1,0 +1,33 @@
+"""The code location: every asset, check, sensor and job, with resources for this environment."""
+
+import os
+
+import dagster as dg
+
+from eventml.home import StateHome
+from ml_assets import ingest
+from ml_assets.jobs import ingest_job
+from ml_assets.sensors import landing_zone_sensor
+from resources.delta import DeltaTables
+from resources.sources import EventSource
+
+
+def build_resources(home: StateHome | None = None) -> dict:
+    """Embedded defaults under EVENTML_HOME; EVENTML_TABLES_URI points the tables elsewhere
+    (e.g. s3://bucket/eventml) and EVENTML_SOURCE=landing ingests the landing zone."""
+    home = home or StateHome.from_env()
+    tables = DeltaTables(root_uri=os.environ.get("EVENTML_TABLES_URI", str(home.tables)))
+    return {
+        "tables": tables,
+        "io_manager": tables.io_manager(),
+        "event_source": EventSource(kind=os.environ.get("EVENTML_SOURCE", "simulator")),
+    }
+
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_modules([ingest]),
+    asset_checks=dg.load_asset_checks_from_modules([ingest]),
+    jobs=[ingest_job],
+    sensors=[landing_zone_sensor],
+    resources=build_resources(),
+)

@@ -1,0 +1,25 @@
+"""How assets explain themselves in the UI: markdown tables and value counts from Polars."""
+
+import dagster as dg
+import polars as pl
+
+
+def table_md(frame: pl.DataFrame, max_rows: int = 10) -> dg.MetadataValue:
+    if frame.height == 0:
+        return dg.MetadataValue.md("_no rows_")
+    with pl.Config(
+        tbl_formatting="MARKDOWN",
+        tbl_hide_column_data_types=True,
+        tbl_hide_dataframe_shape=True,
+        tbl_rows=max_rows,
+        tbl_cols=-1,
+        fmt_str_lengths=40,
+    ):
+        return dg.MetadataValue.md(str(frame.head(max_rows)))
+
+
+def counts_md(frame: pl.DataFrame, column: str) -> dg.MetadataValue:
+    """Rows per value of `column`, most frequent first, with each value's share."""
+    counts = frame.group_by(column).len("rows").sort("rows", descending=True)
+    counts = counts.with_columns((pl.col("rows") / max(frame.height, 1)).round(4).alias("share"))
+    return table_md(counts, max_rows=50)
