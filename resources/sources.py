@@ -16,7 +16,7 @@ import polars as pl
 
 from eventml.home import StateHome
 from eventml.schema import DatasetSpec
-from eventml.simulate import LENDING_SPEC, WorldConfig, day_of, iter_days
+from eventml.simulate import LENDING_SPEC, WorldConfig, date_of, day_of, iter_days
 from eventml.sources import inject_faults, landing_files, read_landing
 
 
@@ -62,10 +62,14 @@ class EventSource(dg.ConfigurableResource):
             return read_landing(landing_files(self.landing_path), self.spec())
         world = self.world()
         days = range(max(day_of(world, start), 0), min(day_of(world, end), world.n_days))
-        # Faults are drawn per day, so a day looks the same whichever run ingests it.
+        # Faults are drawn per day, and each day is its own source ("simulator/2025-03-01"), so a
+        # day's rows and rejects are the same whichever run ingests it.
         frames = [
-            inject_faults(events, self.fault_rate, seed=self.seed * 1_000_003 + day)
+            inject_faults(events, self.fault_rate, seed=self.seed * 1_000_003 + day).with_columns(
+                pl.lit(f"simulator/{date_of(world, day)}").alias("source")
+            )
             for day, events in iter_days(world, days)
         ]
-        rows = pl.concat(frames) if frames else pl.DataFrame(schema={c: pl.String for c in LENDING_SPEC.event_schema()})
-        return rows.with_columns(pl.lit("simulator").alias("source"))
+        if not frames:
+            return pl.DataFrame(schema={c: pl.String for c in [*LENDING_SPEC.event_schema(), "source"]})
+        return pl.concat(frames)

@@ -1,0 +1,87 @@
+"""The landing-zone sensor: each dropped file becomes one run for its days, once."""
+
+import os
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from ml_assets.ingest import ingest
+from ml_assets.sensors import landing_zone_sensor
+from resources.sources import EventSource
+
+from .conftest import resources_for
+
+SPEC = """
+name: shop_events
+source_start: 2025-01-01
+event_types: [visit, purchase, return]
+categorical: [store]
+decision_event_types: [purchase]
+columns: {entity_id: customer_no, event_id: uid, ts: happened_at, event_type: action, amount: total, store: shop}
+"""
+
+
+@pytest.fixture
+def zone(tmp_path):
+    zone = tmp_path / "landing"
+    zone.mkdir()
+    (zone / "spec.yaml").write_text(SPEC)
+    (zone / "day1.csv").write_text(
+        "customer_no,uid,happened_at,action,total,shop\n"
+        "c1,1,2025-01-02T10:00:00Z,visit,,north\n"
+        "c1,2,2025-01-02T10:05:00Z,purchase,30.5,north\n"
+        "c2,3,2025-01-03T09:00:00Z,purchase,-4,south\n"
+        "c3,4,2025-01-03T09:30:00Z,levitate,1,south\n"
+    )
+    return zone
+
+
+def evaluate(source, instance, cursor=None):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"event_source": source})
+    return landing_zone_sensor(context)
+
+
+def test_each_file_is_requested_once_over_repeated_ticks(zone, instance):
+    source = EventSource(kind="landing", landing_dir=str(zone))
+    first = evaluate(source, instance)
+    assert len(first.run_requests) == 1
+    request = first.run_requests[0]
+    assert request.partition_key_range.start == "2025-01-02" and request.partition_key_range.end == "2025-01-03"
+    assert request.tags["eventml/file"] == "day1.csv"
+
+    second = evaluate(source, instance, cursor=first.cursor)
+    assert second.run_requests == []
+
+    (zone / "day2.csv").write_text("customer_no,uid,happened_at,action,total,shop\nc9,9,2025-01-05T00:00:00Z,visit,,east\n")
+    third = evaluate(source, instance, cursor=second.cursor)
+    assert [r.tags["eventml/file"] for r in third.run_requests] == ["day2.csv"]
+
+
+def test_a_rewritten_file_is_requested_again(zone, instance):
+    source = EventSource(kind="landing", landing_dir=str(zone))
+    first = evaluate(source, instance)
+    path = zone / "day1.csv"
+    path.write_text(path.read_text() + "c4,5,2025-01-02T11:00:00Z,visit,,north\n")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    again = evaluate(source, instance, cursor=first.cursor)
+    assert len(again.run_requests) == 1 and again.run_requests[0].run_key != first.run_requests[0].run_key
+
+
+def test_the_sensor_waits_while_the_source_is_the_simulator(instance):
+    assert isinstance(evaluate(EventSource(), instance), dg.SkipReason)
+
+
+def test_the_requested_run_ingests_the_mapped_file(zone, instance, tables):
+    source = EventSource(kind="landing", landing_dir=str(zone))
+    request = evaluate(source, instance).run_requests[0]
+    result = dg.materialize([ingest], resources=resources_for(tables, source), tags=request.tags, instance=instance)
+    assert result.success
+    events = tables.scan("raw_events").collect().sort("event_id")
+    rejects = tables.scan("event_rejects").collect().sort("event_id")
+    assert events.select("entity_id", "event_id", "event_type", "amount").rows() == [
+        ("c1", "1", "visit", None),
+        ("c1", "2", "purchase", 30.5),
+    ]
+    assert events["store"].to_list() == ["north", "north"]
+    assert dict(zip(rejects["event_id"], rejects["reason"])) == {"3": "negative_amount", "4": "unknown_event_type"}
