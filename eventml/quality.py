@@ -21,7 +21,7 @@ class QualityThresholds:
     # A day with less than half or more than twice the trailing median volume is suspect.
     volume_band: tuple[float, float] = (0.5, 2.0)
     volume_window_days: int = 28
-    volume_min_history_days: int = 7
+    volume_min_history_days: int = 28  # judge only against a full window: sources ramp up
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def ingest(context: dg.AssetExecutionContext, event_source: EventSource, tables:
             check_name=outcome.name,
             passed=outcome.passed,
             description=outcome.description,
-            metadata={k: dg.MetadataValue.json(v) for k, v in outcome.figures.items()},
+            metadata=outcome.figures,
         )
 
 

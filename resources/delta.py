@@ -17,6 +17,7 @@ import dagster as dg
 import polars as pl
 from dagster._core.storage.db_io_manager import DbTypeHandler, TableSlice
 from dagster_deltalake.handler import DeltaLakePyArrowTypeHandler
+from dagster_deltalake import LocalConfig
 from dagster_deltalake.io_manager import TableConnection
 from dagster_deltalake_polars import DeltaLakePolarsIOManager
 from dagster_deltalake_polars.deltalake_polars_type_handler import DeltaLakePolarsTypeHandler
@@ -118,4 +119,4 @@ class DeltaTables(dg.ConfigurableResource):
         return table_version(self.uri(table))
 
     def io_manager(self) -> DeltaIOManager:
-        return DeltaIOManager(root_uri=self.root_uri, schema=self.schema_name)
+        return DeltaIOManager(root_uri=self.root_uri, schema=self.schema_name, storage_options=LocalConfig())

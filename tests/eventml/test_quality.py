@@ -49,7 +49,7 @@ def test_volume_is_judged_against_the_trailing_median_once_there_is_history():
     assert check_daily_volume({D0: 120}, prior, QualityThresholds()).passed
     assert not check_daily_volume({D0: 30}, prior, QualityThresholds()).passed
     assert not check_daily_volume({D0: 500}, prior, QualityThresholds()).passed
-    young = {D0 - timedelta(days=i): 100 for i in range(1, 4)}
+    young = {D0 - timedelta(days=i): 100 for i in range(1, 20)}
     outcome = check_daily_volume({D0: 5}, young, QualityThresholds())
     assert outcome.passed and outcome.figures["days_judged"] == 0
 

@@ -24,9 +24,13 @@ def instance():
         yield instance
 
 
-def range_tags(first: str, last: str) -> dict[str, str]:
-    return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+@pytest.fixture
+def range_tags():
+    """Tags that make one run cover a range of days (a single-run backfill)."""
+    return lambda first, last: {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
 
 
-def resources_for(tables: DeltaTables, source: EventSource) -> dict:
-    return {"tables": tables, "io_manager": tables.io_manager(), "event_source": source}
+@pytest.fixture
+def resources_for():
+    """The code location's resources, pointed at the given tables and event source."""
+    return lambda tables, source: {"tables": tables, "io_manager": tables.io_manager(), "event_source": source}

@@ -10,8 +10,6 @@ from ml_assets.ingest import ingest
 from ml_assets.sensors import landing_zone_sensor
 from resources.sources import EventSource
 
-from .conftest import resources_for
-
 SPEC = """
 name: shop_events
 source_start: 2025-01-01
@@ -72,11 +70,12 @@ def test_the_sensor_waits_while_the_source_is_the_simulator(instance):
     assert isinstance(evaluate(EventSource(), instance), dg.SkipReason)
 
 
-def test_the_requested_run_ingests_the_mapped_file(zone, instance, tables):
+def test_the_requested_run_ingests_the_mapped_file(zone, instance, tables, resources_for):
     source = EventSource(kind="landing", landing_dir=str(zone))
     request = evaluate(source, instance).run_requests[0]
-    result = dg.materialize([ingest], resources=resources_for(tables, source), tags=request.tags, instance=instance)
-    assert result.success
+    result = dg.materialize(
+        [ingest], resources=resources_for(tables, source), tags=request.tags, instance=instance, raise_on_error=False
+    )
     events = tables.scan("raw_events").collect().sort("event_id")
     rejects = tables.scan("event_rejects").collect().sort("event_id")
     assert events.select("entity_id", "event_id", "event_type", "amount").rows() == [
@@ -85,3 +84,6 @@ def test_the_requested_run_ingests_the_mapped_file(zone, instance, tables):
     ]
     assert events["store"].to_list() == ["north", "north"]
     assert dict(zip(rejects["event_id"], rejects["reason"])) == {"3": "negative_amount", "4": "unknown_event_type"}
+    # Half the file was bad: the rows are kept, and the blocking check stops anything downstream.
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks["reject_rate"] is False and not result.success
