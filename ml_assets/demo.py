@@ -4,10 +4,10 @@ The run goes through the `dagster` CLI against DAGSTER_HOME, so it is an ordinar
 UI (`make ui`) shows afterwards, with its metadata and checks.
 """
 
-import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import polars as pl
 
@@ -18,7 +18,7 @@ from ml_assets.partitions import daily
 def materialize(selection: str) -> None:
     keys = daily.get_partition_keys()
     cmd = [
-        shutil.which("dagster") or "dagster",
+        str(Path(sys.executable).with_name("dagster")),  # the CLI of this same environment
         "asset", "materialize", "-m", "ml_assets.definitions",
         "--select", selection, "--partition-range", f"{keys[0]}...{keys[-1]}",
     ]  # fmt: skip
