@@ -16,8 +16,8 @@ from datetime import datetime
 import dagster as dg
 import polars as pl
 from dagster._core.storage.db_io_manager import DbTypeHandler, TableSlice
-from dagster_deltalake.handler import DeltaLakePyArrowTypeHandler
 from dagster_deltalake import LocalConfig
+from dagster_deltalake.handler import DeltaLakePyArrowTypeHandler
 from dagster_deltalake.io_manager import TableConnection
 from dagster_deltalake_polars import DeltaLakePolarsIOManager
 from dagster_deltalake_polars.deltalake_polars_type_handler import DeltaLakePolarsTypeHandler

@@ -6,7 +6,14 @@ import polars as pl
 import pytest
 
 from eventml.schema import DatasetSpec
-from eventml.sources import FAULTS, file_days, ingest_days, inject_faults, landing_files, read_landing
+from eventml.sources import (
+    FAULTS,
+    file_days,
+    ingest_days,
+    inject_faults,
+    landing_files,
+    read_landing,
+)
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -3,7 +3,6 @@
 import os
 
 import dagster as dg
-import polars as pl
 import pytest
 
 from ml_assets.ingest import ingest
