@@ -370,6 +370,25 @@ def build_feature_set(
     return FeatureSet(tuple(feats), spec.event_types, {c: tuple(vocab[c]) for c in vocab})
 
 
+# Each source's feature families; a source without an entry gets the generic FeatureConfig().
+FEATURE_CONFIGS: dict[str, FeatureConfig] = {"lending_sim": LENDING_FEATURES}
+
+
+def feature_set_for(spec: DatasetSpec, config: FeatureConfig | None = None) -> FeatureSet:
+    """The feature set of a source, coding categoricals with the vocabularies its spec declares
+    (`categories`), so every day's partition and every live request use the same codes."""
+    config = config or FEATURE_CONFIGS.get(spec.name, FeatureConfig())
+    decision_cols = config.decision_columns or ("amount", *spec.numeric)
+    coded = [*config.static_columns, *(c for c in decision_cols if c in spec.categorical)]
+    missing = [c for c in coded if c not in spec.categories]
+    if missing:
+        raise ValueError(
+            f"dataset spec {spec.name!r} must declare `categories` for {missing}: features code "
+            "these columns, and codes learned from data would change from one day to the next"
+        )
+    return build_feature_set(spec, {c: spec.categories[c] for c in coded}, config)
+
+
 # --------------------------------------------------------------------------------------------
 # The request path: definitions applied literally to one history
 

@@ -82,6 +82,9 @@ class DatasetSpec(BaseModel):
     labels: tuple[Label, ...] = ()
     # Columns only a simulator knows (true probabilities): carried to `decisions`, never features.
     oracle: tuple[str, ...] = ()
+    # Known values of categorical columns that features encode as codes. Declared, not learned
+    # from data, so a code means the same thing in every day's partition and in serving.
+    categories: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     # canonical column name -> the source's column name, for sources with their own names.
     columns: dict[str, str] = Field(default_factory=dict)
     # strftime format of the source's `ts` strings; ISO 8601 when unset.
@@ -117,6 +120,8 @@ class DatasetSpec(BaseModel):
                     raise ValueError(
                         f"labels.{label.name}.applies_when: {col!r} is not a categorical column"
                     )
+        if undeclared := set(self.categories) - set(self.categorical):
+            raise ValueError(f"categories: {sorted(undeclared)} are not categorical columns")
         unknown = set(self.columns) - set(self.event_schema())
         if unknown:
             raise ValueError(f"columns: {sorted(unknown)} are not canonical or declared columns")

@@ -85,6 +85,15 @@ LENDING_SPEC = DatasetSpec(
               horizon_days=FRAUD_HORIZON),
     ),
     oracle=("true_p_default", "true_p_fraud"),
+    categories={
+        "channel": CHANNELS,
+        "merchant_category": MERCHANTS,
+        "policy_decision": POLICY_DECISIONS,
+        "profile_field": PROFILE_FIELDS,
+        "region": REGIONS,
+        "age_band": AGE_BANDS,
+        "income_band": INCOME_BANDS,
+    },
 )
 
 

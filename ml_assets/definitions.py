@@ -5,7 +5,7 @@ import os
 import dagster as dg
 
 from eventml.home import StateHome
-from ml_assets import ingest
+from ml_assets import features, ingest
 from ml_assets.jobs import ingest_job
 from ml_assets.sensors import landing_zone_sensor
 from resources.delta import DeltaTables
@@ -25,8 +25,8 @@ def build_resources(home: StateHome | None = None) -> dict:
 
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([ingest]),
-    asset_checks=dg.load_asset_checks_from_modules([ingest]),
+    assets=dg.load_assets_from_modules([ingest, features]),
+    asset_checks=dg.load_asset_checks_from_modules([ingest, features]),
     jobs=[ingest_job],
     sensors=[landing_zone_sensor],
     resources=build_resources(),

@@ -38,13 +38,22 @@ def _range_filter(column: str, start: datetime, end: datetime) -> pl.Expr:
     return (pl.col(column) >= start.date()) & (pl.col(column) < end.date())
 
 
+def _storable(frame: pl.DataFrame) -> pl.DataFrame:
+    """Delta has no enum type: Enum and Categorical columns are stored as plain strings."""
+    return frame.with_columns(pl.col(pl.Enum, pl.Categorical).cast(pl.String))
+
+
 class DayRangePolarsTypeHandler(DeltaLakePolarsTypeHandler):
+    def to_arrow(self, obj):
+        frame = obj.collect() if isinstance(obj, pl.LazyFrame) else obj
+        return super().to_arrow(_storable(frame))
+
     def handle_output(self, context, table_slice: TableSlice, obj, connection: TableConnection):
         window = _time_window(table_slice)
         if window is None:
             return super().handle_output(context, table_slice, obj, connection)
         column, start, end = window
-        df = obj.collect() if isinstance(obj, pl.LazyFrame) else obj
+        df = _storable(obj.collect() if isinstance(obj, pl.LazyFrame) else obj)
         outside = df.filter(~_range_filter(column, start, end)).height
         if outside:
             raise ValueError(
