@@ -35,6 +35,9 @@ IGNORE = -100  # cross-entropy target for positions the aux task does not score
 
 @dataclass(frozen=True)
 class EncoderConfig:
+    """The model's shape and objective; the input sizes come from
+    `eventml.sequences.SequenceSpec.encoder_dims()`."""
+
     n_event_types: int  # vocabulary size including the padding id 0
     cat_cardinalities: tuple[int, ...] = ()  # one per categorical attribute, ids in [0, card)
     n_numeric: int = 0  # F: numeric features per event
@@ -128,9 +131,9 @@ class Encoder(nn.Module):
     """Events → per-position states → one pooled embedding → a logit per task.
 
     Pooling is a masked mean rather than a CLS token: every real event reaches the embedding
-    directly (which trains faster on short histories), T stays K (a multiple of 64 suits the
-    GPU attention kernels), and an empty history pools to zero, so it gets the projection's
-    bias as its embedding: finite, and the same for everyone with no history.
+    directly (which trains faster on short histories), no extra slot makes T = K + 1 (a multiple
+    of 16 suits the GPU attention kernels), and an empty history pools to zero, so it gets the
+    projection's bias as its embedding: finite, and the same for everyone with no history.
     """
 
     def __init__(self, config: EncoderConfig):
@@ -204,7 +207,7 @@ class Encoder(nn.Module):
             both = mask[:, :-1] & mask[:, 1:]
             aux_target[:, :-1] = event_type[:, 1:].masked_fill(~both, IGNORE)
 
-        pos = torch.arange(T, device=mask.device)
+        pos = torch.arange(cfg.max_len - T, cfg.max_len, device=mask.device)  # right-aligned
         x = self.wte(event_type) + self.wpe(pos)  # (B, T, d)
         if self.wce is not None:
             x = x + self.wce((cats + self.cat_offsets).view(B * T, -1)).view(B, T, -1)
@@ -284,7 +287,9 @@ def aux_cross_entropy(aux_logits: torch.Tensor, target: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------- batching
 
 
-def to_tensors(arrays: dict[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def to_tensors(
+    arrays: dict[str, np.ndarray], device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """The batch keys of built arrays as tensors, zero-copy on CPU; moved to `device` once, up
     front, so a GPU's batches are slices in its own memory and no copy sits in the step."""
     return {k: torch.as_tensor(v).to(device) for k, v in arrays.items() if k in BATCH_KEYS}
@@ -297,31 +302,60 @@ def iter_batches(
     shuffle: bool = False,
     seed: int = 0,
     drop_last: bool = False,
+    bucket: bool = False,
     device: str | torch.device | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield batches in the encoder's format from arrays (numpy or tensors, any device).
 
     Rows are gathered where the data lives; batches of CPU data bound for a GPU go through
     pinned memory with a non-blocking copy. Ids are widened to int64 here, so stored arrays may
-    keep compact int32. The same seed gives the same order.
+    keep compact int32. The same seed gives the same batches.
+
+    `bucket` groups rows of similar history length (sorted within windows of 8 batches, the
+    batches then shuffled) and cuts each batch to its longest history, rounded up to a multiple
+    of 16. The columns cut hold only padding, which never changes an output (the model reads
+    positions from the right), so this saves the compute spent on padding and nothing else.
     """
     tensors = {k: torch.as_tensor(v) for k, v in data.items() if k in BATCH_KEYS}
-    n = len(tensors["mask"])
+    n, K = tensors["mask"].shape
     source = tensors["mask"].device
     device = torch.device(device) if device is not None else source
-    order = None
-    if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(source)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for start in range(0, stop, batch_size):
-        rows = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    lengths = torch.as_tensor(data["mask"]).sum(1).cpu() if bucket else None  # one sync an epoch
+    if bucket:
+        # Wider windows buy little: with uniform lengths a batch's width is its band's top,
+        # on average (w+1)/2w of K for windows of w batches, and mixing matters more.
+        windows = order.split(8 * batch_size)
+        order = torch.cat([w[torch.argsort(lengths[w], stable=True)] for w in windows])
+    batches = list(order.split(batch_size))
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    if bucket and shuffle:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+    if source.type == "cuda":
+        # The indices go over once, pinned: a pageable copy would stall the stream.
+        order_src = torch.cat(batches).pin_memory().to(source, non_blocking=True)
+        batches_src = order_src.split([len(b) for b in batches])
+    else:
+        batches_src = batches
+
+    for rows, rows_src in zip(batches, batches_src, strict=True):
+        width = K
+        if bucket:
+            width = min(K, max(16, -(-int(lengths[rows].max()) // 16) * 16))
         batch = {}
         for k, t in tensors.items():
-            t = t[rows]
+            if k != "labels":
+                t = t[:, K - width :]  # a view: only the kept columns are gathered
+            t = t[rows_src]
             if k in ("event_type", "cats"):
                 t = t.long()
             if t.device != device:
-                if device.type == "cuda":
+                if device.type == "cuda" and t.device.type == "cpu":
                     t = t.pin_memory()
                 t = t.to(device, non_blocking=True)
             batch[k] = t
@@ -339,7 +373,9 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    _, inverse, counts = np.unique(np.asarray(p, dtype=np.float64), return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(
+        np.asarray(p, dtype=np.float64), return_inverse=True, return_counts=True
+    )
     average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each value
     rank_sum = average_rank[inverse][y].sum()
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
@@ -363,6 +399,10 @@ class TrainConfig:
     device: str = "cpu"
     bf16: bool = True  # bf16 autocast on CUDA; CPU always trains in fp32
     compile: bool = False  # torch.compile on CUDA
+    # Batches of similar history length, cut to their longest: the same function of each batch
+    # with less padding computed, but batches are less mixed, which can slow learning where
+    # length and label correlate; off by default.
+    bucket_by_length: bool = False
     eval_batch_size: int = 1024
 
 
@@ -383,7 +423,10 @@ def train(
     """Train in place with AdamW, linear warmup then cosine decay, and early stopping; the
     model ends with the weights of its best epoch. Deterministic on CPU for a given seed.
 
-    Without validation data (or with no known validation label) the training loss is monitored.
+    `log` receives one line per epoch (losses, validation loss and AUC per task, LR,
+    sequences/s); the same figures are in `TrainResult.history`. Without validation data (or
+    with no known validation label) the training task loss is monitored. On CUDA the arrays are
+    moved to the GPU once, up front.
     """
     log = log or (lambda line: None)
     device = torch.device(config.device)
@@ -398,14 +441,19 @@ def train(
         torch.use_deterministic_algorithms(deterministic_before)
 
 
-def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
-    cuda = device.type == "cuda"
-    model.to(device)
+def make_train_step(
+    model: Encoder, config: TrainConfig, total_steps: int
+) -> tuple[
+    Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    torch.optim.lr_scheduler.LRScheduler,
+]:
+    """One optimisation step as a function of a batch, and its LR schedule; `train` and the
+    benchmarks run this same step. The model must already be on `config.device`."""
+    cuda = torch.device(config.device).type == "cuda"
     step_model = torch.compile(model) if config.compile and cuda else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and config.bf16 else nullcontext()
-    train_t = to_tensors(train_data, device if cuda else "cpu")
-    has_labels = valid_data is not None and "labels" in valid_data
-    valid_t = to_tensors(valid_data, device if cuda else "cpu") if has_labels else None
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if cuda and config.bf16 else nullcontext()
+    )
 
     # Weight decay on matrices and embeddings only, not on biases and norms (nanoGPT).
     params = [p for p in model.parameters() if p.requires_grad]
@@ -414,38 +462,61 @@ def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=cuda)
-    n = len(train_t["mask"])
-    steps_per_epoch = max(1, n // config.batch_size)
-    total = config.epochs * steps_per_epoch
-    warmup = min(config.warmup_steps, max(1, total // 10))
+    warmup = min(config.warmup_steps, max(1, total_steps // 10))
 
     def lr_factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with autocast:
+            out = step_model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
+        optimizer.step()
+        schedule.step()
+        return out
+
+    return step, schedule
+
+
+def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
+    cuda = device.type == "cuda"
+    model.to(device)
+    train_t = to_tensors(train_data, device if cuda else "cpu")
+    has_labels = valid_data is not None and "labels" in valid_data
+    valid_t = to_tensors(valid_data, device if cuda else "cpu") if has_labels else None
+    steps_per_epoch = max(1, len(train_t["mask"]) // config.batch_size)
+    step, schedule = make_train_step(model, config, config.epochs * steps_per_epoch)
+
     higher_is_better = config.monitor == "auc"
     best = TrainResult(best_epoch=-1, best_metric=float("nan"))
     best_state, stale = None, 0
     for epoch in range(config.epochs):
         start = time.perf_counter()
         model.train()
-        sums = torch.zeros(3, device=device)  # loss, task_loss, aux_loss: summed on device, read once
+        # loss, task_loss, aux_loss: summed on the device and read once an epoch (no sync a step)
+        sums = torch.zeros(3, device=device)
         steps = 0
         batches = iter_batches(
-            train_t, config.batch_size, shuffle=True, seed=config.seed + epoch, drop_last=True, device=device
+            train_t,
+            config.batch_size,
+            shuffle=True,
+            seed=config.seed + epoch,
+            drop_last=True,
+            bucket=config.bucket_by_length,
+            device=device,
         )
         for batch in batches:
-            with autocast:
-                out = step_model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            schedule.step()
+            out = step(batch)
             sums += torch.stack([out["loss"], out["task_loss"], out["aux_loss"]]).detach()
             steps += 1
         train_loss, train_task, train_aux = (sums / max(steps, 1)).tolist()
@@ -457,7 +528,7 @@ def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
             "lr": schedule.get_last_lr()[0],
         }
         if valid_t is not None:
-            row.update(_validate(model, valid_t, config.eval_batch_size))
+            row.update(evaluate(model, valid_t, config.eval_batch_size))
         row["seconds"] = time.perf_counter() - start
         row["sequences_per_s"] = steps * config.batch_size / row["seconds"]
 
@@ -486,10 +557,13 @@ def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
 
 
 @torch.no_grad()
-def _validate(model: Encoder, data: dict[str, torch.Tensor], batch_size: int) -> dict:
-    """Task loss over every known validation label (not a mean of batch means) and AUC per task."""
+def evaluate(
+    model: Encoder, data: dict[str, np.ndarray | torch.Tensor], batch_size: int = 1024
+) -> dict:
+    """valid_loss: the task loss over every known label (not a mean of batch means);
+    valid_auc_<task> per task and valid_mean_auc over the tasks that have both classes."""
     logits = _outputs(model, data, "logits", batch_size)
-    labels = data["labels"].to(logits.device)
+    labels = torch.as_tensor(data["labels"]).to(logits.device)
     row = {"valid_loss": masked_bce(logits, labels, model.task_weights).item()}
     if not (~torch.isnan(labels)).any():
         row["valid_loss"] = float("nan")
@@ -506,7 +580,11 @@ def _validate(model: Encoder, data: dict[str, torch.Tensor], batch_size: int) ->
 
 def _format(row: dict) -> str:
     parts = [f"epoch {row['epoch']}"]
-    parts += [f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds", "sequences_per_s", "lr")]
+    parts += [
+        f"{k} {v:.4f}"
+        for k, v in row.items()
+        if k not in ("epoch", "seconds", "sequences_per_s", "lr")
+    ]
     parts += [f"lr {row['lr']:.2e}", f"{row['sequences_per_s']:.0f} seq/s"]
     return ", ".join(parts)
 
@@ -521,7 +599,9 @@ def _outputs(model: Encoder, data, key: str, batch_size: int) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
     unlabelled = {k: v for k, v in data.items() if k != "labels"}
-    parts = [model(batch)[key].float() for batch in iter_batches(unlabelled, batch_size, device=device)]
+    parts = [
+        model(batch)[key].float() for batch in iter_batches(unlabelled, batch_size, device=device)
+    ]
     model.train(was_training)
     if parts:
         return torch.cat(parts)
@@ -534,7 +614,9 @@ def embed(model: Encoder, data: dict[str, np.ndarray], batch_size: int = 1024) -
     return _outputs(model, data, "emb", batch_size).cpu().numpy()
 
 
-def predict(model: Encoder, data: dict[str, np.ndarray], batch_size: int = 1024) -> dict[str, np.ndarray]:
+def predict(
+    model: Encoder, data: dict[str, np.ndarray], batch_size: int = 1024
+) -> dict[str, np.ndarray]:
     """task name -> (N,) probabilities."""
     probs = torch.sigmoid(_outputs(model, data, "logits", batch_size)).cpu().numpy()
     return {task: probs[:, j] for j, task in enumerate(model.config.tasks)}

@@ -1,0 +1,310 @@
+"""History → tensors: each decision's most recent prior events as fixed-size arrays for the encoder.
+
+One builder serves training and serving: `build_sequences` turns an event table and a table of
+decisions into arrays, vectorized (one sort, one merge, numpy gathers; no loop per decision), and
+`build_one` — the request path — runs that same builder on one entity's history, so offline and
+served inputs agree exactly by construction.
+
+Choices a reader should know:
+- Only events strictly before the decision instant enter; an event at the same microsecond is
+  treated as after it (the decision event itself, or anything logged with it).
+- The last K events are kept, oldest first, right-aligned: padding is on the left and position
+  K-1 always holds the most recent event.
+- Ties in time are ordered by event_id, so a shuffled event table builds the same arrays.
+- Time since the previous event is measured inside the window (the oldest kept event gets 0), so
+  serving needs only the entity's last K events to reproduce training inputs.
+- Categorical ids: 0 = null (and padding). A column with declared `categories` in the dataset
+  spec, or with at most `max_vocab` distinct training values, gets a vocabulary (ids 1..V, and
+  V+1 for any other value); a larger one is hashed into `hash_buckets` with BLAKE2b of its
+  UTF-8 bytes. BLAKE2b, not polars' `hash` or
+  Python's `hash()`: those change across library versions and processes, and a model must see
+  the same id for the same device id in training, in the Bento, and next year.
+- Numeric fields (amount first, then the spec's numeric columns): sign(x)·log1p(|x|) clipped to
+  ±NUMERIC_CLIP, null → 0 with a separate is-null flag, so 0 and "unknown" stay distinct.
+
+The arrays keep ids as int32 to halve memory at training scale; `eventml.encoder.iter_batches`
+widens them to the int64 batch format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import polars as pl
+
+from eventml.schema import TS_TYPE, DatasetSpec
+
+TIME_FEATURES = (
+    "log_dt_prev",
+    "log_dt_decision",
+    "hour_sin",
+    "hour_cos",
+    "weekday_sin",
+    "weekday_cos",
+)
+NUMERIC_CLIP = 30.0
+US_PER_SECOND = 1_000_000
+US_PER_DAY = 86_400 * US_PER_SECOND
+
+
+def stable_hash(value: str) -> int:
+    """A 64-bit hash of a string that is the same in every process, platform and version."""
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True)
+class CategoricalCoding:
+    """How one categorical column becomes ids: a vocabulary, or hash buckets."""
+
+    name: str
+    vocabulary: tuple[str, ...] = ()
+    hash_buckets: int = 0
+
+    @property
+    def cardinality(self) -> int:
+        # 0 = null; vocabulary ids 1..V and V+1 for unseen values; or 1..buckets.
+        return len(self.vocabulary) + 2 if not self.hash_buckets else self.hash_buckets + 1
+
+    def ids(self, values: pl.Series) -> np.ndarray:
+        """(N,) int32 ids. Only the distinct values are hashed or looked up, then mapped back."""
+        distinct = values.drop_nulls().unique().to_list()
+        if self.hash_buckets:
+            codes = [1 + stable_hash(v) % self.hash_buckets for v in distinct]
+        else:
+            index = {v: i + 1 for i, v in enumerate(self.vocabulary)}
+            codes = [index.get(v, len(self.vocabulary) + 1) for v in distinct]
+        mapped = values.replace_strict(distinct, codes, default=0, return_dtype=pl.Int32)
+        return mapped.fill_null(0).to_numpy()
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """Everything needed to turn events into encoder inputs; JSON round-trips so the serving
+    bundle ships the exact coding the encoder was trained with."""
+
+    event_types: tuple[str, ...]
+    categorical: tuple[CategoricalCoding, ...] = ()
+    numeric: tuple[str, ...] = ()
+
+    @classmethod
+    def fit(
+        cls,
+        spec: DatasetSpec,
+        events: pl.DataFrame | None = None,
+        *,
+        max_vocab: int = 64,
+        hash_buckets: int = 1024,
+    ) -> SequenceSpec:
+        """Each categorical column's coding: the spec's declared categories where it has them
+        (so an id means what the feature codes mean), else learned from (training) events."""
+        codings = []
+        for name in spec.categorical:
+            if name in spec.categories:
+                codings.append(CategoricalCoding(name, vocabulary=tuple(spec.categories[name])))
+                continue
+            if events is None:
+                raise ValueError(
+                    f"categorical column {name!r} has no declared categories in spec "
+                    f"{spec.name!r}; declare them or pass training events to learn them from"
+                )
+            distinct = events[name].drop_nulls().unique()
+            if len(distinct) <= max_vocab:
+                vocabulary = tuple(sorted(distinct.to_list()))
+                codings.append(CategoricalCoding(name, vocabulary=vocabulary))
+            else:
+                codings.append(CategoricalCoding(name, hash_buckets=hash_buckets))
+        return cls(
+            event_types=tuple(spec.event_types),
+            categorical=tuple(codings),
+            numeric=tuple(spec.numeric),
+        )
+
+    # The encoder's input sizes; pass them on as EncoderConfig(**seq_spec.encoder_dims(), ...).
+    def encoder_dims(self) -> dict:
+        return {
+            "n_event_types": len(self.event_types) + 1,  # + the padding id 0
+            "cat_cardinalities": tuple(c.cardinality for c in self.categorical),
+            "n_numeric": 2 * (1 + len(self.numeric)),  # value and is-null flag, amount included
+            "n_time_features": len(TIME_FEATURES),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SequenceSpec:
+        d = json.loads(text)
+        codings = tuple(
+            CategoricalCoding(c["name"], tuple(c["vocabulary"]), c["hash_buckets"])
+            for c in d["categorical"]
+        )
+        return cls(
+            event_types=tuple(d["event_types"]), categorical=codings, numeric=tuple(d["numeric"])
+        )
+
+
+def _event_features(events: pl.DataFrame, spec: SequenceSpec) -> dict[str, np.ndarray]:
+    """Per-event inputs that do not depend on the decision, one row per (sorted) event."""
+    unknown = set(events["event_type"].unique().drop_nulls().to_list()) - set(spec.event_types)
+    if unknown or events["event_type"].null_count():
+        raise ValueError(
+            f"event types {sorted(unknown) or [None]} are not in the sequence spec's vocabulary "
+            f"{list(spec.event_types)}; validate events with eventml.schema.validate first"
+        )
+    type_ids = events["event_type"].replace_strict(
+        list(spec.event_types), list(range(1, len(spec.event_types) + 1)), return_dtype=pl.Int32
+    )
+    n = len(events)
+    cats = (
+        np.stack([c.ids(events[c.name]) for c in spec.categorical], axis=1)
+        if spec.categorical
+        else np.zeros((n, 0), np.int32)
+    )
+
+    raw = np.stack(
+        [events[c].cast(pl.Float64).to_numpy() for c in ("amount", *spec.numeric)], axis=1
+    )
+    is_null = np.isnan(raw)
+    value = np.clip(np.sign(raw) * np.log1p(np.abs(raw)), -NUMERIC_CLIP, NUMERIC_CLIP)
+    nums = np.concatenate([np.where(is_null, 0.0, value), is_null], axis=1).astype(np.float32)
+
+    ts = events["ts"].dt.epoch("us").to_numpy()
+    hour = (ts % US_PER_DAY) / (3600 * US_PER_SECOND)  # fractional hour of the UTC day
+    weekday = (ts // US_PER_DAY + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    clock = np.stack(
+        [
+            np.sin(2 * np.pi * hour / 24),
+            np.cos(2 * np.pi * hour / 24),
+            np.sin(2 * np.pi * weekday / 7),
+            np.cos(2 * np.pi * weekday / 7),
+        ],
+        axis=1,
+    ).astype(np.float32)
+    return {"event_type": type_ids.to_numpy(), "cats": cats, "nums": nums, "clock": clock, "ts": ts}
+
+
+def _utc_us(ts: pl.Series) -> pl.Series:
+    if not isinstance(ts.dtype, pl.Datetime):
+        raise TypeError(f"decision ts must be a Datetime column, got {ts.dtype}")
+    if ts.dtype.time_zone is None:
+        ts = ts.dt.replace_time_zone("UTC")
+    return ts.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+
+
+def build_sequences(
+    events: pl.DataFrame,
+    decisions: pl.DataFrame,
+    spec: SequenceSpec,
+    max_len: int = 128,
+    label_columns: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
+    """Arrays for each decision row, in the decisions' order: its entity's last `max_len` events
+    strictly before the decision's `ts`.
+
+    `decisions` needs `entity_id` and `ts`; `label_columns` (nullable, e.g. 0/1 with null where
+    unmatured) become `labels` (N, n) float32 with NaN for null. Returns event_type (N, K) int32,
+    cats (N, K, C) int32, nums (N, K, F) float32, time (N, K, 6) float32, mask (N, K) bool and
+    labels when asked for.
+    """
+    K = max_len
+    ev = events.select(
+        "entity_id",
+        "event_id",
+        "ts",
+        "event_type",
+        "amount",
+        *[c.name for c in spec.categorical],
+        *spec.numeric,
+    )
+    ev = ev.with_columns(_utc_us(ev["ts"])).sort("entity_id", "ts", "event_id")
+    feats = _event_features(ev, spec)
+
+    # Entity codes: the index of an entity's run in the sorted events; its events are the
+    # contiguous rows [first[code], first[code] + count[code]).
+    runs = ev.group_by("entity_id", maintain_order=True).len().with_row_index("code")
+    first = np.concatenate([[0], np.cumsum(runs["len"].to_numpy())[:-1]]).astype(np.int64)
+    ev_code = np.repeat(runs["code"].to_numpy().astype(np.int64), runs["len"].to_numpy())
+    dec = decisions.select("entity_id", _utc_us(decisions["ts"]).alias("ts")).join(
+        runs.select("entity_id", "code"), on="entity_id", how="left", maintain_order="left"
+    )
+    has_events = dec["code"].is_not_null().to_numpy()
+    dec_code = dec["code"].fill_null(0).to_numpy().astype(np.int64)[has_events]
+    dec_ts = dec["ts"].dt.epoch("us").to_numpy()
+
+    # Merge decisions into the sorted event stream by (entity, ts). At an equal instant a decision
+    # sorts before events (kind 0 < 1), so an event at the decision's own time counts as after it.
+    # lexsort is stable and events enter in sorted order, so an event's merged rank follows its row.
+    n_ev = len(ev)
+    kind = np.concatenate([np.ones(n_ev, np.int8), np.zeros(len(dec_code), np.int8)])
+    order = np.lexsort(
+        (
+            kind,
+            np.concatenate([feats["ts"], dec_ts[has_events]]),
+            np.concatenate([ev_code, dec_code]),
+        )
+    )
+    events_before = np.cumsum(kind[order]) - kind[order]  # events ahead of each merged slot
+    is_dec = order >= n_ev
+    end = np.empty(len(dec_code), np.int64)  # one past the last prior event's row
+    end[order[is_dec] - n_ev] = events_before[is_dec]
+    n_prior = np.zeros(len(dec), np.int64)
+    n_prior[has_events] = np.minimum(end - first[dec_code], K)
+    end_all = np.zeros(len(dec), np.int64)
+    end_all[has_events] = end
+
+    # Right-aligned gather: slot j of a row holds event end-K+j, real when j >= K - n_prior.
+    # Padding slots point at an appended all-zero row, so a gather alone pads them.
+    j = np.arange(K)
+    mask = j[None, :] >= (K - n_prior)[:, None]  # (N, K)
+    rows = np.where(mask, end_all[:, None] - K + j[None, :], n_ev)
+
+    def gather(a: np.ndarray) -> np.ndarray:
+        return np.take(np.concatenate([a, np.zeros((1, *a.shape[1:]), a.dtype)]), rows, axis=0)
+
+    ts = gather(feats["ts"])  # (N, K) µs
+    # Seconds since the previous kept event (0 for the oldest) and until the decision. Real
+    # events are contiguous at the right, so slot k has a real predecessor iff slot k-1 is real.
+    time_feats = np.zeros((len(dec), K, len(TIME_FEATURES)), np.float32)
+    gap = np.diff(ts, axis=1).astype(np.float32) / US_PER_SECOND
+    time_feats[:, 1:, 0] = np.log1p(np.where(mask[:, :-1], gap, 0.0))
+    until = (dec_ts[:, None] - ts).astype(np.float32) / US_PER_SECOND
+    time_feats[..., 1] = np.log1p(np.where(mask, until, 0.0))
+    time_feats[..., 2:] = gather(feats["clock"])
+
+    arrays = {
+        "event_type": gather(feats["event_type"]),
+        "cats": gather(feats["cats"]),
+        "nums": gather(feats["nums"]),
+        "time": time_feats,
+        "mask": mask,
+    }
+    if label_columns:
+        arrays["labels"] = np.stack(
+            [
+                decisions[c].cast(pl.Float32).fill_null(float("nan")).to_numpy()
+                for c in label_columns
+            ],
+            axis=1,
+        ).astype(np.float32)
+    return arrays
+
+
+def build_one(
+    history: pl.DataFrame, decision_ts: datetime, spec: SequenceSpec, max_len: int = 128
+) -> dict[str, np.ndarray]:
+    """The serving path: one entity's history (any events, any order; those at or after the
+    decision are ignored) → arrays with a leading batch dimension of 1, exactly as
+    `build_sequences` builds them for the same decision."""
+    if decision_ts.tzinfo is None:
+        decision_ts = decision_ts.replace(tzinfo=UTC)
+    one = history.with_columns(pl.lit("entity").alias("entity_id"))
+    decision = pl.DataFrame(
+        {"entity_id": ["entity"], "ts": [decision_ts]},
+        schema={"entity_id": pl.String, "ts": TS_TYPE},
+    )
+    return build_sequences(one, decision, spec, max_len)
