@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export EVENTML_HOME ?= $(CURDIR)/.state
 export DAGSTER_HOME ?= $(EVENTML_HOME)/dagster
 
-.PHONY: install demo test ui bench lint clean
+.PHONY: install demo test ui mlflow bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: install
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml
+
+mlflow: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(EVENTML_HOME)/mlflow/mlflow.db --port 5000
 
 bench: install
 	$(PY) bench/simulate.py

@@ -153,3 +153,46 @@ def score_distribution_plot(y: np.ndarray, p: np.ndarray, title: str) -> bytes:
     ax.set_xlabel("predicted probability")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def learning_curve_plot(history: list[dict], title: str = "sequence encoder") -> bytes:
+    """Training and validation loss per epoch, and validation AUC per task on a second axis."""
+    fig, ax = _figure(title)
+    epochs = [row["epoch"] for row in history]
+    for key in ("train_loss", "valid_loss"):
+        if all(key in row for row in history):
+            ax.plot(epochs, [row[key] for row in history], marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    right = ax.twinx()
+    for key in sorted({k for row in history for k in row if k.startswith("valid_auc_")}):
+        right.plot(epochs, [row.get(key, np.nan) for row in history], linestyle="--", label=key)
+    right.set_ylabel("validation AUC")
+    lines = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="center right")
+    return _png(fig)
+
+
+def compare(
+    table: pl.DataFrame, scores: dict[str, dict[str, np.ndarray]], tasks: list[str], segments: dict[str, pl.Expr]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Every model's metrics per task on the rows of `table` whose label is known, and per segment.
+
+    `scores`: model -> task -> probabilities aligned with `table`. Returns (metrics: one row per
+    model and task; segment metrics: one row per model, task, segment and value)."""
+    rows, segment_rows = [], []
+    seg_values = table.select(**segments) if segments else None
+    for task in tasks:
+        known = table[task].is_not_null().to_numpy()
+        y = table[task].to_numpy()[known].astype(np.int64)
+        for model, by_task in scores.items():
+            if task not in by_task:
+                continue
+            p = np.asarray(by_task[task], dtype=np.float64)[known]
+            rows.append({"model": model, "task": task, **metrics(y, p).as_dict()})
+            if seg_values is not None:
+                seg = metrics_by_segment(y, p, {c: seg_values[c].to_numpy()[known] for c in seg_values.columns})
+                segment_rows.append(seg.with_columns(pl.lit(model).alias("model"), pl.lit(task).alias("task")))
+    segment_table = pl.concat(segment_rows) if segment_rows else pl.DataFrame()
+    return pl.DataFrame(rows), segment_table

@@ -105,7 +105,9 @@ class WorldConfig:
     n_days: int = 365
     start: str = "2025-01-01"  # day 0, midnight UTC
     seed: int = 7
-    shift_day: int | None = 240  # regime shift from this day on; None = never
+    # Day 300 (late October): after the last matured test label (day 275), so out-of-time
+    # evaluation judges a stable world and the shift is what monitoring must catch live.
+    shift_day: int | None = 300  # regime shift from this day on; None = never
     shift_strength: float = 1.0  # 0 = a shift that changes nothing
     initial_cohort: float = 0.4  # share of users already signed up in the first weeks
     initial_cohort_days: int = 21  # the rest sign up uniformly over the whole span

@@ -5,11 +5,13 @@ import os
 import dagster as dg
 
 from eventml.home import StateHome
-from ml_assets import features, ingest
+from ml_assets import evaluation, features, ingest, models
 from ml_assets.jobs import ingest_job
 from ml_assets.sensors import landing_zone_sensor
 from resources.delta import DeltaTables
+from resources.models import ModelIOManager
 from resources.sources import EventSource
+from resources.tracking import MlflowTracking
 
 
 def build_resources(home: StateHome | None = None) -> dict:
@@ -20,13 +22,15 @@ def build_resources(home: StateHome | None = None) -> dict:
     return {
         "tables": tables,
         "io_manager": tables.io_manager(),
+        "model_io_manager": ModelIOManager(root=str(home.root / "models")),
+        "mlflow_tracking": MlflowTracking.embedded(home.mlflow),
         "event_source": EventSource(kind=os.environ.get("EVENTML_SOURCE", "simulator")),
     }
 
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([ingest, features]),
-    asset_checks=dg.load_asset_checks_from_modules([ingest, features]),
+    assets=dg.load_assets_from_modules([ingest, features, models, evaluation]),
+    asset_checks=dg.load_asset_checks_from_modules([ingest, features, models, evaluation]),
     jobs=[ingest_job],
     sensors=[landing_zone_sensor],
     resources=build_resources(),

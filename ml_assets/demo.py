@@ -56,13 +56,24 @@ def summary() -> None:
             )
             .sort("from")
         )
-    print(f"tables: {tables.root_uri}   UI: make ui")
+    evaluation = tables.scan("model_evaluation").collect()
+    print("\n== out-of-time evaluation (test split) ==")
+    with pl.Config(tbl_rows=20, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4):
+        print(evaluation.select("task", "model", "n", "rate", "auc", "pr_auc", "brier", "ece").sort("task", "model"))
+    audit = tables.scan("champion").collect().sort("decided_at")
+    last = audit.row(-1, named=True)
+    print(f"champion: v{last['champion_after']} ({last['action']} v{last['challenger_version']}: {last['reasons']})")
+    print(f"tables: {tables.root_uri}   UI: make ui   MLflow: make mlflow")
 
 
 def main() -> int:
     started = time.perf_counter()
     materialize("raw_events,event_rejects,decision_features", partitioned=True)
-    materialize("decisions,training_splits", partitioned=False)
+    materialize(
+        "decisions,training_splits,sequence_encoder,decision_embeddings,baseline_scorer,risk_scorer,"
+        "model_evaluation,champion",
+        partitioned=False,
+    )
     summary()
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0

@@ -23,3 +23,15 @@ def counts_md(frame: pl.DataFrame, column: str) -> dg.MetadataValue:
     counts = frame.group_by(column).len("rows").sort("rows", descending=True)
     counts = counts.with_columns((pl.col("rows") / max(frame.height, 1)).round(4).alias("share"))
     return table_md(counts, max_rows=50)
+
+
+def png_md(png: bytes) -> dg.MetadataValue:
+    """A PNG shown inline in the asset's metadata panel."""
+    import base64
+
+    return dg.MetadataValue.md(f"![plot](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def lineage(context, tables, reads: list[str]) -> dict:
+    """What an MLflow run needs to be rebuilt: the Dagster run and the Delta versions it read."""
+    return {"dagster_run_id": context.run_id, **{f"delta_version.{t}": tables.version(t) for t in reads}}

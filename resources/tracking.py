@@ -32,7 +32,6 @@ class MlflowTracking(dg.ConfigurableResource):
 
     @classmethod
     def embedded(cls, folder: Path) -> MlflowTracking:
-        folder.mkdir(parents=True, exist_ok=True)
         return cls(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", artifact_root=(folder / "artifacts").as_uri())
 
     def client(self):
@@ -43,6 +42,8 @@ class MlflowTracking(dg.ConfigurableResource):
     def experiment_id(self) -> str:
         import mlflow
 
+        if self.tracking_uri.startswith("sqlite:///"):  # the embedded store's folder, on first use
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         found = mlflow.get_experiment_by_name(self.experiment)

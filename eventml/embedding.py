@@ -1,0 +1,153 @@
+"""The sequence model: the encoder together with the coding that turns events into its inputs.
+
+`eventml.encoder` is torch-only (it trains on a GPU box without Polars); this module binds it to
+the event table: which decisions it learns from, how their histories become arrays, and how a
+trained model is saved next to its `SequenceSpec` so serving codes events exactly as training did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from eventml.encoder import Encoder, EncoderConfig, TrainConfig, TrainResult, embed, predict, save, train
+from eventml.schema import DatasetSpec
+from eventml.sequences import SequenceSpec, build_one, build_sequences
+
+
+@dataclass(frozen=True)
+class SequenceModelConfig:
+    """Sized for a 2-core CPU: about a minute an epoch on the default world. A GPU takes
+    d_model=128, n_layers=4, max_len=256 (see bench/encoder_gpu.py)."""
+
+    d_model: int = 32
+    n_layers: int = 2
+    n_heads: int = 4
+    max_len: int = 64
+    emb_dim: int = 16
+    dropout: float = 0.1
+    aux_task: str = "masked_event"
+    aux_weight: float = 0.5
+    epochs: int = 8
+    batch_size: int = 256
+    lr: float = 2e-3
+    patience: int = 2
+    # Histories of similar length batched together: short early histories cost what they are.
+    bucket_by_length: bool = True
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class SequenceModel:
+    encoder: Encoder
+    sequence_spec: SequenceSpec
+
+    @property
+    def max_len(self) -> int:
+        return self.encoder.config.max_len
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.encoder.config.tasks)
+
+    def arrays(self, events: pl.DataFrame, decisions: pl.DataFrame, labels: tuple[str, ...] = ()) -> dict:
+        return build_sequences(events, decisions, self.sequence_spec, self.max_len, label_columns=labels)
+
+    def embed(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        return embed(self.encoder, arrays)
+
+    def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return predict(self.encoder, arrays)
+
+    def arrays_for_one(self, history: pl.DataFrame, decision_ts) -> dict[str, np.ndarray]:
+        return build_one(history, decision_ts, self.sequence_spec, self.max_len)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        save(self.encoder, directory / "encoder")
+        (directory / "sequence_spec.json").write_text(self.sequence_spec.to_json())
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SequenceModel:
+        directory = Path(directory)
+        encoder = Encoder.load(directory / "encoder")
+        encoder.eval()
+        spec = SequenceSpec.from_json((directory / "sequence_spec.json").read_text())
+        return cls(encoder=encoder, sequence_spec=spec)
+
+
+def train_sequence_model(
+    events: pl.DataFrame,
+    splits: pl.DataFrame,
+    spec: DatasetSpec,
+    config: SequenceModelConfig = SequenceModelConfig(),
+    log=print,
+) -> tuple[SequenceModel, TrainResult]:
+    """Train on the `train` split's decisions (labels where matured and applicable, NaN
+    elsewhere) plus the `gap` split's histories with every label hidden, which the
+    self-supervised task still learns from; early-stop on `valid`."""
+    tasks = tuple(label.name for label in spec.labels)
+    seq_spec = SequenceSpec.fit(spec, events)
+    hidden = splits.filter(pl.col("split") == "gap").with_columns(pl.lit(None, pl.Int8).alias(t) for t in tasks)
+    learn = pl.concat([splits.filter(pl.col("split") == "train"), hidden], how="vertical_relaxed")
+    valid = splits.filter(pl.col("split") == "valid")
+    train_arrays = build_sequences(events, learn, seq_spec, config.max_len, label_columns=tasks)
+    valid_arrays = build_sequences(events, valid, seq_spec, config.max_len, label_columns=tasks)
+    log(f"sequences: {len(learn):,} to learn from ({hidden.height:,} unlabeled), {valid.height:,} to validate")
+    encoder = Encoder(
+        EncoderConfig(
+            **seq_spec.encoder_dims(),
+            max_len=config.max_len,
+            d_model=config.d_model,
+            n_layers=config.n_layers,
+            n_heads=config.n_heads,
+            dropout=config.dropout,
+            emb_dim=config.emb_dim,
+            tasks=tasks,
+            aux_task=config.aux_task,
+            aux_weight=config.aux_weight,
+        )
+    )
+    result = train(
+        encoder,
+        train_arrays,
+        valid_arrays,
+        TrainConfig(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            patience=config.patience,
+            monitor="auc",
+            bucket_by_length=config.bucket_by_length,
+            seed=config.seed,
+            device=config.device,
+        ),
+        log=log,
+    )
+    encoder.eval()
+    return SequenceModel(encoder=encoder, sequence_spec=seq_spec), result
+
+
+def embedding_table(model: SequenceModel, events: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
+    """decision_id, the embedding (emb_0 … emb_{d-1}) and the encoder's own probability per task
+    (`encoder_<task>`), for every decision."""
+    arrays = model.arrays(events, decisions)
+    emb = model.embed(arrays)
+    probs = model.predict(arrays)
+    return pl.DataFrame(
+        {
+            "decision_id": decisions["decision_id"],
+            **{f"emb_{i}": emb[:, i] for i in range(emb.shape[1])},
+            **{f"encoder_{task}": p.astype(np.float64) for task, p in probs.items()},
+        }
+    )
+
+
+def config_dict(config: SequenceModelConfig) -> dict:
+    return json.loads(json.dumps(asdict(config)))

@@ -1,0 +1,71 @@
+"""Champion/challenger: the rule that decides whether a new model goes to production, and the
+audit trail that answers "which model was in production on date X"."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import polars as pl
+
+
+@dataclass(frozen=True)
+class PromotionRules:
+    task: str = "default_90d"  # the task whose AUC decides
+    # The challenger must reach the champion's AUC plus this (negative: may be slightly worse).
+    min_auc_gain: float = 0.0
+    max_ece: float = 0.05  # expected calibration error bound, for every task
+
+
+@dataclass(frozen=True)
+class Verdict:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def decide(
+    challenger: dict[str, dict[str, float]],
+    champion: dict[str, dict[str, float]] | None,
+    rules: PromotionRules,
+    upstream_checks_passed: bool = True,
+) -> Verdict:
+    """`challenger`/`champion`: task -> metrics (auc, ece) on the same test rows."""
+    reasons = []
+    if not upstream_checks_passed:
+        reasons.append("an upstream blocking check failed")
+    for task, m in challenger.items():
+        if not m["ece"] <= rules.max_ece:
+            reasons.append(f"{task} calibration error {m['ece']:.4f} exceeds {rules.max_ece}")
+    auc = challenger[rules.task]["auc"]
+    if math.isnan(auc):
+        reasons.append(f"{rules.task} AUC is undefined on the test rows")
+    if champion is not None:
+        needed = champion[rules.task]["auc"] + rules.min_auc_gain
+        if not auc >= needed:
+            reasons.append(
+                f"{rules.task} AUC {auc:.4f} does not reach the champion's {champion[rules.task]['auc']:.4f}"
+                f" {rules.min_auc_gain:+.4f}"
+            )
+    if reasons:
+        return Verdict(False, reasons)
+    why = "no champion yet" if champion is None else f"{rules.task} AUC {auc:.4f} beats the champion's {champion[rules.task]['auc']:.4f}"
+    return Verdict(True, [why])
+
+
+AUDIT_SCHEMA = {
+    "decided_at": pl.Datetime("us", "UTC"),
+    "action": pl.String,  # promoted | refused
+    "challenger_version": pl.String,
+    "champion_before": pl.String,
+    "champion_after": pl.String,
+    "reasons": pl.String,
+    "metrics": pl.String,  # JSON: challenger and champion metrics the decision used
+    "dagster_run_id": pl.String,
+}
+
+
+def champion_on(audit: pl.DataFrame, when: datetime) -> str | None:
+    """The champion model version in production at `when`, from the audit trail."""
+    before = audit.filter(pl.col("decided_at") <= when).sort("decided_at")
+    return before["champion_after"][-1] if before.height else None

@@ -1,0 +1,119 @@
+"""The risk model: what is registered, promoted and served as one unit.
+
+A sequence model (encoder + event coding), an XGBoost scorer on point-in-time features plus the
+encoder's embedding, the feature set both were trained with, and the thresholds that turn
+probabilities into a decision. `score_tables` scores decisions from the offline tables;
+`score_one` scores one live decision from the entity's history with the same functions, which is
+what the Bento runs and what the parity check compares.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from eventml.embedding import SequenceModel
+from eventml.features import FeatureSet, features_for_one
+from eventml.scorer import Scorer
+
+EMBEDDING_REASON = "recent activity pattern"
+
+
+def embedding_columns(dim: int) -> list[str]:
+    return [f"emb_{i}" for i in range(dim)]
+
+
+@dataclass(frozen=True)
+class DecisionPolicy:
+    """Decline when any task's probability reaches its threshold; otherwise approve."""
+
+    thresholds: dict[str, float] = field(default_factory=lambda: {"default_90d": 0.15, "fraud_60d": 0.30})
+
+    def decide(self, probabilities: dict[str, float]) -> str:
+        hit = any(probabilities.get(task, 0.0) >= t for task, t in self.thresholds.items())
+        return "decline" if hit else "approve"
+
+
+@dataclass
+class RiskModel:
+    sequence_model: SequenceModel
+    scorer: Scorer
+    feature_set: FeatureSet
+    policy: DecisionPolicy = field(default_factory=DecisionPolicy)
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.scorer.tasks
+
+    @property
+    def reason_of(self) -> dict[str, str]:
+        """Every scorer input's reason: the feature set's texts, one shared text for the embedding."""
+        reasons = dict(self.feature_set.reasons())
+        reasons.update({c: EMBEDDING_REASON for c in self.scorer.feature_names if c.startswith("emb_")})
+        return reasons
+
+    # ------------------------------------------------------------ offline
+
+    def score_tables(self, features: pl.DataFrame, embeddings: pl.DataFrame) -> pl.DataFrame:
+        """decision_id and `p_<task>` for decisions whose features and embeddings are given."""
+        joined = features.join(embeddings, on="decision_id", how="inner")
+        probs = self.scorer.predict(joined)
+        return joined.select("decision_id").with_columns(
+            pl.Series(f"p_{task}", p.astype(np.float64)) for task, p in probs.items()
+        )
+
+    def embed_decisions(self, events: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
+        """This model's own embedding of each decision (a champion scored with its own encoder)."""
+        emb = self.sequence_model.embed(self.sequence_model.arrays(events, decisions))
+        return pl.DataFrame(
+            {"decision_id": decisions["decision_id"], **{c: emb[:, i] for i, c in enumerate(embedding_columns(emb.shape[1]))}}
+        )
+
+    # ------------------------------------------------------------ one live decision
+
+    def score_one(self, history: pl.DataFrame, decision: dict, top_reasons: int = 4) -> dict:
+        """Probabilities, decision and reasons for one decision, from its entity's events strictly
+        before `decision["ts"]` (later rows in `history` are ignored)."""
+        features = features_for_one(history, decision, self.feature_set)
+        arrays = self.sequence_model.arrays_for_one(history, decision["ts"])
+        emb = self.sequence_model.embed(arrays)[0]
+        row = pl.DataFrame(
+            {**{k: [v] for k, v in features.items()}, **{c: [float(emb[i])] for i, c in enumerate(embedding_columns(len(emb)))}}
+        )
+        probs = {task: float(p[0]) for task, p in self.scorer.predict(row).items()}
+        reasons = {task: self.scorer.reasons(row, task, self.reason_of, top=top_reasons)[0] for task in self.tasks}
+        return {"probabilities": probs, "decision": self.policy.decide(probs), "reasons": reasons}
+
+    # ------------------------------------------------------------ persistence (no pickle)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.sequence_model.save(directory / "sequence_model")
+        self.scorer.save(directory / "scorer")
+        (directory / "feature_set.json").write_text(self.feature_set.to_json())
+        (directory / "policy.json").write_text(json.dumps(asdict(self.policy)))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> RiskModel:
+        directory = Path(directory)
+        return cls(
+            sequence_model=SequenceModel.load(directory / "sequence_model"),
+            scorer=Scorer.load(directory / "scorer"),
+            feature_set=FeatureSet.from_json((directory / "feature_set.json").read_text()),
+            policy=DecisionPolicy(**json.loads((directory / "policy.json").read_text())),
+        )
+
+
+def model_table(splits: pl.DataFrame, features: pl.DataFrame, embeddings: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Decisions with their split, labels and oracle columns, joined to their features (and
+    embeddings): the rows every scorer trains and is evaluated on."""
+    table = splits.join(features.drop("entity_id", "ts", "day", strict=False), on="decision_id", how="inner")
+    if embeddings is not None:
+        table = table.join(embeddings, on="decision_id", how="inner")
+    return table

@@ -1,0 +1,171 @@
+"""Group `models`: the sequence encoder, its embeddings, and the scorers (features only, and
+features + embeddings). Each training asset logs one MLflow run with its lineage."""
+
+import tempfile
+
+import dagster as dg
+import mlflow
+import polars as pl
+
+from eventml.embedding import SequenceModel, SequenceModelConfig, config_dict, embedding_table, train_sequence_model
+from eventml.evaluate import learning_curve_plot
+from eventml.features import feature_set_for
+from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table
+from eventml.scorer import Scorer, ScorerConfig
+from eventml.sources import DAY
+from ml_assets.metadata import lineage, png_md
+from resources.delta import DeltaTables
+from resources.sources import EventSource
+from resources.tracking import MlflowTracking
+
+REGISTERED_MODEL = "eventml-risk"
+# Policy constraints: more late or missed payments, or past delinquency, never lowers risk.
+MONOTONE = {"n_payment_late_90d": 1, "n_payment_missed_90d": 1, "n_delinquency_60_all": 1}
+
+
+class EncoderSettings(dg.Config):
+    d_model: int = SequenceModelConfig.d_model
+    n_layers: int = SequenceModelConfig.n_layers
+    n_heads: int = SequenceModelConfig.n_heads
+    max_len: int = SequenceModelConfig.max_len
+    emb_dim: int = SequenceModelConfig.emb_dim
+    epochs: int = SequenceModelConfig.epochs
+    batch_size: int = SequenceModelConfig.batch_size
+    lr: float = SequenceModelConfig.lr
+    patience: int = SequenceModelConfig.patience
+    seed: int = SequenceModelConfig.seed
+    device: str = SequenceModelConfig.device
+
+
+class ScorerSettings(dg.Config):
+    n_estimators: int = ScorerConfig.n_estimators
+    learning_rate: float = ScorerConfig.learning_rate
+    max_depth: int = ScorerConfig.max_depth
+    early_stopping_rounds: int = ScorerConfig.early_stopping_rounds
+
+    def scorer_config(self) -> ScorerConfig:
+        return ScorerConfig(**self.model_dump(), monotone=MONOTONE)
+
+
+def _events(raw_events: pl.LazyFrame) -> pl.DataFrame:
+    return raw_events.drop(DAY).collect()
+
+
+@dg.asset(group_name="models", io_manager_key="model_io_manager", metadata={"model_class": "sequence_model"})
+def sequence_encoder(
+    context: dg.AssetExecutionContext,
+    config: EncoderSettings,
+    training_splits: pl.DataFrame,
+    raw_events: pl.LazyFrame,
+    event_source: EventSource,
+    mlflow_tracking: MlflowTracking,
+    tables: DeltaTables,
+) -> SequenceModel:
+    """Multi-task Transformer over each decision's prior events (default, fraud, and a masked-event
+    task that also learns from unlabeled histories)."""
+    settings = SequenceModelConfig(**config.model_dump())
+    with mlflow_tracking.start_run("sequence_encoder", lineage(context, tables, ["raw_events", "training_splits"])) as run:
+        mlflow.log_params(config_dict(settings))
+        model, result = train_sequence_model(_events(raw_events), training_splits, event_source.spec(), settings, log=context.log.info)
+        for row in result.history:
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, int | float) and k != "epoch"}, step=row["epoch"])
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifacts(str(model.save(tmp)), "sequence_model")
+    best = result.history[result.best_epoch]
+    context.add_output_metadata(
+        {
+            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_link(run.info.run_id)),
+            "best_epoch": result.best_epoch,
+            **{k: float(v) for k, v in best.items() if k.startswith("valid_auc_")},
+            "parameters": model.encoder.num_params(),
+            "learning_curve": png_md(learning_curve_plot(result.history)),
+        }
+    )
+    return model
+
+
+@dg.asset(group_name="models")
+def decision_embeddings(
+    context: dg.AssetExecutionContext, sequence_encoder: SequenceModel, decisions: pl.DataFrame, raw_events: pl.LazyFrame
+) -> pl.DataFrame:
+    """The encoder's embedding of every decision, and its own per-task probabilities."""
+    table = embedding_table(sequence_encoder, _events(raw_events), decisions)
+    context.add_output_metadata({"dagster/row_count": table.height, "dimensions": sequence_encoder.encoder.config.emb_dim})
+    return table
+
+
+def _fit(context, table: pl.DataFrame, names: list[str], tasks: list[str], config: ScorerSettings) -> Scorer:
+    return Scorer.fit(
+        table.filter(pl.col("split") == "train"),
+        table.filter(pl.col("split") == "valid"),
+        names,
+        tasks,
+        config.scorer_config(),
+        log=context.log.info,
+    )
+
+
+def _log_scorer_run(mlflow_tracking, scorer: Scorer, name: str, context, tables, artifact, artifact_path: str) -> str:
+    reads = ["training_splits", "decision_features", "decision_embeddings"]
+    with mlflow_tracking.start_run(name, lineage(context, tables, reads)) as run:
+        mlflow.log_params({f"scorer.{k}": v for k, v in scorer.config.__dict__.items() if k != "monotone"})
+        mlflow.log_param("features", len(scorer.feature_names))
+        mlflow.log_dict(scorer.config.monotone, "monotone_constraints.json")
+        for task, booster in scorer.boosters.items():
+            mlflow.log_metric(f"{task}.trees", booster.num_boosted_rounds())
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifacts(str(artifact.save(tmp)), artifact_path)
+    return run.info.run_id
+
+
+@dg.asset(group_name="models", io_manager_key="model_io_manager", metadata={"model_class": "scorer"})
+def baseline_scorer(
+    context: dg.AssetExecutionContext,
+    config: ScorerSettings,
+    training_splits: pl.DataFrame,
+    decision_features: pl.DataFrame,
+    event_source: EventSource,
+    mlflow_tracking: MlflowTracking,
+    tables: DeltaTables,
+) -> Scorer:
+    """XGBoost on point-in-time features only: trained the same way every time, so the lift the
+    embeddings bring is always measured against it."""
+    spec = event_source.spec()
+    names = feature_set_for(spec).names
+    scorer = _fit(context, model_table(training_splits, decision_features), names, [x.name for x in spec.labels], config)
+    run_id = _log_scorer_run(mlflow_tracking, scorer, "baseline_scorer", context, tables, scorer, "scorer")
+    context.add_output_metadata({"mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_link(run_id)), "features": len(names)})
+    return scorer
+
+
+@dg.asset(group_name="models", io_manager_key="model_io_manager", metadata={"model_class": "risk_model"})
+def risk_scorer(
+    context: dg.AssetExecutionContext,
+    config: ScorerSettings,
+    training_splits: pl.DataFrame,
+    decision_features: pl.DataFrame,
+    decision_embeddings: pl.DataFrame,
+    sequence_encoder: SequenceModel,
+    event_source: EventSource,
+    mlflow_tracking: MlflowTracking,
+    tables: DeltaTables,
+) -> RiskModel:
+    """XGBoost on features + embeddings, bundled with its encoder and feature set as the risk
+    model; registered in MLflow as the newest `challenger`."""
+    spec = event_source.spec()
+    feature_set = feature_set_for(spec)
+    names = feature_set.names + embedding_columns(sequence_encoder.encoder.config.emb_dim)
+    table = model_table(training_splits, decision_features, decision_embeddings)
+    scorer = _fit(context, table, names, [x.name for x in spec.labels], config)
+    model = RiskModel(sequence_model=sequence_encoder, scorer=scorer, feature_set=feature_set, policy=DecisionPolicy())
+    run_id = _log_scorer_run(mlflow_tracking, scorer, "risk_scorer", context, tables, model, "risk_model")
+    version = mlflow_tracking.register(REGISTERED_MODEL, run_id, "risk_model", alias="challenger")
+    context.add_output_metadata(
+        {
+            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_link(run_id)),
+            "registered_model": f"{REGISTERED_MODEL} v{version} (alias challenger)",
+            "model_version": version,
+            "features": len(names),
+        }
+    )
+    return model
