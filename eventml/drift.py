@@ -1,0 +1,345 @@
+"""Is production still the world the model was trained on, and is the model still right about it?
+
+Two kinds of evidence, each with a verdict a sensor can act on:
+
+- drift: how far each feature (and the score) has moved from a reference sample, as a population
+  stability index with conventional bands and a two-sample KS test;
+- live performance: AUC and calibration on decisions made since the model went live, counting
+  only labels that have matured (a 90-day default label is unknown for 90 days), and refusing
+  to judge samples too small to tell decay from noise.
+
+Plain NumPy/Polars in, plain values out, so the monitoring assets and the sensors only translate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import polars as pl
+from scipy import stats
+
+from eventml.evaluate import _figure, _png, expected_calibration_error, metrics
+
+# A bin that is empty on one side counts as this share of its rows, so that ln(current/reference)
+# stays finite. 1e-4 is "1 row in 10,000": a bin empty in the reference that holds 1% of the
+# current rows then adds (0.01 - 0.0001) * ln(100) ≈ 0.046 to the PSI — noticeable, not alarming.
+EPSILON = 1e-4
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    """PSI bands (Siddiqi, *Credit Risk Scorecards*: < 0.1 stable, 0.1–0.25 watch, > 0.25 act)
+    and when drift is enough to retrain: the score moved, or enough features did at once."""
+
+    watch: float = 0.10
+    act: float = 0.25
+    score_psi_act: float = 0.25
+    # One feature past `act` is often a pipeline change worth a look, not a new world.
+    features_to_act: int = 3
+
+    def __post_init__(self):
+        if not 0 <= self.watch <= self.act:
+            raise ValueError(f"need 0 <= watch <= act, got watch={self.watch}, act={self.act}")
+        if self.features_to_act < 1:
+            raise ValueError(f"features_to_act must be at least 1, got {self.features_to_act}")
+
+
+def band(value: float, thresholds: DriftThresholds = DriftThresholds()) -> str:
+    """The PSI band: stable below `watch`, act above `act`, watch in between (ends included)."""
+    if value < thresholds.watch:
+        return "stable"
+    return "act" if value > thresholds.act else "watch"
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def _is_numeric(values: np.ndarray) -> bool:
+    return values.dtype.kind in "biuf"
+
+
+def _numeric_counts(ref: np.ndarray, cur: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts per bin, reference and current; `ref` and `cur` are sorted finite values.
+
+    Bins: below the reference minimum e_0, the quantile bins [e_i, e_i+1) of the reference, the
+    maximum itself, above the maximum. Tied quantiles collapse into one bin, so a 0/1 column gets
+    (<0, [0, 1), =1, >1) and a constant column c gets (<c, =c, >c): a constant that moves is still
+    seen. The end bins are empty in the reference by construction.
+    """
+    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)))
+
+    def counts(x: np.ndarray) -> np.ndarray:
+        below = np.searchsorted(x, edges, side="left")  # rows < e_i
+        return np.diff(
+            np.concatenate(([0], below, [np.searchsorted(x, edges[-1], side="right"), len(x)]))
+        )
+
+    return counts(ref), counts(cur)
+
+
+def _categorical_counts(ref: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One bin per category seen on either side (a new category is a bin empty in the reference)."""
+    categories, inverse = np.unique(np.concatenate([ref, cur]).astype(str), return_inverse=True)
+    n = len(categories)
+    return (
+        np.bincount(inverse[: len(ref)], minlength=n),
+        np.bincount(inverse[len(ref) :], minlength=n),
+    )
+
+
+def _psi_from_counts(ref_counts: np.ndarray, cur_counts: np.ndarray) -> float:
+    r = np.maximum(ref_counts / ref_counts.sum(), EPSILON)
+    c = np.maximum(cur_counts / cur_counts.sum(), EPSILON)
+    return float(np.sum((c - r) * np.log(c / r)))
+
+
+def _missing(values: np.ndarray) -> np.ndarray:
+    if _is_numeric(values):
+        return ~np.isfinite(values.astype(np.float64))
+    return np.array([v is None or (isinstance(v, float) and math.isnan(v)) for v in values])
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
+    """Population stability index of `current` against `reference`: sum over bins of
+    (c - r) * ln(c / r), with r and c the shares of rows in each bin.
+
+    Numbers get `bins` quantile bins of the reference (see `_numeric_counts` for ties and
+    constant columns); anything else (strings) gets one bin per category. Missing values (None,
+    NaN, and ±inf, which no quantile bin can hold) are one more bin, so a rise in the missing
+    rate is drift like any other. Empty bins count as EPSILON.
+    """
+    reference, current = np.asarray(reference), np.asarray(current)
+    if len(reference) == 0 or len(current) == 0:
+        raise ValueError(
+            f"PSI needs rows on both sides, got {len(reference)} reference and {len(current)} "
+            "current rows; compare against a non-empty window"
+        )
+    miss_r, miss_c = _missing(reference), _missing(current)
+    ref, cur = reference[~miss_r], current[~miss_c]
+    if _is_numeric(reference) and _is_numeric(current):
+        ref, cur = np.sort(ref.astype(np.float64)), np.sort(cur.astype(np.float64))
+        if len(ref):
+            ref_counts, cur_counts = _numeric_counts(ref, cur, bins)
+        else:  # nothing but missing values in the reference: every present value is new
+            ref_counts, cur_counts = np.array([0]), np.array([len(cur)])
+    else:
+        ref_counts, cur_counts = _categorical_counts(ref, cur)
+    return _psi_from_counts(
+        np.append(ref_counts, miss_r.sum()), np.append(cur_counts, miss_c.sum())
+    )
+
+
+def ks(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
+    """Two-sample Kolmogorov–Smirnov (statistic, p-value) on the finite values of each side;
+    (nan, nan) when a side has none. With tens of thousands of rows even a harmless shift has a
+    tiny p-value: read the statistic (the largest gap between the two CDFs), band on PSI."""
+    ref = np.asarray(reference, dtype=np.float64)
+    cur = np.asarray(current, dtype=np.float64)
+    ref, cur = ref[np.isfinite(ref)], cur[np.isfinite(cur)]
+    if len(ref) == 0 or len(cur) == 0:
+        return float("nan"), float("nan")
+    # The exact distribution is quadratic in the sample sizes; beyond a few thousand rows the
+    # asymptotic one is as good and keeps a 200-column table at a few seconds.
+    method = "exact" if len(ref) * len(cur) <= 1_000_000 else "asymp"
+    result = stats.ks_2samp(ref, cur, method=method)
+    return float(result.statistic), float(result.pvalue)
+
+
+# ------------------------------------------------------------------ a table of features
+
+
+def _column_values(frame: pl.DataFrame, column: str) -> tuple[np.ndarray, float]:
+    """The values as NumPy (nulls as NaN for numbers, None otherwise) and the missing rate."""
+    series = frame.get_column(column)
+    if series.dtype.is_numeric() or series.dtype == pl.Boolean:
+        values = series.cast(pl.Float64).to_numpy()
+        rate = float(np.mean(~np.isfinite(values)))
+    else:
+        values = series.cast(pl.String).to_numpy()
+        rate = series.null_count() / len(series)
+    return values, rate
+
+
+def drift_table(
+    reference: pl.DataFrame, current: pl.DataFrame, columns: list[str], bins: int = 10,
+    thresholds: DriftThresholds = DriftThresholds(),
+) -> pl.DataFrame:  # fmt: skip
+    """One row per column, worst first: psi, band, ks_statistic and ks_pvalue (null for
+    categorical columns), null_rate_reference and null_rate_current (null, NaN or ±inf)."""
+    absent = {
+        name: [c for c in columns if c not in frame.columns]
+        for name, frame in (("reference", reference), ("current", current))
+    }
+    if any(absent.values()):
+        raise ValueError(f"drift_table: columns missing from the frames: {absent}")
+    if reference.height == 0 or current.height == 0:
+        raise ValueError(
+            f"drift_table needs rows on both sides, got {reference.height} reference and "
+            f"{current.height} current rows"
+        )
+    rows = []
+    for column in columns:
+        ref, null_ref = _column_values(reference, column)
+        cur, null_cur = _column_values(current, column)
+        numeric = _is_numeric(ref)
+        statistic, pvalue = ks(ref, cur) if numeric else (None, None)
+        value = psi(ref, cur, bins)
+        rows.append({
+            "column": column, "psi": value, "band": band(value, thresholds),
+            "ks_statistic": statistic, "ks_pvalue": pvalue,
+            "null_rate_reference": null_ref, "null_rate_current": null_cur,
+        })  # fmt: skip
+    schema = {
+        "column": pl.String, "psi": pl.Float64, "band": pl.String, "ks_statistic": pl.Float64,
+        "ks_pvalue": pl.Float64, "null_rate_reference": pl.Float64, "null_rate_current": pl.Float64,
+    }  # fmt: skip
+    return pl.DataFrame(rows, schema=schema).sort(
+        ["psi", "ks_statistic"], descending=True, nulls_last=True
+    )
+
+
+def drift_verdict(
+    table: pl.DataFrame, score_psi: float | None, thresholds: DriftThresholds = DriftThresholds()
+) -> tuple[bool, list[str], dict]:
+    """Retrain when the score's PSI passes `score_psi_act`, or when at least `features_to_act`
+    features pass `act`. `score_psi` None means no score to compare yet (features only).
+
+    Returns (should_retrain, reasons: the triggers that fired, or one line saying why none did,
+    figures for asset metadata and run tags)."""
+    past = table.filter(pl.col("psi") > thresholds.act)["column"].to_list()
+    watching = table.filter(pl.col("band") == "watch").height
+    reasons = []
+    if score_psi is not None and score_psi > thresholds.score_psi_act:
+        reasons.append(f"score PSI {score_psi:.3f} > {thresholds.score_psi_act}")
+    if len(past) >= thresholds.features_to_act:
+        reasons.append(
+            f"{len(past)} features with PSI > {thresholds.act} "
+            f"(>= {thresholds.features_to_act} to act): {', '.join(past)}"
+        )
+    should_retrain = bool(reasons)
+    if not should_retrain:
+        score = "no score to compare" if score_psi is None else f"score PSI {score_psi:.3f}"
+        reasons.append(
+            f"no retrain: {score} (acts above {thresholds.score_psi_act}), {len(past)} of "
+            f"{table.height} features past {thresholds.act} (acts at {thresholds.features_to_act})"
+        )
+    worst = table.sort("psi", descending=True, nulls_last=True).head(1)
+    figures = {
+        "score_psi": score_psi,
+        "score_band": None if score_psi is None else band(score_psi, thresholds),
+        "features": table.height,
+        "features_act": len(past),
+        "features_watch": watching,
+        "features_past_act": past,
+        "worst_feature": worst["column"].item() if worst.height else None,
+        "worst_psi": worst["psi"].item() if worst.height else None,
+    }
+    return should_retrain, reasons, figures
+
+
+def drift_plot(
+    table: pl.DataFrame, top: int = 10, thresholds: DriftThresholds = DriftThresholds()
+) -> bytes:
+    """PNG: the `top` worst features' PSI as horizontal bars coloured by band, with the band lines."""
+    worst = table.sort("psi", descending=True, nulls_last=True).head(top).reverse()
+    fig, ax = _figure(f"feature drift: worst {worst.height} of {table.height} (PSI)")
+    colours = {"stable": "tab:green", "watch": "tab:orange", "act": "tab:red"}
+    ax.barh(worst["column"].to_list(), worst["psi"].to_list(),
+            color=[colours[b] for b in worst["band"].to_list()])  # fmt: skip
+    ax.axvline(
+        thresholds.watch, color="tab:orange", linestyle="--", label=f"watch {thresholds.watch}"
+    )
+    ax.axvline(thresholds.act, color="tab:red", linestyle="--", label=f"act {thresholds.act}")
+    ax.set_xlabel("population stability index")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+# ------------------------------------------------------------------ live performance
+
+
+def live_performance(
+    decisions: pl.DataFrame, scores: pl.DataFrame, task: str, live_since: datetime, as_of: datetime
+) -> dict:
+    """How the live model did on `task`, judged only where the outcome is known.
+
+    Window: decisions with live_since <= ts <= as_of (the data's "now", not the wall clock).
+    `decisions` has decision_id, ts, `task` (1/0, null until known) and `task`_matured (as in
+    `labels.build_decisions`); when `task`_matures_at is there too, maturity is re-checked
+    against `as_of`, so a table built later cannot lend labels from the future. `scores` has
+    decision_id and p_`task`.
+
+    Counts: decisions in the window, unscored (no score logged), pending (scored, label not
+    matured: counted, never scored), not_applicable (matured, but the label does not apply),
+    n (matured, labelled and scored: the rows behind auc, ece, observed_rate, mean_predicted).
+    """
+    matured_col, score_col = f"{task}_matured", f"p_{task}"
+    missing = [c for c in ("decision_id", "ts", task, matured_col) if c not in decisions.columns]
+    missing += [f"scores.{c}" for c in ("decision_id", score_col) if c not in scores.columns]
+    if missing:
+        raise ValueError(f"live_performance({task!r}): missing columns {missing}")
+    duplicated = scores.height - scores["decision_id"].n_unique()
+    if duplicated:
+        raise ValueError(
+            f"scores has {duplicated} duplicated decision_id rows; keep one score per decision"
+        )
+    matured = pl.col(matured_col).fill_null(False)
+    if f"{task}_matures_at" in decisions.columns:
+        matured = matured & (pl.col(f"{task}_matures_at") <= as_of)
+    window = (
+        decisions.filter(pl.col("ts").is_between(live_since, as_of, closed="both"))
+        .join(scores.select("decision_id", score_col), on="decision_id", how="left")
+        .with_columns(pl.col(score_col).is_not_null().alias("__scored"), matured.alias("__matured"))
+    )
+    counts = window.select(
+        decisions=pl.len(),
+        unscored=(~pl.col("__scored")).sum(),
+        pending=(pl.col("__scored") & ~pl.col("__matured")).sum(),
+        not_applicable=(pl.col("__scored") & pl.col("__matured") & pl.col(task).is_null()).sum(),
+    ).row(0, named=True)
+    judged = window.filter(pl.col("__scored") & pl.col("__matured") & pl.col(task).is_not_null())
+    y = judged[task].cast(pl.Int64).to_numpy()
+    p = judged[score_col].cast(pl.Float64).to_numpy()
+    n = len(y)
+    return {
+        "task": task,
+        "live_since": live_since.isoformat(),
+        "as_of": as_of.isoformat(),
+        **{k: int(v) for k, v in counts.items()},
+        "n": n,
+        "positives": int(y.sum()),
+        "auc": metrics(y, p).auc if n else float("nan"),
+        "ece": expected_calibration_error(y, p),
+        "observed_rate": float(y.mean()) if n else float("nan"),
+        "mean_predicted": float(p.mean()) if n else float("nan"),
+    }
+
+
+def performance_verdict(
+    live: dict, reference_auc: float, max_auc_drop: float = 0.05, *,
+    min_labels: int = 1000, min_positives: int = 50,
+) -> tuple[bool, list[str]]:  # fmt: skip
+    """Retrain when the live AUC is more than `max_auc_drop` below `reference_auc` (the AUC the
+    model was promoted on). Below `min_labels` matured labels or `min_positives` of either class
+    it does not judge: with 50 positives an AUC's standard error is still about 0.04
+    (Hanley & McNeil), as large as the drop it looks for, so a smaller sample would raise false
+    alarms. Returns (should_retrain, reasons)."""
+    n, positives = live["n"], live["positives"]
+    if n < min_labels or min(positives, n - positives) < min_positives:
+        return False, [
+            f"not judging {live['task']}: {n} matured labels with {positives} positives "
+            f"(needs {min_labels} labels and {min_positives} of each class); "
+            f"{live['pending']} pending"
+        ]
+    drop = reference_auc - live["auc"]
+    summary = (
+        f"{live['task']} live AUC {live['auc']:.3f} vs reference {reference_auc:.3f} "
+        f"(drop {drop:+.3f}, allowed {max_auc_drop}) on {n} matured decisions"
+    )
+    if drop > max_auc_drop:
+        return True, [summary]
+    return False, [f"no retrain: {summary}"]
