@@ -223,6 +223,9 @@ def main() -> None:
         f"world: {args.users:,} people, {events.height:,} events, {decisions.height:,} decisions, {len(fs.features)} features"
     )
 
+    # The first call also loads (or, on a fresh checkout, compiles) the numba kernels; the best
+    # of the repeats is the steady state. The machine is often shared: say how busy it was.
+    print(f"load average before: {Path('/proc/loadavg').read_text().split()[:3]}")
     secs, table = timed(lambda: compute_features(events, decisions, fs), args.repeat)
     rate = events.height / secs
     print(f"polars: {secs:.2f} s -> {rate / 1e6:.2f}M events/s ({decisions.height / secs / 1e3:.0f}k decisions/s)"
@@ -252,6 +255,7 @@ def main() -> None:
     print("where the polars time goes (one run each):")
     family_breakdown(events, decisions, fs)
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GB")
+    print(f"load average after: {Path('/proc/loadavg').read_text().split()[:3]}")
     if not args.skip_auc:
         auc_vs_oracle()
 

@@ -14,7 +14,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from eventml.encoder import Encoder, EncoderConfig, TrainConfig, TrainResult, embed, predict, save, train
+from eventml.encoder import (
+    Encoder,
+    EncoderConfig,
+    TrainConfig,
+    TrainResult,
+    embed,
+    predict,
+    save,
+    train,
+)
 from eventml.schema import DatasetSpec
 from eventml.sequences import SequenceSpec, build_one, build_sequences
 
@@ -55,8 +64,12 @@ class SequenceModel:
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.encoder.config.tasks)
 
-    def arrays(self, events: pl.DataFrame, decisions: pl.DataFrame, labels: tuple[str, ...] = ()) -> dict:
-        return build_sequences(events, decisions, self.sequence_spec, self.max_len, label_columns=labels)
+    def arrays(
+        self, events: pl.DataFrame, decisions: pl.DataFrame, labels: tuple[str, ...] = ()
+    ) -> dict:
+        return build_sequences(
+            events, decisions, self.sequence_spec, self.max_len, label_columns=labels
+        )
 
     def embed(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         return embed(self.encoder, arrays)
@@ -89,17 +102,23 @@ def train_sequence_model(
     config: SequenceModelConfig = SequenceModelConfig(),
     log=print,
 ) -> tuple[SequenceModel, TrainResult]:
-    """Train on the `train` split's decisions (labels where matured and applicable, NaN
-    elsewhere) plus the `gap` split's histories with every label hidden, which the
-    self-supervised task still learns from; early-stop on `valid`."""
+    """Train on the `train` and `gap` splits' histories, with labels (where matured and
+    applicable) only on the train rows of stage "encoder"; early-stop on `valid`."""
     tasks = tuple(label.name for label in spec.labels)
     seq_spec = SequenceSpec.fit(spec, events)
-    hidden = splits.filter(pl.col("split") == "gap").with_columns(pl.lit(None, pl.Int8).alias(t) for t in tasks)
-    learn = pl.concat([splits.filter(pl.col("split") == "train"), hidden], how="vertical_relaxed")
+    # Labels only where the scorer will not train (see eventml.splits.with_stacking_stages);
+    # every other history before the test window still teaches the self-supervised task.
+    own_labels = (pl.col("stage") == "encoder") if "stage" in splits.columns else (pl.col("split") == "train")
+    learn = splits.filter(pl.col("split").is_in(["train", "gap"])).with_columns(
+        pl.when(own_labels).then(pl.col(t)).otherwise(None).alias(t) for t in tasks
+    )
+    hidden = learn.filter(~own_labels)
     valid = splits.filter(pl.col("split") == "valid")
     train_arrays = build_sequences(events, learn, seq_spec, config.max_len, label_columns=tasks)
     valid_arrays = build_sequences(events, valid, seq_spec, config.max_len, label_columns=tasks)
-    log(f"sequences: {len(learn):,} to learn from ({hidden.height:,} unlabeled), {valid.height:,} to validate")
+    log(
+        f"sequences: {len(learn):,} to learn from ({hidden.height:,} unlabeled), {valid.height:,} to validate"
+    )
     encoder = Encoder(
         EncoderConfig(
             **seq_spec.encoder_dims(),
@@ -134,7 +153,9 @@ def train_sequence_model(
     return SequenceModel(encoder=encoder, sequence_spec=seq_spec), result
 
 
-def embedding_table(model: SequenceModel, events: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
+def embedding_table(
+    model: SequenceModel, events: pl.DataFrame, decisions: pl.DataFrame
+) -> pl.DataFrame:
     """decision_id, the embedding (emb_0 … emb_{d-1}) and the encoder's own probability per task
     (`encoder_<task>`), for every decision."""
     arrays = model.arrays(events, decisions)

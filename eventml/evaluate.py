@@ -36,7 +36,11 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
     if len(y) == 0:
         return float("nan")
     order = np.argsort(p, kind="stable")
-    gaps = [abs(y[idx].mean() - p[idx].mean()) * len(idx) for idx in np.array_split(order, bins) if len(idx)]
+    gaps = [
+        abs(y[idx].mean() - p[idx].mean()) * len(idx)
+        for idx in np.array_split(order, bins)
+        if len(idx)
+    ]
     return float(sum(gaps) / len(y))
 
 
@@ -66,18 +70,29 @@ def metrics(y: np.ndarray, p: np.ndarray) -> Metrics:
 
 def calibration_table(y: np.ndarray, p: np.ndarray, bins: int = 10) -> pl.DataFrame:
     """Per score decile: count, mean predicted, observed rate (the reliability diagram's data)."""
-    frame = pl.DataFrame({"y": np.asarray(y, dtype=np.float64), "p": np.asarray(p, dtype=np.float64)})
+    frame = pl.DataFrame(
+        {"y": np.asarray(y, dtype=np.float64), "p": np.asarray(p, dtype=np.float64)}
+    )
     frame = frame.with_columns(
-        (pl.col("p").rank("ordinal") * bins / (frame.height + 1)).floor().cast(pl.Int32).alias("decile")
+        (pl.col("p").rank("ordinal") * bins / (frame.height + 1))
+        .floor()
+        .cast(pl.Int32)
+        .alias("decile")
     )
     return (
         frame.group_by("decile")
-        .agg(pl.len().alias("n"), pl.col("p").mean().alias("predicted"), pl.col("y").mean().alias("observed"))
+        .agg(
+            pl.len().alias("n"),
+            pl.col("p").mean().alias("predicted"),
+            pl.col("y").mean().alias("observed"),
+        )
         .sort("decile")
     )
 
 
-def metrics_by_segment(y: np.ndarray, p: np.ndarray, segments: dict[str, np.ndarray]) -> pl.DataFrame:
+def metrics_by_segment(
+    y: np.ndarray, p: np.ndarray, segments: dict[str, np.ndarray]
+) -> pl.DataFrame:
     """One row per (segment, value): n, rate, AUC, ECE. Segments are arrays aligned with y."""
     rows = []
     for name, values in segments.items():
@@ -85,7 +100,16 @@ def metrics_by_segment(y: np.ndarray, p: np.ndarray, segments: dict[str, np.ndar
         for value in np.unique(values):
             mask = values == value
             m = metrics(np.asarray(y)[mask], np.asarray(p)[mask])
-            rows.append({"segment": name, "value": str(value), "n": m.n, "rate": m.rate, "auc": m.auc, "ece": m.ece})
+            rows.append(
+                {
+                    "segment": name,
+                    "value": str(value),
+                    "n": m.n,
+                    "rate": m.rate,
+                    "auc": m.auc,
+                    "ece": m.ece,
+                }
+            )
     return pl.DataFrame(rows)
 
 
@@ -175,7 +199,10 @@ def learning_curve_plot(history: list[dict], title: str = "sequence encoder") ->
 
 
 def compare(
-    table: pl.DataFrame, scores: dict[str, dict[str, np.ndarray]], tasks: list[str], segments: dict[str, pl.Expr]
+    table: pl.DataFrame,
+    scores: dict[str, dict[str, np.ndarray]],
+    tasks: list[str],
+    segments: dict[str, pl.Expr],
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Every model's metrics per task on the rows of `table` whose label is known, and per segment.
 
@@ -192,7 +219,11 @@ def compare(
             p = np.asarray(by_task[task], dtype=np.float64)[known]
             rows.append({"model": model, "task": task, **metrics(y, p).as_dict()})
             if seg_values is not None:
-                seg = metrics_by_segment(y, p, {c: seg_values[c].to_numpy()[known] for c in seg_values.columns})
-                segment_rows.append(seg.with_columns(pl.lit(model).alias("model"), pl.lit(task).alias("task")))
+                seg = metrics_by_segment(
+                    y, p, {c: seg_values[c].to_numpy()[known] for c in seg_values.columns}
+                )
+                segment_rows.append(
+                    seg.with_columns(pl.lit(model).alias("model"), pl.lit(task).alias("task"))
+                )
     segment_table = pl.concat(segment_rows) if segment_rows else pl.DataFrame()
     return pl.DataFrame(rows), segment_table

@@ -1,11 +1,13 @@
 """Point-in-time features per decision: aggregates of the entity's events strictly before it.
 
 One declaration, a `FeatureSet`, drives two implementations that must agree to the last bit:
-- `compute_features` (batch): every decision of a day, or of all days, at once. Events are
-  sorted by (entity, time) once; each window count is then a difference of two prefix counts at
-  positions found by binary search, and amount statistics are `ufunc.reduceat` over the window's
-  slice, so the cost is a few passes over the involved entities' events plus a little work per
-  decision. There is no loop per decision or per entity.
+- `compute_features` (batch): every decision of a day, or of all days, at once. Events and
+  decisions are sorted by (entity, time) once; then one merge walk (numba kernels in
+  `eventml._window_kernels`) moves a pointer per window bound forward with running counts per
+  event filter, so a window count is a difference of two running counts and an amount window
+  is a slice of the filter's amounts, summed in numpy's own pairwise order. Distinct values
+  come from each event's previous occurrence of the same value. The cost is a few passes over
+  the involved entities' events plus a little work per decision and window.
 - `features_for_one` (a live request): the definitions applied literally to one entity's
   history with numpy masks. Tests hold the two together, which is why the request path is a
   separate, obvious implementation rather than the batch one called with one row.
@@ -32,6 +34,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
+from eventml import _window_kernels as kernels
 from eventml.schema import DatasetSpec
 
 US_PER_HOUR = 3_600_000_000
@@ -468,60 +471,6 @@ def features_for_one(history: pl.DataFrame, decision: Mapping, feature_set: Feat
 HASH_SEED = 0  # polars' hash is stable within one process, which is all the batch path needs
 
 
-class _Packed:
-    """Binary search over rows sorted by (major, minor), all queries at once.
-
-    Both parts are packed into one int64 key, built once, so each search is a single vectorized
-    `np.searchsorted`. Majors come in chunks small enough that the packed key cannot overflow
-    (a chunk covers ~65k entities for a few years of microseconds)."""
-
-    def __init__(
-        self, major: np.ndarray, minor: np.ndarray, lowest: int, highest: int, n_major: int
-    ):
-        """`lowest`/`highest` bound every minor of rows and queries; `n_major` every major."""
-        self.base, self.span = lowest, highest - lowest + 1
-        self.per = max(1, (1 << 62) // self.span)
-        self.chunks = []
-        for m0 in range(0, n_major, self.per):
-            a, b = np.searchsorted(major, [m0, m0 + self.per])
-            self.chunks.append(
-                (m0, int(a), (major[a:b] - m0) * self.span + (minor[a:b] - self.base))
-            )
-        self.n = len(major)
-
-    def search(self, q_major: np.ndarray, q_minor: np.ndarray) -> np.ndarray:
-        """Per query, the index of the first row with (major, minor) >= (q_major, q_minor)."""
-        if len(self.chunks) == 1:
-            m0, a, key = self.chunks[0]
-            return a + np.searchsorted(key, (q_major - m0) * self.span + (q_minor - self.base))
-        out = np.full(len(q_major), self.n, np.int64)
-        for m0, a, key in self.chunks:
-            sel = (q_major >= m0) & (q_major < m0 + self.per)
-            out[sel] = a + np.searchsorted(
-                key, (q_major[sel] - m0) * self.span + (q_minor[sel] - self.base)
-            )
-        return out
-
-
-def _prefix(mask: np.ndarray) -> np.ndarray:
-    """prefix[p] = number of true values before position p."""
-    out = np.zeros(len(mask) + 1, np.int32)
-    np.cumsum(mask, out=out[1:])
-    return out
-
-
-def _window_reduce(
-    ufunc: np.ufunc, padded: np.ndarray, lo: np.ndarray, hi: np.ndarray
-) -> np.ndarray:
-    """ufunc over padded[lo:hi] per row (garbage where lo == hi: callers mask those); `padded`
-    ends with one spare element because reduceat wants every index < len. With rows sorted by
-    (entity, time) the slices between consecutive windows are disjoint, so reduceat touches
-    each value about once."""
-    idx = np.empty(2 * len(lo), np.int64)
-    idx[0::2], idx[1::2] = lo, hi
-    return ufunc.reduceat(padded, idx)[0::2]
-
-
 def _time_rank(t: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     """(order, rank) of rows by time; (None, row number) when already in time order."""
     if len(t) < 2 or bool((t[1:] >= t[:-1]).all()):
@@ -532,61 +481,111 @@ def _time_rank(t: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     return order, rank
 
 
-def _sort_by_entity_time(h: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Permutation sorting rows by (entity hash, time), ties in input order.
+def _value_hash(col: str) -> pl.Expr:
+    # 0 stands for null so the column stays a plain uint64 array.
+    return (
+        pl.when(pl.col(col).is_null())
+        .then(pl.lit(0, pl.UInt64))
+        .otherwise(pl.col(col).hash(HASH_SEED))
+    )
 
-    Sorting one packed uint64 (upper 32 bits of the hash, time rank) is several times faster
-    than a two-key sort. Entities whose hashes share the upper 32 bits end up interleaved in
-    one bucket; those few buckets are re-sorted by the full hash afterwards."""
-    order, rank = _time_rank(t)
-    low = np.uint64(0xFFFFFFFF)
-    key = np.sort((h & ~low) | rank)
-    perm = (key & low).astype(np.int64)
-    if order is not None:
-        perm = order[perm]
-    hs = h[perm]
-    top = hs >> np.uint64(32)
-    clash = np.flatnonzero((hs[1:] != hs[:-1]) & (top[1:] == top[:-1]))
-    for bucket in np.unique(top[clash]):
-        a, b = np.searchsorted(top, [bucket, bucket + np.uint64(1)])
-        perm[a:b] = perm[a:b][np.argsort(hs[a:b], kind="stable")]
-    return perm
+
+class _Filters:
+    """The event filters of a feature set, numbered for the kernels, and the window bounds.
+
+    A filter counts either all its events or, for amount statistics, those with an amount.
+    Filters on type alone are looked up by the event's code (2 * type + has amount); filters
+    with `where` conditions also test bits of the event's condition word, one bit per distinct
+    (column, value) condition."""
+
+    def __init__(self, fs: FeatureSet):
+        self.fs = fs
+        self.ids: dict[tuple[EventFilter, bool], int] = {}
+        self.offsets: list[int] = [0, kernels.ALL]  # the decision itself, the entity's start
+        self.conditions = sorted({c for f in fs.features for flt in (f.events, f.denominator)
+                                  if flt for c in flt.where})  # fmt: skip
+        if len(self.conditions) > 64:
+            raise ValueError(
+                f"the feature set has {len(self.conditions)} distinct `where` conditions; "
+                "the batch path supports up to 64"
+            )
+
+    def id(self, flt: EventFilter, amount: bool = False) -> int:
+        return self.ids.setdefault((flt, amount), len(self.ids))
+
+    def bound(self, w_us: int | None) -> int:
+        """Row of the window start [t - w, ...) in the kernels' bounds."""
+        off = kernels.ALL if w_us is None else w_us
+        if off not in self.offsets:
+            self.offsets.append(off)
+        return self.offsets.index(off)
+
+    def condition_bits(self) -> pl.Expr:
+        word = pl.lit(0, pl.UInt64)
+        for j, (col, value) in enumerate(self.conditions):
+            hit = (pl.col(col) == value).fill_null(False).cast(pl.UInt64)
+            word = word + hit * pl.lit(1 << j, pl.UInt64)
+        return word
+
+    def tables(self) -> tuple[np.ndarray, ...]:
+        """The kernels' view of the filters: plain filters per event code, the where-filters
+        (id, 2 * type + needs an amount, condition bits), and which ids are amount filters."""
+        types = self.fs.event_types
+        plain = [[] for _ in range(2 * len(types))]
+        where_id, where_type, where_need = [], [], []
+        for (flt, amount), i in self.ids.items():
+            y = -1 if flt.event_type is None else types.index(flt.event_type)
+            if flt.where:
+                where_id.append(i)
+                where_type.append(2 * y + amount)
+                where_need.append(sum(1 << self.conditions.index(c) for c in flt.where))
+                continue
+            for code in range(len(plain)):
+                if y in (-1, code >> 1) and (code & 1 or not amount):
+                    plain[code].append(i)
+        members = np.full((len(plain), max(map(len, plain), default=0) or 1), -1, np.int64)
+        for code, ids in enumerate(plain):
+            members[code, : len(ids)] = ids
+        is_amount = np.array([amount for _, amount in self.ids], np.bool_)
+        return (
+            members,
+            np.array(where_id, np.int64),
+            np.array(where_type, np.int64),
+            np.array(where_need, np.uint64),
+            is_amount,
+        )
 
 
 class _Batch:
-    """The involved entities' events as numpy arrays sorted by (entity, time), the decisions as
-    queries sorted the same way, and the window bounds of every decision."""
+    """The involved entities' events as numpy arrays sorted by (entity, time), and the decisions
+    as queries sorted the same way."""
 
     def __init__(
-        self, events: pl.DataFrame | pl.LazyFrame, decisions: pl.DataFrame, fs: FeatureSet
+        self,
+        events: pl.DataFrame | pl.LazyFrame,
+        decisions: pl.DataFrame,
+        fs: FeatureSet,
+        filters: _Filters,
     ):
-        self.fs = fs
+        self.fs, self.ts_max = fs, decisions["ts"].max()
         entity_hash = pl.col("entity_id").hash(HASH_SEED)
         dec_h = decisions.select(entity_hash).to_series()
-        where_cols = sorted(
-            {
-                c
-                for f in fs.features
-                for flt in (f.events, f.denominator)
-                if flt
-                for c, _ in flt.where
-            }
-        )
         value_cols = sorted({f.column for f in fs.of_kind("distinct", "seen_before")})
+        amount = pl.col("amount").cast(pl.Float64).fill_null(np.nan)
+        type_code = pl.col("event_type").cast(pl.Enum(fs.event_types)).to_physical()
         # Strings become integers before anything moves: hashes for ids and values, codes for
         # types. Only the decisions' entities, only before the last decision: a day costs its
         # own work, and a LazyFrame scan gets the filters pushed down to storage.
         query = (
             events.lazy()
-            .filter(
-                pl.col("ts") < decisions["ts"].max(), entity_hash.is_in(dec_h.unique().implode())
-            )
+            .filter(pl.col("ts") < self.ts_max, entity_hash.is_in(dec_h.unique().implode()))
             .select(
                 entity_hash.alias("__h"),
                 pl.col("ts").dt.epoch("us").alias("__t"),
-                pl.col("event_type").cast(pl.Enum(fs.event_types)).to_physical().alias("__y"),
-                pl.col("amount").cast(pl.Float64).fill_null(np.nan),
-                *[self._value_hash(c).alias(c) for c in {*where_cols, *value_cols}],
+                (type_code.cast(pl.Int32) * 2 + amount.is_not_nan().cast(pl.Int32)).alias("__code"),
+                amount.alias("__amount"),
+                *([filters.condition_bits().alias("__cond")] if filters.conditions else []),
+                *[_value_hash(c).alias(c) for c in value_cols],
             )
         )
         try:
@@ -596,185 +595,152 @@ class _Batch:
                 f"events have an event_type outside the feature set's {fs.event_types}; "
                 f"validate them against the spec first ({e})"
             ) from None
-        perm = _sort_by_entity_time(ev["__h"].to_numpy(), ev["__t"].to_numpy())
-        self.cols = {c: ev[c].to_numpy()[perm] for c in ev.columns}
-        h, self.t = self.cols.pop("__h"), self.cols.pop("__t")
-        new = np.ones(len(h), bool)
-        new[1:] = h[1:] != h[:-1]
-        self.e = np.cumsum(new) - 1
-        self.heads = heads = h[new]  # entity hash per entity code, ascending
+        # Entities in hash order (the decisions' entities without events last), then time.
+        qh = dec_h.to_numpy()
+        heads = np.unique(qh)
+        t = ev["__t"].to_numpy()
+        in_time_order = len(t) < 2 or bool((t[1:] >= t[:-1]).all())
+        order = np.empty(0, np.int64) if in_time_order else np.argsort(t, kind="stable")
+        self.perm, counts = kernels.entity_sort(ev["__h"].to_numpy(), heads, order)
+        has = counts > 0
+        self.heads = heads[has]  # entity hash per entity code, ascending
+        self.n_entities = len(self.heads) + 1
+        self.e = np.repeat(np.arange(len(self.heads)), counts[has])
+        self.t = t[self.perm]
+        self.code = ev["__code"].to_numpy()[self.perm]
+        self.values = {c: ev[c].to_numpy()[self.perm] for c in value_cols}
+        # Amounts and condition words stay in input order: the kernels read them through perm
+        # for the events that carry one, rather than moving every row.
+        self.amount = ev["__amount"].to_numpy()
+        self.cond = ev["__cond"].to_numpy() if filters.conditions else np.zeros(0, np.uint64)
 
         # Decisions: entity code (one past the last for an entity without events), time order.
-        qh = dec_h.to_numpy()
-        qe = np.zeros(len(qh), np.int64)
-        if len(heads):
-            pos = np.minimum(np.searchsorted(heads, qh), len(heads) - 1)
-            qe = np.where(heads[pos] == qh, pos, len(heads))
-        self.n_entities = len(heads) + 1
+        qe = np.where(has, np.cumsum(has) - 1, len(self.heads))[np.searchsorted(heads, qh)]
         qt = decisions["ts"].dt.epoch("us").to_numpy()
         order, rank = _time_rank(qt)
-        self.q_order = (
+        q_order = (
             np.sort((qe.astype(np.uint64) << np.uint64(32)) | rank) & np.uint64(0xFFFFFFFF)
         ).astype(np.int64)
         if order is not None:
-            self.q_order = order[self.q_order]
-        keep = {
-            "decision_id",
-            *(f.column for f in fs.of_kind("decision_value", "decision_category", "seen_before")),
-        }
-        self.q = decisions.select(c for c in decisions.columns if c in keep | {"ts"})[self.q_order]
-        self.qe, self.qt = qe[self.q_order], qt[self.q_order]
+            q_order = order[q_order]
+        self.qe, self.qt = qe[q_order], qt[q_order]
+        self.decision_id = decisions["decision_id"].gather(q_order)
+        # The decisions' own columns, in the form the features want.
+        own = decisions.select(
+            *[pl.col(f.column).cast(pl.Float64).fill_null(np.nan).alias(f.name)
+              for f in fs.of_kind("decision_value")],
+            *[encode_expr(f.column, fs.vocab[f.column]).cast(pl.Float64).fill_null(np.nan)
+              .alias(f.name) for f in fs.of_kind("decision_category")],
+            *[_value_hash(f.column).alias(f"__same_{f.column}") for f in fs.of_kind("seen_before")],
+        )  # fmt: skip
+        self.own = {c: own[c].to_numpy()[q_order] for c in own.columns}
 
-        longest = max([2 * window_us(f.window) for f in fs.features if f.window != "all"] or [0])
-        lowest = min(int(self.t.min()) if len(self.t) else 0, int(self.qt.min()) - longest)
-        highest = max(int(self.t.max()) if len(self.t) else 0, int(self.qt.max()))
-        self.index = _Packed(self.e, self.t, lowest, highest, self.n_entities)
-        self.start = np.searchsorted(self.e, self.qe, "left")
-        self.hi = self.index.search(self.qe, self.qt)
-        self._lo: dict[int | None, np.ndarray] = {None: self.start}
-        self._prefix: dict[EventFilter, np.ndarray] = {}
-        self._amounts: dict[EventFilter, tuple[np.ndarray, np.ndarray]] = {}
-        self._sums: dict[tuple[EventFilter, int | None], np.ndarray] = {}
-
-    @staticmethod
-    def _value_hash(col: str) -> pl.Expr:
-        # 0 stands for null so the column stays a plain uint64 array.
-        return (
-            pl.when(pl.col(col).is_null())
-            .then(pl.lit(0, pl.UInt64))
-            .otherwise(pl.col(col).hash(HASH_SEED))
+    def windowed(self, filters: _Filters, plan: dict) -> dict[str, np.ndarray]:
+        """Counts, amount statistics and recency of the planned features, from one walk."""
+        members, where_id, where_type, where_need, is_amount = filters.tables()
+        ptr, ids = kernels.memberships(
+            self.code, self.cond, self.perm, members, where_id, where_type, where_need
         )
+        vals, vstart = kernels.compact_amounts(ptr, ids, self.amount, self.perm, is_amount)
+        counts, amounts, recency = plan["count"], plan["amount"], plan["recency"]
+        self.bounds, c, s, mean, mx, days = kernels.walk(
+            self.e, self.t, ptr, ids, self.qe, self.qt, np.array(filters.offsets, np.int64),
+            np.array(list(counts), np.int64).reshape(-1, 2),
+            np.array(list(amounts), np.int64).reshape(-1, 2),
+            vals, vstart, np.array(list(recency), np.int64),
+        )  # fmt: skip
+        out = {}
+        for name, (kind, *args) in plan["features"].items():
+            if kind == "count":
+                out[name] = c[args[0]]
+            elif kind == "trend":  # [t-w, t) minus [t-2w, t-w)
+                inner, outer = c[args[0]], c[args[1]]
+                out[name] = inner - (outer - inner)
+            elif kind == "ratio":
+                num, den = c[args[0]], c[args[1]]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[name] = np.where(den > 0, num / den, np.nan)
+            elif kind == "days_since":
+                out[name] = days[args[0]]
+            else:
+                out[name] = {"amount_sum": s, "amount_mean": mean, "amount_max": mx}[kind][args[0]]
+        return out
 
-    def lo(self, w_us: int | None) -> np.ndarray:
-        if w_us not in self._lo:
-            self._lo[w_us] = self.index.search(self.qe, self.qt - w_us)
-        return self._lo[w_us]
+    def values_seen(self, col: str, windows: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Distinct values of `col` per window (bound rows), and prior events with the decision's
+        own value. Values are compared by hash within an entity, by the hash bits that an entity
+        code would leave in a packed 64-bit key: two values of one entity would have to collide
+        to be merged, odds of about k²/2^45 for an entity with k values."""
+        same = self.own.get(f"__same_{col}")
+        distinct, seen = kernels.distinct_and_seen(
+            self.e,
+            self.values[col],
+            np.uint64(self.n_entities.bit_length()),
+            self.bounds,
+            np.array(windows, np.int64),
+            np.zeros(len(self.qt), np.uint64) if same is None else same,
+        )
+        return distinct, (None if same is None else seen)
 
-    def mask(self, f: EventFilter) -> np.ndarray:
-        m = np.ones(len(self.t), bool)
-        if f.event_type is not None:
-            m &= self.cols["__y"] == self.fs.event_types.index(f.event_type)
-        for col, value in f.where:
-            m &= self.cols[col] == pl.Series([value]).hash(HASH_SEED)[0]
-        return m
-
-    def prefix(self, f: EventFilter) -> np.ndarray:
-        if f not in self._prefix:
-            self._prefix[f] = _prefix(self.mask(f))
-        return self._prefix[f]
-
-    def count(self, f: EventFilter, w_us: int | None) -> np.ndarray:
-        c = self.prefix(f)
-        return c[self.hi] - c[self.lo(w_us)]
-
-    def amount_stat(self, kind: str, f: EventFilter, w_us: int | None) -> np.ndarray:
-        if f not in self._amounts:  # (prefix count, values) of matching events with an amount
-            m = self.mask(f) & ~np.isnan(self.cols["amount"])
-            self._amounts[f] = (_prefix(m), np.append(self.cols["amount"][m], 0.0))
-        c, vals = self._amounts[f]
-        lo, hi = c[self.lo(w_us)], c[self.hi]
-        n = hi - lo
-        if kind == "amount_max":
-            return np.where(n > 0, _window_reduce(np.maximum, vals, lo, hi), np.nan)
-        if (f, w_us) not in self._sums:  # shared by sum and mean
-            self._sums[f, w_us] = np.where(n > 0, _window_reduce(np.add, vals, lo, hi), 0.0)
-        total = self._sums[f, w_us]
-        if kind == "amount_sum":
-            return total
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(n > 0, total / n, np.nan)
-
-    def days_since(self, f: EventFilter) -> np.ndarray:
-        c = self.prefix(f)
-        ts = self.t[np.diff(c).astype(bool)]
-        if len(ts) == 0:
-            return np.full(len(self.qt), np.nan)
-        k, found = c[self.hi] - 1, c[self.hi] > c[self.start]
-        return np.where(found, (self.qt - ts[np.maximum(k, 0)]) / US_PER_DAY, np.nan)
-
-    def latest_code(self, events: pl.DataFrame | pl.LazyFrame, col: str) -> np.ndarray:
-        """Vocabulary code of the latest non-null value of `col` before each decision; the
-        rows that carry it (sign-ups, profile changes) are few, so they get their own sort with
-        event id as the tie-break the request path uses."""
-        heads = self.heads
+    def latest_codes(self, events: pl.DataFrame | pl.LazyFrame, cols: list[str]) -> np.ndarray:
+        """Vocabulary code of the latest non-null value of each column before each decision;
+        the rows that carry one (sign-ups, profile changes) are few, so they get their own sort
+        with event id as the tie-break the request path uses."""
         sub = (
             events.lazy()
-            .filter(pl.col(col).is_not_null(), pl.col("ts") < self.q["ts"].max())
+            .filter(
+                pl.any_horizontal(pl.col(c).is_not_null() for c in cols),
+                pl.col("ts") < self.ts_max,
+            )
             .select(
                 pl.col("entity_id").hash(HASH_SEED).alias("__h"),
                 pl.col("ts").dt.epoch("us").alias("__t"),
-                encode_expr(col, self.fs.vocab[col]).alias("__c"),
+                *[encode_expr(c, self.fs.vocab[c]).fill_null(-1).alias(c) for c in cols],
                 "event_id",
             )
-            .filter(pl.col("__h").is_in(pl.Series(heads).implode()))
+            .filter(pl.col("__h").is_in(pl.Series(self.heads).implode()))
             .sort("__h", "__t", "event_id")
             .collect()
         )
-        if sub.height == 0:
-            return np.full(len(self.qt), np.nan)
-        e = np.searchsorted(heads, sub["__h"].to_numpy())
-        t, codes = sub["__t"].to_numpy(), sub["__c"].to_numpy()
-        lowest, highest = (
-            min(int(t.min()), int(self.qt.min())),
-            max(int(t.max()), int(self.qt.max())),
+        e = np.searchsorted(self.heads, sub["__h"].to_numpy())
+        codes = (
+            np.stack([sub[c].to_numpy() for c in cols])
+            if sub.height
+            else np.zeros((len(cols), 0), np.int32)
         )
-        pos = _Packed(e, t, lowest, highest, self.n_entities).search(self.qe, self.qt)
-        found = pos > np.searchsorted(e, self.qe, "left")
-        return np.where(found, codes[np.maximum(pos - 1, 0)], np.nan)
+        return kernels.latest(e, sub["__t"].to_numpy(), codes, self.qe, self.qt)
 
-    def values_seen(self, col: str, windows: list[int | None], same_as: pl.Series | None):
-        """Distinct values of `col` per window, and prior events with the decision's own value.
 
-        Events with a value are grouped by (entity, value); per decision and per value of its
-        entity, a binary search finds the value's last occurrence before the decision, and the
-        value counts in every window that holds that occurrence. Values are compared by hash
-        within an entity (its top bits next to the entity code): two values of one entity would
-        have to collide to be merged, odds of about k²/2^45 for an entity with k values.
-        """
-        n_q = len(self.qt)
-        sel = np.flatnonzero(self.cols[col] != 0)
-        bits = self.n_entities.bit_length()
-        e, t = self.e[sel], self.t[sel]
-        key = (e.astype(np.uint64) << np.uint64(64 - bits)) | (
-            self.cols[col][sel] >> np.uint64(bits)
-        )
-        order = np.argsort(key, kind="stable")  # stable: time order survives inside each group
-        key, e, t = key[order], e[order], t[order]
-        if len(key) == 0:
-            zeros = np.zeros(n_q, np.int64)
-            same = None if same_as is None else np.where(same_as.is_null().to_numpy(), np.nan, 0.0)
-            return {w: zeros for w in windows}, same
-        new = np.ones(len(key), bool)
-        new[1:] = key[1:] != key[:-1]
-        g_start = np.flatnonzero(new)
-        gid = np.cumsum(new) - 1
-        g_e, g_key = e[g_start], key[g_start]
-        # One row per (value of an entity, decision of that entity), in (group, time) order so
-        # the binary searches below run over sorted queries (several times faster than random).
-        first = np.searchsorted(self.qe, g_e, "left")
-        n_dec = np.searchsorted(self.qe, g_e, "right") - first
-        g = np.repeat(np.arange(len(g_e)), n_dec)
-        rep = first[g] + np.arange(len(g)) - np.repeat(np.cumsum(n_dec) - n_dec, n_dec)
-        t_rep = self.qt[rep]
-        longest = max([w for w in windows if w] or [0])
-        lowest = min(int(t.min()), int(self.qt.min()) - longest)
-        highest = max(int(t.max()), int(self.qt.max()))
-        pos = _Packed(gid, t, lowest, highest, int(gid[-1]) + 1).search(g, t_rep)
-        before = pos - g_start[g]
-        last = t[np.maximum(pos - 1, 0)]
-        distinct = {}
-        for w in windows:
-            inside = (before > 0) if w is None else (before > 0) & (last >= t_rep - w)
-            distinct[w] = np.bincount(rep, weights=inside, minlength=n_q).astype(np.int64)
-        same = None
-        if same_as is not None:
-            qv = same_as.to_frame().select(self._value_hash(same_as.name)).to_series().to_numpy()
-            q_key = (self.qe.astype(np.uint64) << np.uint64(64 - bits)) | (qv >> np.uint64(bits))
-            n_same = np.bincount(
-                rep, weights=np.where(g_key[g] == q_key[rep], before, 0), minlength=n_q
+def _plan(fs: FeatureSet, filters: _Filters) -> dict:
+    """What the walk computes: (bound, filter) pairs to count and to take amount statistics
+    over, filters to find the latest event of, and per feature where its values come from."""
+    counts: dict[tuple[int, int], int] = {}
+    amounts: dict[tuple[int, int], int] = {}
+    recency: dict[int, int] = {}
+    features: dict[str, tuple] = {}
+
+    def count(flt: EventFilter, w: int | None) -> int:
+        return counts.setdefault((filters.bound(w), filters.id(flt)), len(counts))
+
+    for f in fs.features:
+        w = window_us(f.window)
+        if f.kind == "count":
+            features[f.name] = ("count", count(f.events, w))
+        elif f.kind == "trend":
+            features[f.name] = ("trend", count(f.events, w), count(f.events, 2 * w))
+        elif f.kind == "ratio":
+            features[f.name] = ("ratio", count(f.events, w), count(f.denominator, w))
+        elif f.kind.startswith("amount_"):
+            key = (filters.bound(w), filters.id(f.events, amount=True))
+            features[f.name] = (f.kind, amounts.setdefault(key, len(amounts)))
+        elif f.kind == "days_since":
+            features[f.name] = (
+                "days_since",
+                recency.setdefault(filters.id(f.events), len(recency)),
             )
-            same = np.where(qv == 0, np.nan, n_same)
-        return distinct, same
+        elif f.kind == "distinct":
+            filters.bound(w)  # the distinct kernel reads this bound from the walk
+    return {"count": counts, "amount": amounts, "recency": recency, "features": features}
 
 
 def compute_features(
@@ -790,41 +756,29 @@ def compute_features(
     fs = feature_set
     if decisions.height == 0:
         return pl.DataFrame(schema={"decision_id": pl.String(), **fs.schema()})
-    b = _Batch(events, decisions, fs)
-    res: dict[str, np.ndarray] = {}
-    by_column: dict[str, list[Feature]] = {}
-    for f in fs.features:
-        w = window_us(f.window)
-        if f.kind == "count":
-            res[f.name] = b.count(f.events, w)
-        elif f.kind.startswith("amount_"):
-            res[f.name] = b.amount_stat(f.kind, f.events, w)
-        elif f.kind == "days_since":
-            res[f.name] = b.days_since(f.events)
-        elif f.kind == "trend":
-            res[f.name] = b.count(f.events, w) - (b.count(f.events, 2 * w) - b.count(f.events, w))
-        elif f.kind == "ratio":
-            num, den = b.count(f.events, w), b.count(f.denominator, w)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                res[f.name] = np.where(den > 0, num / den, np.nan)
-        elif f.kind == "static":
-            res[f.name] = b.latest_code(events, f.column)
-        elif f.kind == "decision_value":
-            res[f.name] = b.q[f.column].cast(pl.Float64).fill_null(np.nan).to_numpy()
-        elif f.kind == "decision_category":
-            codes = b.q.select(encode_expr(f.column, fs.vocab[f.column]))[f.column]
-            res[f.name] = codes.cast(pl.Float64).fill_null(np.nan).to_numpy()
-        else:  # distinct, seen_before: one pass per column serves both
-            by_column.setdefault(f.column, []).append(f)
-    for col, feats in by_column.items():
-        windows = [window_us(f.window) for f in feats if f.kind == "distinct"]
-        same_as = b.q[col] if any(f.kind == "seen_before" for f in feats) else None
-        distinct, same = b.values_seen(col, windows, same_as)
+    filters = _Filters(fs)
+    plan = _plan(fs, filters)
+    b = _Batch(events, decisions, fs, filters)
+    res = b.windowed(filters, plan)
+    for col in sorted({f.column for f in fs.of_kind("distinct", "seen_before")}):
+        feats = [f for f in fs.of_kind("distinct", "seen_before") if f.column == col]
+        windows = [filters.bound(window_us(f.window)) for f in feats if f.kind == "distinct"]
+        distinct, same = b.values_seen(col, windows)
         for f in feats:
-            res[f.name] = distinct[window_us(f.window)] if f.kind == "distinct" else same
+            res[f.name] = (
+                same
+                if f.kind == "seen_before"
+                else distinct[windows.index(filters.bound(window_us(f.window)))]
+            )
+    static = sorted({f.column for f in fs.of_kind("static")})
+    if static:
+        codes = b.latest_codes(events, static)
+        for f in fs.of_kind("static"):
+            res[f.name] = codes[static.index(f.column)]
+    for f in fs.of_kind("decision_value", "decision_category"):
+        res[f.name] = b.own[f.name]
 
-    columns = [b.q["decision_id"]]
+    columns = [b.decision_id]
     for f in fs.features:
-        s = pl.Series(f.name, res[f.name])
-        columns.append((s.fill_nan(None) if s.dtype.is_float() else s).cast(f.dtype))
+        columns.append(pl.Series(f.name, res[f.name], nan_to_null=True).cast(f.dtype))
     return pl.DataFrame(columns)

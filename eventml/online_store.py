@@ -29,13 +29,19 @@ class OnlineStore(Protocol):
     def delete_between(self, start: datetime, end: datetime) -> int:
         """Remove events with start <= ts < end (before re-publishing those days)."""
 
-    def history(self, entity_id: str, before: datetime | None = None, limit: int | None = None) -> pl.DataFrame:
+    def history(
+        self, entity_id: str, before: datetime | None = None, limit: int | None = None
+    ) -> pl.DataFrame:
         """The entity's events strictly before `before` (all if None), oldest first, at most the
         last `limit` of them, in the event table's schema."""
 
 
 def _us(ts: datetime) -> int:
-    return int(ts.timestamp() * 1_000_000) if ts.tzinfo else int(ts.replace(tzinfo=UTC).timestamp() * 1_000_000)
+    return (
+        int(ts.timestamp() * 1_000_000)
+        if ts.tzinfo
+        else int(ts.replace(tzinfo=UTC).timestamp() * 1_000_000)
+    )
 
 
 class SQLiteOnlineStore:
@@ -57,7 +63,9 @@ class SQLiteOnlineStore:
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, fast commits
+            db.execute(
+                "PRAGMA synchronous=NORMAL"
+            )  # WAL + NORMAL: durable at checkpoints, fast commits
             self._local.db = db
         return db
 
@@ -75,9 +83,13 @@ class SQLiteOnlineStore:
 
     def delete_between(self, start: datetime, end: datetime) -> int:
         with self._connect() as db:
-            return db.execute("DELETE FROM events WHERE ts >= ? AND ts < ?", (_us(start), _us(end))).rowcount
+            return db.execute(
+                "DELETE FROM events WHERE ts >= ? AND ts < ?", (_us(start), _us(end))
+            ).rowcount
 
-    def history(self, entity_id: str, before: datetime | None = None, limit: int | None = None) -> pl.DataFrame:
+    def history(
+        self, entity_id: str, before: datetime | None = None, limit: int | None = None
+    ) -> pl.DataFrame:
         names = ", ".join(f'"{c}"' for c in self.schema)
         where, params = "entity_id = ?", [entity_id]
         if before is not None:
@@ -92,12 +104,28 @@ class SQLiteOnlineStore:
         frame = pl.DataFrame(rows[::-1], schema=read_schema, orient="row")
         return frame.with_columns(pl.from_epoch("ts", time_unit="us").dt.replace_time_zone("UTC"))
 
+    def histories(self, entity_ids: list[str]) -> pl.DataFrame:
+        """Every stored event of these entities (one query, for scoring a batch), ordered by
+        entity and time, in the event table's schema."""
+        names = ", ".join(f'"{c}"' for c in self.schema)
+        distinct = sorted(set(entity_ids))
+        marks = ", ".join("?" for _ in distinct)
+        sql = f"SELECT {names} FROM events WHERE entity_id IN ({marks}) ORDER BY entity_id, ts, event_id"
+        rows = self._connect().execute(sql, distinct).fetchall() if distinct else []
+        read_schema = {c: (pl.Int64 if c == "ts" else t) for c, t in self.schema.items()}
+        frame = pl.DataFrame(rows, schema=read_schema, orient="row")
+        return frame.with_columns(pl.from_epoch("ts", time_unit="us").dt.replace_time_zone("UTC"))
+
     def stats(self) -> dict:
         db = self._connect()
-        n, entities, last = db.execute("SELECT COUNT(*), COUNT(DISTINCT entity_id), MAX(ts) FROM events").fetchone()
+        n, entities, last = db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT entity_id), MAX(ts) FROM events"
+        ).fetchone()
         return {
             "events": n,
             "entities": entities,
-            "latest_event": None if last is None else datetime.fromtimestamp(last / 1e6, UTC).isoformat(),
+            "latest_event": None
+            if last is None
+            else datetime.fromtimestamp(last / 1e6, UTC).isoformat(),
             "size_mb": round(self.path.stat().st_size / 2**20, 1),
         }

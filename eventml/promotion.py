@@ -49,7 +49,11 @@ def decide(
             )
     if reasons:
         return Verdict(False, reasons)
-    why = "no champion yet" if champion is None else f"{rules.task} AUC {auc:.4f} beats the champion's {champion[rules.task]['auc']:.4f}"
+    why = (
+        "no champion yet"
+        if champion is None
+        else f"{rules.task} AUC {auc:.4f} beats the champion's {champion[rules.task]['auc']:.4f}"
+    )
     return Verdict(True, [why])
 
 

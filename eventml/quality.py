@@ -65,7 +65,10 @@ def check_null_rates(clean: pl.DataFrame, t: QualityThresholds) -> CheckOutcome:
 def check_unique_ids(clean: pl.DataFrame) -> CheckOutcome:
     dupes = clean.height - clean["event_id"].n_unique()
     return CheckOutcome(
-        "unique_event_ids", dupes == 0, f"{dupes} duplicate event ids among clean rows", {"duplicates": dupes}
+        "unique_event_ids",
+        dupes == 0,
+        f"{dupes} duplicate event ids among clean rows",
+        {"duplicates": dupes},
     )
 
 

@@ -31,7 +31,9 @@ def embedding_columns(dim: int) -> list[str]:
 class DecisionPolicy:
     """Decline when any task's probability reaches its threshold; otherwise approve."""
 
-    thresholds: dict[str, float] = field(default_factory=lambda: {"default_90d": 0.15, "fraud_60d": 0.30})
+    thresholds: dict[str, float] = field(
+        default_factory=lambda: {"default_90d": 0.15, "fraud_60d": 0.30}
+    )
 
     def decide(self, probabilities: dict[str, float]) -> str:
         hit = any(probabilities.get(task, 0.0) >= t for task, t in self.thresholds.items())
@@ -53,7 +55,9 @@ class RiskModel:
     def reason_of(self) -> dict[str, str]:
         """Every scorer input's reason: the feature set's texts, one shared text for the embedding."""
         reasons = dict(self.feature_set.reasons())
-        reasons.update({c: EMBEDDING_REASON for c in self.scorer.feature_names if c.startswith("emb_")})
+        reasons.update(
+            {c: EMBEDDING_REASON for c in self.scorer.feature_names if c.startswith("emb_")}
+        )
         return reasons
 
     # ------------------------------------------------------------ offline
@@ -70,7 +74,10 @@ class RiskModel:
         """This model's own embedding of each decision (a champion scored with its own encoder)."""
         emb = self.sequence_model.embed(self.sequence_model.arrays(events, decisions))
         return pl.DataFrame(
-            {"decision_id": decisions["decision_id"], **{c: emb[:, i] for i, c in enumerate(embedding_columns(emb.shape[1]))}}
+            {
+                "decision_id": decisions["decision_id"],
+                **{c: emb[:, i] for i, c in enumerate(embedding_columns(emb.shape[1]))},
+            }
         )
 
     # ------------------------------------------------------------ one live decision
@@ -81,11 +88,20 @@ class RiskModel:
         features = features_for_one(history, decision, self.feature_set)
         arrays = self.sequence_model.arrays_for_one(history, decision["ts"])
         emb = self.sequence_model.embed(arrays)[0]
-        row = pl.DataFrame(
-            {**{k: [v] for k, v in features.items()}, **{c: [float(emb[i])] for i, c in enumerate(embedding_columns(len(emb)))}}
+        row = {**features, **dict(zip(embedding_columns(len(emb)), emb.tolist()))}
+        # The scorer's float32 matrix, built directly: the same values `to_matrix` gives a
+        # one-row DataFrame (None is NaN, missing to XGBoost), without its per-column cost.
+        x = np.array(
+            [[np.nan if row[c] is None else row[c] for c in self.scorer.feature_names]],
+            dtype=np.float32,
         )
-        probs = {task: float(p[0]) for task, p in self.scorer.predict(row).items()}
-        reasons = {task: self.scorer.reasons(row, task, self.reason_of, top=top_reasons)[0] for task in self.tasks}
+        data = self.scorer.dmatrix(x)
+        boosters, reason_of = self.scorer.boosters, self.reason_of
+        probs = {task: float(p[0]) for task, p in self.scorer.predict_dmatrix(data).items()}
+        reasons = {
+            task: self.scorer.top_reasons(b.predict(data, pred_contribs=True), reason_of, top_reasons)[0]
+            for task, b in boosters.items()
+        }
         return {"probabilities": probs, "decision": self.policy.decide(probs), "reasons": reasons}
 
     # ------------------------------------------------------------ persistence (no pickle)
@@ -110,10 +126,14 @@ class RiskModel:
         )
 
 
-def model_table(splits: pl.DataFrame, features: pl.DataFrame, embeddings: pl.DataFrame | None = None) -> pl.DataFrame:
+def model_table(
+    splits: pl.DataFrame, features: pl.DataFrame, embeddings: pl.DataFrame | None = None
+) -> pl.DataFrame:
     """Decisions with their split, labels and oracle columns, joined to their features (and
     embeddings): the rows every scorer trains and is evaluated on."""
-    table = splits.join(features.drop("entity_id", "ts", "day", strict=False), on="decision_id", how="inner")
+    table = splits.join(
+        features.drop("entity_id", "ts", "day", strict=False), on="decision_id", how="inner"
+    )
     if embeddings is not None:
         table = table.join(embeddings, on="decision_id", how="inner")
     return table

@@ -141,7 +141,9 @@ class DatasetSpec(BaseModel):
         for label in self.labels:
             if label.name == name:
                 return label
-        raise KeyError(f"no label {name!r} in spec {self.name!r}; have {[x.name for x in self.labels]}")
+        raise KeyError(
+            f"no label {name!r} in spec {self.name!r}; have {[x.name for x in self.labels]}"
+        )
 
     @classmethod
     def from_dict(cls, data: dict, origin: str = "dataset spec") -> DatasetSpec:
@@ -190,10 +192,18 @@ def map_columns(raw: pl.DataFrame, spec: DatasetSpec) -> pl.DataFrame:
 def parse_ts(col: pl.Expr, dtype: pl.DataType, spec: DatasetSpec) -> pl.Expr:
     if isinstance(dtype, pl.Datetime):
         if dtype.time_zone is None:
-            return col.dt.replace_time_zone(spec.timezone).dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+            return (
+                col.dt.replace_time_zone(spec.timezone)
+                .dt.convert_time_zone("UTC")
+                .dt.cast_time_unit("us")
+            )
         return col.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
     if isinstance(dtype, pl.Date):
-        return col.cast(pl.Datetime("us")).dt.replace_time_zone(spec.timezone).dt.convert_time_zone("UTC")
+        return (
+            col.cast(pl.Datetime("us"))
+            .dt.replace_time_zone(spec.timezone)
+            .dt.convert_time_zone("UTC")
+        )
     text = col.cast(pl.String).str.strip_chars()
     # ISO 8601: with an offset it names its own instant; without, it is read in the spec's zone.
     iso = text.str.replace(r"Z$", "+00:00").str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T")
@@ -202,8 +212,12 @@ def parse_ts(col: pl.Expr, dtype: pl.DataType, spec: DatasetSpec) -> pl.Expr:
         iso.str.strptime(pl.Datetime("us"), "%Y-%m-%dT%H:%M:%S%.f", strict=False),
         iso.str.strptime(pl.Datetime("us"), "%Y-%m-%d", strict=False),
     )
-    if spec.ts_format:  # the source's own format first; ISO still parses (typed columns arrive as ISO)
-        naive = pl.coalesce(text.str.strptime(pl.Datetime("us"), spec.ts_format, strict=False), naive)
+    if (
+        spec.ts_format
+    ):  # the source's own format first; ISO still parses (typed columns arrive as ISO)
+        naive = pl.coalesce(
+            text.str.strptime(pl.Datetime("us"), spec.ts_format, strict=False), naive
+        )
     local = naive.dt.replace_time_zone(spec.timezone, non_existent="null", ambiguous="earliest")
     return pl.coalesce(aware.dt.convert_time_zone("UTC"), local.dt.convert_time_zone("UTC"))
 
@@ -223,7 +237,9 @@ def validate(
     """
     now = now or datetime.now(UTC)
     mapped = map_columns(raw, spec).with_columns(
-        (source if isinstance(source, pl.Series) else pl.lit(source)).cast(pl.String).alias("__source")
+        (source if isinstance(source, pl.Series) else pl.lit(source))
+        .cast(pl.String)
+        .alias("__source")
     )
     schema = spec.event_schema()
     numeric_cols = [c for c, t in schema.items() if t == pl.Float64()]
@@ -231,7 +247,10 @@ def validate(
     parsed = mapped.with_columns(
         parse_ts(pl.col("ts"), mapped.schema["ts"], spec).alias("__ts"),
         *[pl.col(c).cast(pl.Float64, strict=False).alias(f"__{c}") for c in numeric_cols],
-        *[pl.col(c).cast(pl.String).str.strip_chars().alias(f"__{c}") for c in ("entity_id", "event_id", "event_type")],
+        *[
+            pl.col(c).cast(pl.String).str.strip_chars().alias(f"__{c}")
+            for c in ("entity_id", "event_id", "event_type")
+        ],
     )
 
     def blank(c: str) -> pl.Expr:
@@ -272,11 +291,20 @@ def validate(
         .otherwise(pl.col("reason"))
         .alias("reason"),
     ).with_columns(
-        pl.when(pl.col("reason") == "duplicate_event_id").then(pl.lit("event_id")).otherwise(pl.col("field")).alias("field")
+        pl.when(pl.col("reason") == "duplicate_event_id")
+        .then(pl.lit("event_id"))
+        .otherwise(pl.col("field"))
+        .alias("field")
     )
 
     clean = tagged.filter(pl.col("reason").is_null()).select(
-        (pl.col("__ts") if c == "ts" else pl.col(f"__{c}") if f"__{c}" in tagged.columns else pl.col(c))
+        (
+            pl.col("__ts")
+            if c == "ts"
+            else pl.col(f"__{c}")
+            if f"__{c}" in tagged.columns
+            else pl.col(c)
+        )
         .cast(t)
         .alias(c)
         for c, t in schema.items()

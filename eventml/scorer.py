@@ -32,6 +32,10 @@ class ScorerConfig:
     monotone: dict[str, int] = field(default_factory=dict)
     seed: int = 0
     n_threads: int = 2
+    # Map each booster's margin to a probability with a logistic fit on the validation split
+    # (Platt scaling): the validation rows are the latest labelled ones, so base-rate drift since
+    # the training rows is corrected without changing the ranking.
+    calibrate: bool = True
 
     def params(self, feature_names: list[str]) -> dict:
         unknown = set(self.monotone) - set(feature_names)
@@ -49,7 +53,9 @@ class ScorerConfig:
             "reg_lambda": self.reg_lambda,
             "seed": self.seed,
             "nthread": self.n_threads,
-            "monotone_constraints": "(" + ",".join(str(self.monotone.get(f, 0)) for f in feature_names) + ")",
+            "monotone_constraints": "("
+            + ",".join(str(self.monotone.get(f, 0)) for f in feature_names)
+            + ")",
         }
 
 
@@ -57,8 +63,19 @@ def to_matrix(frame: pl.DataFrame, feature_names: list[str]) -> np.ndarray:
     """Features as float32 in the scorer's order; nulls become NaN, which XGBoost treats as missing."""
     missing = [c for c in feature_names if c not in frame.columns]
     if missing:
-        raise ValueError(f"scoring frame lacks features {missing[:5]}{'…' if len(missing) > 5 else ''}")
+        raise ValueError(
+            f"scoring frame lacks features {missing[:5]}{'…' if len(missing) > 5 else ''}"
+        )
     return frame.select(pl.col(c).cast(pl.Float32) for c in feature_names).to_numpy()
+
+
+def platt(margin: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) of p = sigmoid(slope * margin + intercept), fitted by logistic
+    regression; the slope is kept positive so the map never reverses the ranking."""
+    from sklearn.linear_model import LogisticRegression
+
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(margin.reshape(-1, 1), y)
+    return max(float(fit.coef_[0, 0]), 1e-6), float(fit.intercept_[0])
 
 
 @dataclass
@@ -66,6 +83,8 @@ class Scorer:
     feature_names: list[str]
     boosters: dict[str, xgb.Booster]
     config: ScorerConfig = field(default_factory=ScorerConfig)
+    # task -> (slope, intercept) applied to the margin; absent: the booster's own sigmoid.
+    calibration: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def fit(
@@ -80,11 +99,18 @@ class Scorer:
         """One booster per task, early-stopped on `valid`. Rows whose label is null (unmatured or
         not applicable to this task) are left out of that task only."""
         params = config.params(feature_names)
-        boosters = {}
+        boosters, calibration = {}, {}
         for task in tasks:
-            tr, va = train.filter(pl.col(task).is_not_null()), valid.filter(pl.col(task).is_not_null())
-            dtrain = xgb.DMatrix(to_matrix(tr, feature_names), label=tr[task].to_numpy(), feature_names=feature_names)
-            dvalid = xgb.DMatrix(to_matrix(va, feature_names), label=va[task].to_numpy(), feature_names=feature_names)
+            tr, va = (
+                train.filter(pl.col(task).is_not_null()),
+                valid.filter(pl.col(task).is_not_null()),
+            )
+            dtrain = xgb.DMatrix(
+                to_matrix(tr, feature_names), label=tr[task].to_numpy(), feature_names=feature_names
+            )
+            dvalid = xgb.DMatrix(
+                to_matrix(va, feature_names), label=va[task].to_numpy(), feature_names=feature_names
+            )
             booster = xgb.train(
                 params,
                 dtrain,
@@ -95,19 +121,40 @@ class Scorer:
             )
             # Keep only the trees up to the best round, so predict() needs no iteration_range.
             boosters[task] = booster[: booster.best_iteration + 1]
-            log(f"{task}: {booster.best_iteration + 1} trees, valid AUC {booster.best_score:.4f} on {va.height:,} rows")
-        return cls(feature_names=list(feature_names), boosters=boosters, config=config)
+            if config.calibrate and 0 < va[task].sum() < va.height:
+                margin = boosters[task].predict(dvalid, output_margin=True)
+                calibration[task] = platt(margin, va[task].to_numpy())
+            log(
+                f"{task}: {booster.best_iteration + 1} trees, valid AUC {booster.best_score:.4f} on {va.height:,} rows"
+            )
+        return cls(feature_names=list(feature_names), boosters=boosters, config=config, calibration=calibration)
 
     @property
     def tasks(self) -> list[str]:
         return list(self.boosters)
 
     def _dmatrix(self, frame: pl.DataFrame) -> xgb.DMatrix:
-        return xgb.DMatrix(to_matrix(frame, self.feature_names), feature_names=self.feature_names)
+        return self.dmatrix(to_matrix(frame, self.feature_names))
+
+    def dmatrix(self, matrix: np.ndarray) -> xgb.DMatrix:
+        """(n, features) float32 in `feature_names` order, NaN for missing (what `to_matrix`
+        builds); the request path builds its one row without a DataFrame."""
+        return xgb.DMatrix(matrix, feature_names=self.feature_names)
 
     def predict(self, frame: pl.DataFrame) -> dict[str, np.ndarray]:
-        data = self._dmatrix(frame)
-        return {task: b.predict(data) for task, b in self.boosters.items()}
+        return self.predict_dmatrix(self._dmatrix(frame))
+
+    def predict_dmatrix(self, data: xgb.DMatrix) -> dict[str, np.ndarray]:
+        """Probabilities per task, through the calibration map where the task has one."""
+        out = {}
+        for task, booster in self.boosters.items():
+            if task in self.calibration:
+                slope, intercept = self.calibration[task]
+                margin = booster.predict(data, output_margin=True).astype(np.float64)
+                out[task] = (1.0 / (1.0 + np.exp(-(slope * margin + intercept)))).astype(np.float32)
+            else:
+                out[task] = booster.predict(data)
+        return out
 
     def margins(self, frame: pl.DataFrame, task: str) -> np.ndarray:
         return self.boosters[task].predict(self._dmatrix(frame), output_margin=True)
@@ -121,6 +168,12 @@ class Scorer:
     ) -> list[list[dict]]:
         """Per row, up to `top` reasons pushing `task` risk up, largest first, each with its summed
         contribution. Every feature must have a declared reason."""
+        return self.top_reasons(self.contributions(frame, task), reason_of, top)
+
+    def top_reasons(
+        self, contributions: np.ndarray, reason_of: dict[str, str], top: int = 4
+    ) -> list[list[dict]]:
+        """`reasons` from SHAP values already computed ((n, features + 1), as `contributions`)."""
         undeclared = [f for f in self.feature_names if f not in reason_of]
         if undeclared:
             raise ValueError(f"no reason declared for features {undeclared[:5]}")
@@ -130,7 +183,7 @@ class Scorer:
         group = np.zeros((len(self.feature_names), len(reasons)), dtype=np.float32)
         for i, f in enumerate(self.feature_names):
             group[i, column_of[reason_of[f]]] = 1.0
-        per_reason = self.contributions(frame, task)[:, :-1] @ group
+        per_reason = contributions[:, :-1] @ group
         order = np.argsort(-per_reason, axis=1)[:, :top]
         return [
             [
@@ -148,7 +201,12 @@ class Scorer:
         directory.mkdir(parents=True, exist_ok=True)
         for task, booster in self.boosters.items():
             booster.save_model(directory / f"{task}.ubj")
-        meta = {"feature_names": self.feature_names, "tasks": self.tasks, "config": asdict(self.config)}
+        meta = {
+            "feature_names": self.feature_names,
+            "tasks": self.tasks,
+            "config": asdict(self.config),
+            "calibration": {task: list(ab) for task, ab in self.calibration.items()},
+        }
         (directory / "scorer.json").write_text(json.dumps(meta, indent=2))
         return directory
 
@@ -161,4 +219,9 @@ class Scorer:
             booster = xgb.Booster()
             booster.load_model(directory / f"{task}.ubj")
             boosters[task] = booster
-        return cls(feature_names=meta["feature_names"], boosters=boosters, config=ScorerConfig(**meta["config"]))
+        return cls(
+            feature_names=meta["feature_names"],
+            boosters=boosters,
+            config=ScorerConfig(**meta["config"]),
+            calibration={task: tuple(ab) for task, ab in meta.get("calibration", {}).items()},
+        )

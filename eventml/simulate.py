@@ -39,21 +39,55 @@ import polars as pl
 from eventml.schema import DatasetSpec, Label
 
 EVENT_TYPES = (
-    "signup", "session", "application", "payment_on_time", "payment_late", "payment_missed",
-    "delinquency_60", "profile_change", "device_change", "chargeback", "fraud_confirmed",
+    "signup",
+    "session",
+    "application",
+    "payment_on_time",
+    "payment_late",
+    "payment_missed",
+    "delinquency_60",
+    "profile_change",
+    "device_change",
+    "chargeback",
+    "fraud_confirmed",
 )
-(SIGNUP, SESSION, APPLICATION, ON_TIME, LATE, MISSED, DELINQUENCY,
- PROFILE_CHANGE, DEVICE_CHANGE, CHARGEBACK, FRAUD_CONFIRMED) = range(len(EVENT_TYPES))
+(
+    SIGNUP,
+    SESSION,
+    APPLICATION,
+    ON_TIME,
+    LATE,
+    MISSED,
+    DELINQUENCY,
+    PROFILE_CHANGE,
+    DEVICE_CHANGE,
+    CHARGEBACK,
+    FRAUD_CONFIRMED,
+) = range(len(EVENT_TYPES))
 
 CHANNELS = ("web", "app", "in_store")
-MERCHANTS = ("electronics", "fashion", "travel", "groceries", "gaming", "home", "beauty",
-             "sports", "furniture", "jewelry", "health", "education")
+MERCHANTS = (
+    "electronics",
+    "fashion",
+    "travel",
+    "groceries",
+    "gaming",
+    "home",
+    "beauty",
+    "sports",
+    "furniture",
+    "jewelry",
+    "health",
+    "education",
+)
 MERCHANT_MEDIAN_AMOUNT = np.array([450, 120, 700, 60, 90, 200, 70, 150, 900, 600, 150, 400.0])
 MERCHANT_WEIGHT = np.array([10, 16, 6, 14, 8, 10, 9, 7, 4, 3, 7, 6.0])
 # Big-ticket categories the post-shift economy leans towards (financing what cash can't cover).
 SHIFT_MERCHANTS = np.isin(MERCHANTS, ("electronics", "travel", "gaming"))
 # What fraudsters buy: big tickets that resell.
-FRAUD_MERCHANTS = np.flatnonzero(np.isin(MERCHANTS, ("electronics", "travel", "jewelry", "furniture")))
+FRAUD_MERCHANTS = np.flatnonzero(
+    np.isin(MERCHANTS, ("electronics", "travel", "jewelry", "furniture"))
+)
 POLICY_DECISIONS = ("approve", "decline")
 PROFILE_FIELDS = ("email", "phone", "address")
 REGIONS = ("north", "south", "east", "west", "central")
@@ -73,16 +107,33 @@ LENDING_SPEC = DatasetSpec(
     name="lending_sim",
     source_start=datetime(2025, 1, 1, tzinfo=UTC),
     event_types=EVENT_TYPES,
-    categorical=("channel", "device_id", "merchant_category", "policy_decision",
-                 "profile_field", "region", "age_band", "income_band"),
+    categorical=(
+        "channel",
+        "device_id",
+        "merchant_category",
+        "policy_decision",
+        "profile_field",
+        "region",
+        "age_band",
+        "income_band",
+    ),
     numeric=("term_months", "days_late"),
     decision_event_types=("application",),
     labels=(
-        Label(name="default_90d", kind="event_within", event_type="delinquency_60",
-              horizon_days=DEFAULT_HORIZON, applies_when={"policy_decision": "approve"}),
+        Label(
+            name="default_90d",
+            kind="event_within",
+            event_type="delinquency_60",
+            horizon_days=DEFAULT_HORIZON,
+            applies_when={"policy_decision": "approve"},
+        ),
         # All applications: a declined fraud attempt is still confirmed by the victim's report.
-        Label(name="fraud_60d", kind="event_within", event_type="fraud_confirmed",
-              horizon_days=FRAUD_HORIZON),
+        Label(
+            name="fraud_60d",
+            kind="event_within",
+            event_type="fraud_confirmed",
+            horizon_days=FRAUD_HORIZON,
+        ),
     ),
     oracle=("true_p_default", "true_p_fraud"),
     categories={
@@ -128,7 +179,12 @@ class WorldConfig:
     def __post_init__(self) -> None:
         if self.n_users < 1 or self.n_days < 1:
             raise ValueError(f"WorldConfig needs n_users >= 1 and n_days >= 1, got {self}")
-        for name in ("initial_cohort", "bust_out_rate", "stolen_identity_rate", "stress_persistence"):
+        for name in (
+            "initial_cohort",
+            "bust_out_rate",
+            "stolen_identity_rate",
+            "stress_persistence",
+        ):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.shift_strength < 0:
@@ -138,7 +194,9 @@ class WorldConfig:
         try:
             date.fromisoformat(self.start)
         except ValueError:
-            raise ValueError(f"WorldConfig.start must be an ISO date like '2025-01-01', got {self.start!r}") from None
+            raise ValueError(
+                f"WorldConfig.start must be an ISO date like '2025-01-01', got {self.start!r}"
+            ) from None
 
     def shift_at(self, day: int) -> float:
         """The regime shift's strength in effect on `day` (0 before it or without one)."""
@@ -197,23 +255,32 @@ class _Population:
 def _population(config: WorldConfig) -> _Population:
     rng, n, days = _rng(config, -1, 0), config.n_users, config.n_days
     initial = rng.random(n) < config.initial_cohort
-    signup_day = np.where(initial, rng.integers(0, min(config.initial_cohort_days, days), n),
-                          rng.integers(0, days, n))
+    signup_day = np.where(
+        initial, rng.integers(0, min(config.initial_cohort_days, days), n), rng.integers(0, days, n)
+    )
     age = rng.choice(5, n, p=[0.15, 0.3, 0.25, 0.17, 0.13])
     income = rng.choice(5, n, p=[0.2, 0.25, 0.3, 0.15, 0.1])
     income = np.clip(income + (age >= 2) * rng.integers(0, 2, n), 0, 4)  # earnings rise with age
     cw = 0.3 * (income - 2) + 0.15 * (age - 2) + rng.normal(0, 0.9, n)
     fraud_u = rng.random(n)
-    fraud = np.where(fraud_u < config.bust_out_rate, 1,
-                     np.where(fraud_u < config.bust_out_rate + config.stolen_identity_rate, 2, 0))
+    fraud = np.where(
+        fraud_u < config.bust_out_rate,
+        1,
+        np.where(fraud_u < config.bust_out_rate + config.stolen_identity_rate, 2, 0),
+    )
     # Fraudsters look creditworthy: bust-outs build a good record, stolen identities are chosen for one.
     cw = np.where(fraud > 0, rng.normal(1.0, 0.4, n), cw)
     # Bust-out behaves for months, changes the profile, gets a new device, then applies in a run;
     # a stolen identity switches to the fraudster's device a day or two after signup.
-    attack = np.where(fraud == 1, signup_day + rng.integers(90, 241, n),
-                      np.where(fraud == 2, signup_day + rng.integers(2, 4, n), -1))
+    attack = np.where(
+        fraud == 1,
+        signup_day + rng.integers(90, 241, n),
+        np.where(fraud == 2, signup_day + rng.integers(2, 4, n), -1),
+    )
     profile_day = np.where(fraud == 1, attack - 1 - rng.integers(1, 3, n), -1)
-    confirm = np.where(fraud > 0, attack + rng.integers(CONFIRM_DELAY[0], CONFIRM_DELAY[1] + 1, n), -1)
+    confirm = np.where(
+        fraud > 0, attack + rng.integers(CONFIRM_DELAY[0], CONFIRM_DELAY[1] + 1, n), -1
+    )
     segment = income <= 1
 
     # Shocks (job loss, a large bill) arrive as a Poisson process; the shift adds a macro shock
@@ -226,22 +293,39 @@ def _population(config: WorldConfig) -> _Population:
     k, sd = config.shift_strength, config.shift_day
     if sd is not None and k > 0 and sd < days:
         seg = np.flatnonzero(segment)
-        extra = shock_rng.poisson(1.5 * k * config.stress_shocks_per_year * (days - sd) / 365, seg.size)
+        extra = shock_rng.poisson(
+            1.5 * k * config.stress_shocks_per_year * (days - sd) / 365, seg.size
+        )
         extra_users = np.concatenate([seg, np.repeat(seg, extra)])
         users = np.concatenate([users, extra_users])
-        when = np.concatenate([when, np.full(seg.size, sd), shock_rng.integers(sd, days, extra.sum())])
-        size = np.concatenate([size, np.full(seg.size, 1.2 * k), shock_rng.exponential(1.2, extra.sum())])
+        when = np.concatenate(
+            [when, np.full(seg.size, sd), shock_rng.integers(sd, days, extra.sum())]
+        )
+        size = np.concatenate(
+            [size, np.full(seg.size, 1.2 * k), shock_rng.exponential(1.2, extra.sum())]
+        )
     order = np.lexsort((users, when))
     return _Population(
-        signup_day=signup_day, region=rng.choice(5, n, p=[0.22, 0.24, 0.18, 0.2, 0.16]),
-        age_band=age, income_band=income, creditworthiness=cw,
+        signup_day=signup_day,
+        region=rng.choice(5, n, p=[0.22, 0.24, 0.18, 0.2, 0.16]),
+        age_band=age,
+        income_band=income,
+        creditworthiness=cw,
         bureau_score=cw + rng.normal(0, 0.6, n),
         session_rate=config.sessions_per_day * rng.lognormal(-0.125, 0.5, n),
-        application_rate=np.where(fraud == 2, 0.0, config.applications_per_day * rng.gamma(1.5, 1 / 1.5, n)),
-        channel=rng.choice(3, n, p=[0.35, 0.5, 0.15]), fraud_type=fraud,
-        profile_day=profile_day, device_day=np.where(fraud > 0, attack - 1, -1),
-        attack_day=attack, confirm_day=confirm, shift_segment=segment,
-        shock_user=users[order], shock_day=when[order], shock_size=size[order],
+        application_rate=np.where(
+            fraud == 2, 0.0, config.applications_per_day * rng.gamma(1.5, 1 / 1.5, n)
+        ),
+        channel=rng.choice(3, n, p=[0.35, 0.5, 0.15]),
+        fraud_type=fraud,
+        profile_day=profile_day,
+        device_day=np.where(fraud > 0, attack - 1, -1),
+        attack_day=attack,
+        confirm_day=confirm,
+        shift_segment=segment,
+        shock_user=users[order],
+        shock_day=when[order],
+        shock_size=size[order],
     )
 
 
@@ -255,33 +339,54 @@ def hidden_users(config: WorldConfig) -> pl.DataFrame:
     first_shock = np.full(n, np.iinfo(np.int64).max)
     np.minimum.at(first_shock, pop.shock_user, pop.shock_day)
 
-    return pl.DataFrame({
-        "entity_id": _entity_ids(np.arange(n)),
-        "signup_day": pop.signup_day,
-        "region": np.array(REGIONS)[pop.region], "age_band": np.array(AGE_BANDS)[pop.age_band],
-        "income_band": np.array(INCOME_BANDS)[pop.income_band],
-        "creditworthiness": pop.creditworthiness, "bureau_score": pop.bureau_score,
-        "fraud_type": np.array(FRAUD_TYPES)[pop.fraud_type],
-        "fraud_start_day": _nullable(pop.attack_day), "fraud_confirm_day": _nullable(pop.confirm_day),
-        "in_shift_segment": pop.shift_segment, "n_stress_shocks": n_shocks,
-        "first_shock_day": _nullable(np.where(n_shocks > 0, first_shock, -1)),
-    })
+    return pl.DataFrame(
+        {
+            "entity_id": _entity_ids(np.arange(n)),
+            "signup_day": pop.signup_day,
+            "region": np.array(REGIONS)[pop.region],
+            "age_band": np.array(AGE_BANDS)[pop.age_band],
+            "income_band": np.array(INCOME_BANDS)[pop.income_band],
+            "creditworthiness": pop.creditworthiness,
+            "bureau_score": pop.bureau_score,
+            "fraud_type": np.array(FRAUD_TYPES)[pop.fraud_type],
+            "fraud_start_day": _nullable(pop.attack_day),
+            "fraud_confirm_day": _nullable(pop.confirm_day),
+            "in_shift_segment": pop.shift_segment,
+            "n_stress_shocks": n_shocks,
+            "first_shock_day": _nullable(np.where(n_shocks > 0, first_shock, -1)),
+        }
+    )
 
 
 # ------------------------------------------------------------------------------- the world
 
 # Columns of an event chunk (one array per column) and what a chunk leaves out: -1 / NaN = null.
-_CHUNK_FILL = {"amount": np.nan, "channel": -1, "device": -1, "merchant": -1, "policy": -1,
-               "profile": -1, "term": np.nan, "days_late": np.nan, "p_default": np.nan,
-               "p_fraud": np.nan}
+_CHUNK_FILL = {
+    "amount": np.nan,
+    "channel": -1,
+    "device": -1,
+    "merchant": -1,
+    "policy": -1,
+    "profile": -1,
+    "term": np.nan,
+    "days_late": np.nan,
+    "p_default": np.nan,
+    "p_fraud": np.nan,
+}
 
 
-def _chunk(user: np.ndarray, etype: int, tod: np.ndarray, **cols: np.ndarray) -> dict[str, np.ndarray]:
+def _chunk(
+    user: np.ndarray, etype: int, tod: np.ndarray, **cols: np.ndarray
+) -> dict[str, np.ndarray]:
     return {"user": user, "etype": np.full(user.size, etype, np.int8), "tod": tod, **cols}
 
 
-def _schedule(store: dict[int, list[dict]], days: np.ndarray, chunk: dict[str, np.ndarray],
-              horizon: int | None = None) -> None:
+def _schedule(
+    store: dict[int, list[dict]],
+    days: np.ndarray,
+    chunk: dict[str, np.ndarray],
+    horizon: int | None = None,
+) -> None:
     """File the rows of `chunk` under their `days`; those on or after `horizon` are dropped."""
     order = np.argsort(days, kind="stable")
     days = days[order]
@@ -315,18 +420,24 @@ class _World:
         self.booked: dict[int, list[dict]] = {}  # loans waiting for their first due date
         self.due: dict[int, list[dict]] = {}  # installments to settle on their due day
         self.outbox: dict[int, list[dict]] = {}  # events decided earlier, emitted on their day
-        self.start_us = int(datetime.fromisoformat(config.start).replace(tzinfo=UTC).timestamp() * 1e6)
+        self.start_us = int(
+            datetime.fromisoformat(config.start).replace(tzinfo=UTC).timestamp() * 1e6
+        )
 
     def step(self, day: int) -> pl.DataFrame:
         cfg, pop = self.cfg, self.pop
         rng = _rng(cfg, day, 0)
         # Confirmed fraud shuts the account at the nightly batch: nothing of it is emitted after.
-        confirmed = np.flatnonzero((pop.confirm_day == day) & (pop.signup_day <= day) & ~self.closed)
+        confirmed = np.flatnonzero(
+            (pop.confirm_day == day) & (pop.signup_day <= day) & ~self.closed
+        )
         self.closed[confirmed] = True
         active = (pop.signup_day <= day) & ~self.closed
 
         a, b = np.searchsorted(pop.shock_day, [day, day + 1])
-        self.stress = cfg.stress_persistence * self.stress + rng.normal(0, self.stress_noise, cfg.n_users)
+        self.stress = cfg.stress_persistence * self.stress + rng.normal(
+            0, self.stress_noise, cfg.n_users
+        )
         np.add.at(self.stress, pop.shock_user[a:b], pop.shock_size[a:b])
         # Stress acts through a bounded pressure: stacked shocks cannot make anyone apply 100x.
         self.pressure = np.clip(self.stress, -1.5, 3.0)
@@ -335,7 +446,9 @@ class _World:
         self._settle_installments(day, _rng(cfg, day, 1))
         chunks = self._act(day, active, _rng(cfg, day, 2))
         chunks += self._apply(day, active, _rng(cfg, day, 3))
-        chunks += [{k: v[~self.closed[c["user"]]] for k, v in c.items()} for c in self.outbox.pop(day, [])]
+        chunks += [
+            {k: v[~self.closed[c["user"]]] for k, v in c.items()} for c in self.outbox.pop(day, [])
+        ]
         chunks.append(_chunk(confirmed, FRAUD_CONFIRMED, rng.integers(0, NIGHT_US, confirmed.size)))
         return self._frame(day, chunks)
 
@@ -354,13 +467,17 @@ class _World:
         p_late = _sigmoid(-2.2 - 0.5 * cw + 1.3 * s)
         p_miss = _sigmoid(-4.5 - 0.6 * cw + 1.5 * s)  # missed, but cured before 60 days
         draw = rng.random(n)
-        outcome = np.where(forced | (draw < p_miss), MISSED, np.where(draw < p_miss + p_late, LATE, ON_TIME))
+        outcome = np.where(
+            forced | (draw < p_miss), MISSED, np.where(draw < p_miss + p_late, LATE, ON_TIME)
+        )
         late_days = np.minimum(29, 1 + rng.poisson(3 + 4 * np.maximum(s, 0)))
         days_late = np.select([outcome == MISSED, outcome == LATE], [30, late_days], 0)
         tod = rng.integers(NIGHT_US, DAY_US, n)
         for etype in (ON_TIME, LATE, MISSED):
             m = outcome == etype
-            chunk = _chunk(u[m], etype, tod[m], amount=c["amount"][m], days_late=days_late[m].astype(float))
+            chunk = _chunk(
+                u[m], etype, tod[m], amount=c["amount"][m], days_late=days_late[m].astype(float)
+            )
             _schedule(self.outbox, day + days_late[m], chunk, self.cfg.n_days)
 
     def _act(self, day: int, active: np.ndarray, rng: np.random.Generator) -> list[dict]:
@@ -390,34 +507,54 @@ class _World:
         self.device_before = self.device.copy()
         self.device[dev_user] += 1
         return [
-            _chunk(sign_user, SIGNUP, self.signup_tod[sign_user], channel=pop.channel[sign_user],
-                   device=sign_user * 1000 + self.device_before[sign_user]),
+            _chunk(
+                sign_user,
+                SIGNUP,
+                self.signup_tod[sign_user],
+                channel=pop.channel[sign_user],
+                device=sign_user * 1000 + self.device_before[sign_user],
+            ),
             self._user_chunk(sess_user, SESSION, rng),
             self._user_chunk(prof_user, PROFILE_CHANGE, rng, profile=prof_field),
-            _chunk(dev_user, DEVICE_CHANGE, self.change_tod[dev_user], channel=self._channel(dev_user, rng),
-                   device=dev_user * 1000 + self.device[dev_user]),
+            _chunk(
+                dev_user,
+                DEVICE_CHANGE,
+                self.change_tod[dev_user],
+                channel=self._channel(dev_user, rng),
+                device=dev_user * 1000 + self.device[dev_user],
+            ),
         ]
 
     def _channel(self, user: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return np.where(rng.random(user.size) < 0.8, self.pop.channel[user], rng.integers(0, 3, user.size))
+        return np.where(
+            rng.random(user.size) < 0.8, self.pop.channel[user], rng.integers(0, 3, user.size)
+        )
 
     def _tod(self, user: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Times of day for user-initiated events; on the signup day, after the signup."""
         lo = self.signup_tod[user]
         return lo + (rng.random(user.size) * (DAY_US - lo)).astype(np.int64)
 
-    def _user_chunk(self, user: np.ndarray, etype: int, rng: np.random.Generator, **cols: np.ndarray) -> dict:
+    def _user_chunk(
+        self, user: np.ndarray, etype: int, rng: np.random.Generator, **cols: np.ndarray
+    ) -> dict:
         tod = self._tod(user, rng)
         device = self.device_before[user] + (tod >= self.change_tod[user])
-        return _chunk(user, etype, tod, channel=self._channel(user, rng), device=user * 1000 + device, **cols)
+        return _chunk(
+            user, etype, tod, channel=self._channel(user, rng), device=user * 1000 + device, **cols
+        )
 
     def _apply(self, day: int, active: np.ndarray, rng: np.random.Generator) -> list[dict]:
         """Checkouts, the incumbent policy's decisions, and the loans they book."""
         cfg, pop, n = self.cfg, self.pop, self.cfg.n_users
         k = cfg.shift_at(day)
         since_attack = day - pop.attack_day
-        attacking = (pop.attack_day >= 0) & (since_attack >= 0) & (since_attack < ATTACK_DAYS) & active
-        rate = pop.application_rate * np.exp(0.5 * self.pressure) * (1 + 0.3 * k * pop.shift_segment)
+        attacking = (
+            (pop.attack_day >= 0) & (since_attack >= 0) & (since_attack < ATTACK_DAYS) & active
+        )
+        rate = (
+            pop.application_rate * np.exp(0.5 * self.pressure) * (1 + 0.3 * k * pop.shift_segment)
+        )
         rate = np.where(attacking, cfg.attack_applications_per_day, rate)
         n_app = rng.poisson(rate) * active + (attacking & (since_attack == 0))
         user = np.repeat(np.arange(n), n_app)
@@ -430,28 +567,50 @@ class _World:
         attack = attacking[user]
 
         weights = MERCHANT_WEIGHT * (1 + 0.8 * k * SHIFT_MERCHANTS)
-        merchant = np.where(attack, rng.choice(FRAUD_MERCHANTS, m),
-                            rng.choice(len(MERCHANTS), m, p=weights / weights.sum()))
-        amount = (MERCHANT_MEDIAN_AMOUNT[merchant] * INCOME_AMOUNT_FACTOR[pop.income_band[user]]
-                  * rng.lognormal(0, 0.5, m) * np.where(attack, 2.5, 1.0)).round(2)
+        merchant = np.where(
+            attack,
+            rng.choice(FRAUD_MERCHANTS, m),
+            rng.choice(len(MERCHANTS), m, p=weights / weights.sum()),
+        )
+        amount = (
+            MERCHANT_MEDIAN_AMOUNT[merchant]
+            * INCOME_AMOUNT_FACTOR[pop.income_band[user]]
+            * rng.lognormal(0, 0.5, m)
+            * np.where(attack, 2.5, 1.0)
+        ).round(2)
         # Bigger baskets are spread over longer terms.
         size = np.digitize(amount, [100, 500])
-        term_cdf = np.array([[0.6, 0.9, 1.0, 1.0], [0.2, 0.6, 0.9, 1.0], [0.05, 0.3, 0.65, 1.0]])[size]
+        term_cdf = np.array([[0.6, 0.9, 1.0, 1.0], [0.2, 0.6, 0.9, 1.0], [0.05, 0.3, 0.65, 1.0]])[
+            size
+        ]
         term_idx = (rng.random(m)[:, None] > term_cdf).sum(1)
         log_amount = np.log(amount / 200)
 
         # The incumbent policy: a scorecard on what the lender can see, plus judgement noise.
         tenure = np.minimum((day - pop.signup_day[user]) / 60, 1)
-        approve_logit = (cfg.approval_base_logit + 1.3 * pop.bureau_score[user] - 1.5 * self.late_score[user]
-                         - 3.0 * (self.delinquencies[user] > 0) - 0.6 * (self.velocity[user] + rank)
-                         - 1.0 * self.open_loans[user]
-                         - 0.5 * log_amount + 0.4 * tenure + rng.normal(0, 0.8, m))
+        approve_logit = (
+            cfg.approval_base_logit
+            + 1.3 * pop.bureau_score[user]
+            - 1.5 * self.late_score[user]
+            - 3.0 * (self.delinquencies[user] > 0)
+            - 0.6 * (self.velocity[user] + rank)
+            - 1.0 * self.open_loans[user]
+            - 0.5 * log_amount
+            + 0.4 * tenure
+            + rng.normal(0, 0.8, m)
+        )
         approved = rng.random(m) < _sigmoid(approve_logit)
 
         # The truth: each loan's default probability, from hidden creditworthiness and stress now.
         cw, s = pop.creditworthiness[user], self.pressure[user]
-        p_loan = _sigmoid(cfg.default_base_logit + 0.5 * k - 0.8 * cw + 1.0 * s
-                          + 0.3 * log_amount + 0.12 * term_idx)
+        p_loan = _sigmoid(
+            cfg.default_base_logit
+            + 0.5 * k
+            - 0.8 * cw
+            + 1.0 * s
+            + 0.3 * log_amount
+            + 0.12 * term_idx
+        )
         p_loan = np.where(pop.fraud_type[user] > 0, 0.0, p_loan)
         first_due = day + rng.integers(FIRST_DUE[0], FIRST_DUE[1] + 1, m)
         # A default may not land in the window of an earlier approval: it slips one installment
@@ -471,8 +630,11 @@ class _World:
         if unsettled := _concat([c for chunks in self.booked.values() for c in chunks]):
             lands = (unsettled["default_k"] >= 0) & (unsettled["landing"] <= day + DEFAULT_HORIZON)
             np.add.at(log_clear, unsettled["user"], np.log1p(-unsettled["p"]) * lands)
-        p_default = np.where(next_delinquency[user] <= day + DEFAULT_HORIZON, 1.0,
-                             -np.expm1(log_clear[user] + np.where(approved, 0.0, own)))
+        p_default = np.where(
+            next_delinquency[user] <= day + DEFAULT_HORIZON,
+            1.0,
+            -np.expm1(log_clear[user] + np.where(approved, 0.0, own)),
+        )
         self.clean_until[np.bincount(user, approved, minlength=n) > 0] = day + DEFAULT_HORIZON
 
         # Fraud is confirmed CONFIRM_DELAY after the attack starts, whoever approved what.
@@ -481,15 +643,36 @@ class _World:
         span = CONFIRM_DELAY[1] - CONFIRM_DELAY[0] + 1
         p_fraud = np.where(pop.fraud_type[user] > 0, np.maximum(hi - lo + 1, 0) / span, 0.0)
 
-        book = {"user": user, "amount": amount, "term_idx": term_idx, "p": p_loan, "default_k": default_k,
-                "landing": first_due + 30 * default_k + 60, "attack": attack}
+        book = {
+            "user": user,
+            "amount": amount,
+            "term_idx": term_idx,
+            "p": p_loan,
+            "default_k": default_k,
+            "landing": first_due + 30 * default_k + 60,
+            "attack": attack,
+        }
         self._book(day, first_due[approved], {col: v[approved] for col, v in book.items()}, rng)
         self.velocity = 0.85 * self.velocity + np.bincount(user, minlength=n)
         device = self.device_before[user] + (tod >= self.change_tod[user])
-        channel = np.where(attack, rng.integers(0, 2, m), self._channel(user, rng))  # fraud is remote
-        return [_chunk(user, APPLICATION, tod, amount=amount, channel=channel,
-                       device=user * 1000 + device, merchant=merchant, policy=np.where(approved, 0, 1),
-                       term=TERMS[term_idx], p_default=p_default, p_fraud=p_fraud)]
+        channel = np.where(
+            attack, rng.integers(0, 2, m), self._channel(user, rng)
+        )  # fraud is remote
+        return [
+            _chunk(
+                user,
+                APPLICATION,
+                tod,
+                amount=amount,
+                channel=channel,
+                device=user * 1000 + device,
+                merchant=merchant,
+                policy=np.where(approved, 0, 1),
+                term=TERMS[term_idx],
+                p_default=p_default,
+                p_fraud=p_fraud,
+            )
+        ]
 
     def _book(self, day: int, first_due: np.ndarray, loans: dict, rng: np.random.Generator) -> None:
         """File booked loans until their first due date, and draw any chargeback."""
@@ -513,17 +696,28 @@ class _World:
         terms = TERMS[loans["term_idx"]].astype(int)
         loan = np.repeat(np.arange(terms.size), terms)
         kth = np.arange(loan.size) - np.repeat(np.cumsum(terms) - terms, terms)
-        _schedule(self.due, day + 30 * kth, {
-            "user": loans["user"][loan], "amount": (loans["amount"] / terms)[loan].round(2), "k": kth,
-            "default_k": default_k[loan], "attack": loans["attack"][loan],
-            "last": kth == terms[loan] - 1}, horizon)
+        _schedule(
+            self.due,
+            day + 30 * kth,
+            {
+                "user": loans["user"][loan],
+                "amount": (loans["amount"] / terms)[loan].round(2),
+                "k": kth,
+                "default_k": default_k[loan],
+                "attack": loans["attack"][loan],
+                "last": kth == terms[loan] - 1,
+            },
+            horizon,
+        )
         # 60 days past the first missed due date. (Attack loans never pay, but are confirmed as
         # fraud, and the account shut, before they could reach 60 days.)
         late = default_k >= 0
         user, when = loans["user"][late], loans["landing"][late]
         self.pending_user = np.concatenate([self.pending_user, user])
         self.pending_day = np.concatenate([self.pending_day, when])
-        chunk = _chunk(user, DELINQUENCY, rng.integers(0, NIGHT_US, user.size), amount=loans["amount"][late])
+        chunk = _chunk(
+            user, DELINQUENCY, rng.integers(0, NIGHT_US, user.size), amount=loans["amount"][late]
+        )
         _schedule(self.outbox, when, chunk, horizon)
 
     def _frame(self, day: int, chunks: list[dict]) -> pl.DataFrame:
@@ -531,34 +725,52 @@ class _World:
         for name in ("user", "etype", "tod", *_CHUNK_FILL):
             fill = _CHUNK_FILL.get(name)
             cols[name] = np.concatenate(
-                [c[name] if name in c else np.full(c["user"].size, fill) for c in chunks])
+                [c[name] if name in c else np.full(c["user"].size, fill) for c in chunks]
+            )
         order = np.lexsort((np.arange(cols["tod"].size), cols["tod"]))
         cols = {k: v[order] for k, v in cols.items()}
         pop, user = self.pop, cols["user"]
         signup = cols["etype"] == SIGNUP
-        static = {name: np.where(signup, codes[user], -1) for name, codes in
-                  (("region", pop.region), ("age_band", pop.age_band), ("income_band", pop.income_band))}
+        static = {
+            name: np.where(signup, codes[user], -1)
+            for name, codes in (
+                ("region", pop.region),
+                ("age_band", pop.age_band),
+                ("income_band", pop.income_band),
+            )
+        }
         ts = pl.Series(self.start_us + day * DAY_US + cols["tod"]).cast(pl.Datetime("us"))
         event_no = pl.int_range(user.size)  # ids follow time order: sorting by ts sorts by id too
-        frame = pl.DataFrame({
-            "entity_id": _entity_ids(user),
-            "event_id": pl.select(f"e{day:04d}-" + event_no.cast(pl.String).str.zfill(7)).to_series(),
-            "ts": ts.dt.replace_time_zone("UTC"),
-            "event_type": _decode(EVENT_TYPES, cols["etype"]),
-            "amount": pl.Series(cols["amount"], nan_to_null=True),
-            "channel": _decode(CHANNELS, cols["channel"]),
-            "device_id": pl.select(
-                "d" + pl.lit(_nullable(cols["device"])).cast(pl.String).str.zfill(10)).to_series(),
-            "merchant_category": _decode(MERCHANTS, cols["merchant"]),
-            "policy_decision": _decode(POLICY_DECISIONS, cols["policy"]),
-            "profile_field": _decode(PROFILE_FIELDS, cols["profile"]),
-            "region": _decode(REGIONS, static["region"]),
-            "age_band": _decode(AGE_BANDS, static["age_band"]),
-            "income_band": _decode(INCOME_BANDS, static["income_band"]),
-            **{c: pl.Series(cols[k], nan_to_null=True) for c, k in
-               (("term_months", "term"), ("days_late", "days_late"),
-                ("true_p_default", "p_default"), ("true_p_fraud", "p_fraud"))},
-        })
+        frame = pl.DataFrame(
+            {
+                "entity_id": _entity_ids(user),
+                "event_id": pl.select(
+                    f"e{day:04d}-" + event_no.cast(pl.String).str.zfill(7)
+                ).to_series(),
+                "ts": ts.dt.replace_time_zone("UTC"),
+                "event_type": _decode(EVENT_TYPES, cols["etype"]),
+                "amount": pl.Series(cols["amount"], nan_to_null=True),
+                "channel": _decode(CHANNELS, cols["channel"]),
+                "device_id": pl.select(
+                    "d" + pl.lit(_nullable(cols["device"])).cast(pl.String).str.zfill(10)
+                ).to_series(),
+                "merchant_category": _decode(MERCHANTS, cols["merchant"]),
+                "policy_decision": _decode(POLICY_DECISIONS, cols["policy"]),
+                "profile_field": _decode(PROFILE_FIELDS, cols["profile"]),
+                "region": _decode(REGIONS, static["region"]),
+                "age_band": _decode(AGE_BANDS, static["age_band"]),
+                "income_band": _decode(INCOME_BANDS, static["income_band"]),
+                **{
+                    c: pl.Series(cols[k], nan_to_null=True)
+                    for c, k in (
+                        ("term_months", "term"),
+                        ("days_late", "days_late"),
+                        ("true_p_default", "p_default"),
+                        ("true_p_fraud", "p_fraud"),
+                    )
+                },
+            }
+        )
         self._observe(cols)
         return frame.cast(LENDING_SPEC.event_schema())
 

@@ -47,7 +47,9 @@ def read_landing_file(path: Path, spec: DatasetSpec) -> pl.DataFrame:
     ts_type = mapped.schema["ts"]
     if isinstance(ts_type, pl.Datetime | pl.Date):
         mapped = mapped.with_columns(
-            parse_ts(pl.col("ts"), ts_type, spec).dt.strftime("%Y-%m-%dT%H:%M:%S%.6f+00:00").alias("ts")
+            parse_ts(pl.col("ts"), ts_type, spec)
+            .dt.strftime("%Y-%m-%dT%H:%M:%S%.6f+00:00")
+            .alias("ts")
         )
     return mapped.with_columns(pl.all().cast(pl.String), pl.lit(path.name).alias("source"))
 
@@ -135,15 +137,30 @@ def inject_faults(events: pl.DataFrame, rate: float, seed: int) -> pl.DataFrame:
     text = text.with_columns(fault)
     is_ = pl.col("__fault").__eq__
     text = text.with_columns(
-        pl.when(is_("missing_entity_id")).then(None).otherwise(pl.col("entity_id")).alias("entity_id"),
-        pl.when(is_("unparseable_ts")).then(pl.lit("not-a-time")).otherwise(pl.col("ts")).alias("ts"),
-        pl.when(is_("unknown_event_type")).then(pl.lit("??")).otherwise(pl.col("event_type")).alias("event_type"),
-        pl.when(is_("negative_amount")).then(pl.lit("-1.0")).otherwise(pl.col("amount")).alias("amount"),
+        pl.when(is_("missing_entity_id"))
+        .then(None)
+        .otherwise(pl.col("entity_id"))
+        .alias("entity_id"),
+        pl.when(is_("unparseable_ts"))
+        .then(pl.lit("not-a-time"))
+        .otherwise(pl.col("ts"))
+        .alias("ts"),
+        pl.when(is_("unknown_event_type"))
+        .then(pl.lit("??"))
+        .otherwise(pl.col("event_type"))
+        .alias("event_type"),
+        pl.when(is_("negative_amount"))
+        .then(pl.lit("-1.0"))
+        .otherwise(pl.col("amount"))
+        .alias("amount"),
     )
     # A duplicate is an extra copy of a delivered row (an at-least-once feed replaying it).
     dupes = text.filter(is_("duplicate_event_id")).with_columns(pl.lit("").alias("__fault"))
     text = text.with_columns(
-        pl.when(is_("duplicate_event_id")).then(pl.lit("")).otherwise(pl.col("__fault")).alias("__fault")
+        pl.when(is_("duplicate_event_id"))
+        .then(pl.lit(""))
+        .otherwise(pl.col("__fault"))
+        .alias("__fault")
     )
     return pl.concat([text, dupes]).drop("__fault")
 

@@ -116,6 +116,25 @@ def split_decisions(
     return decisions.with_columns(split.cast(SPLIT_TYPE).alias("split"))
 
 
+def with_stacking_stages(splits: pl.DataFrame, encoder_share: float = 0.5) -> pl.DataFrame:
+    """Add `stage`: which model may learn from a train row's labels.
+
+    The scorer takes the encoder's embedding as input. Trained on rows whose labels the encoder
+    already fitted, it would learn to trust embeddings that memorized those labels and find them
+    empty on new decisions. So the encoder learns labels from the earliest `encoder_share` of the
+    train split ("encoder"), the scorers from the rest ("scorer"); every other row is "none"."""
+    train_ts = splits.filter(pl.col("split") == "train")["ts"]
+    if train_ts.len() == 0:
+        return splits.with_columns(pl.lit("none").alias("stage"))
+    cut = _quantile_ts(train_ts, encoder_share)
+    stage = (
+        pl.when(pl.col("split") != "train").then(pl.lit("none"))
+        .when(pl.col("ts") < cut).then(pl.lit("encoder"))
+        .otherwise(pl.lit("scorer"))
+    )  # fmt: skip
+    return splits.with_columns(stage.alias("stage"))
+
+
 def training_rows(splits: pl.DataFrame, label: str, split: str = "train") -> pl.DataFrame:
     """The rows of `split` a model may use for `label`: matured, applicable (label not null)."""
     if split == "gap":

@@ -4,6 +4,7 @@ The run goes through the `dagster` CLI against DAGSTER_HOME, so it is an ordinar
 UI (`make ui`) shows afterwards, with its metadata and checks.
 """
 
+import os
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
+from eventml.home import StateHome
 from ml_assets.definitions import build_resources
 from ml_assets.partitions import daily
 
@@ -43,8 +45,12 @@ def summary() -> None:
         print(rejects.group_by("reason").len("rows").sort("rows", descending=True))
     splits = tables.scan("training_splits").collect()
     print("\n== features ==")
-    print(f"decision_features {tables.scan('decision_features').select(pl.len()).collect().item():,} decisions")
-    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4):
+    print(
+        f"decision_features {tables.scan('decision_features').select(pl.len()).collect().item():,} decisions"
+    )
+    with pl.Config(
+        tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4
+    ):
         print(
             splits.group_by("split")
             .agg(
@@ -58,16 +64,31 @@ def summary() -> None:
         )
     evaluation = tables.scan("model_evaluation").collect()
     print("\n== out-of-time evaluation (test split) ==")
-    with pl.Config(tbl_rows=20, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4):
-        print(evaluation.select("task", "model", "n", "rate", "auc", "pr_auc", "brier", "ece").sort("task", "model"))
+    with pl.Config(
+        tbl_rows=20,
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+        float_precision=4,
+    ):
+        print(
+            evaluation.select("task", "model", "n", "rate", "auc", "pr_auc", "brier", "ece").sort(
+                "task", "model"
+            )
+        )
     audit = tables.scan("champion").collect().sort("decided_at")
     last = audit.row(-1, named=True)
-    print(f"champion: v{last['champion_after']} ({last['action']} v{last['challenger_version']}: {last['reasons']})")
+    print(
+        f"champion: v{last['champion_after']} ({last['action']} v{last['challenger_version']}: {last['reasons']})"
+    )
     print(f"tables: {tables.root_uri}   UI: make ui   MLflow: make mlflow")
 
 
 def main() -> int:
     started = time.perf_counter()
+    # Dagster refuses a DAGSTER_HOME that does not exist; `make demo` sets it under EVENTML_HOME.
+    Path(os.environ.setdefault("DAGSTER_HOME", str(StateHome.from_env().dagster))).mkdir(
+        parents=True, exist_ok=True
+    )
     materialize("raw_events,event_rejects,decision_features", partitioned=True)
     materialize(
         "decisions,training_splits,sequence_encoder,decision_embeddings,baseline_scorer,risk_scorer,"

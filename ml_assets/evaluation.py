@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
-import mlflow
 import numpy as np
 import polars as pl
 
@@ -24,21 +23,31 @@ from resources.tracking import MlflowTracking
 
 # Who the decisions are for: segments a reviewer reads the metrics by.
 SEGMENTS = {
-    "history": pl.when(pl.col("n_application_all") == 0).then(pl.lit("first application")).otherwise(pl.lit("returning")),
-    "amount_band": pl.col("decision_amount").cut([100, 500], labels=["<100", "100-500", ">500"]).cast(pl.String),
+    "history": pl.when(pl.col("n_application_all") == 0)
+    .then(pl.lit("first application"))
+    .otherwise(pl.lit("returning")),
+    "amount_band": pl.col("decision_amount")
+    .cut([100, 500], labels=["<100", "100-500", ">500"])
+    .cast(pl.String),
 }
 ORACLE = {"default_90d": "true_p_default", "fraud_60d": "true_p_fraud"}
 
 
-def _champion_scores(mlflow_tracking, challenger_version, test, decisions, raw_events, log) -> tuple[str | None, dict]:
+def _champion_scores(
+    mlflow_tracking, challenger_version, test, decisions, raw_events, log
+) -> tuple[str | None, dict]:
     """The current champion (if it is not the challenger itself) scored on the same test rows
     with its own encoder and scorer."""
     champion = mlflow_tracking.version_by_alias(REGISTERED_MODEL, "champion")
     if champion is None or str(champion.version) == str(challenger_version):
         return None, {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = RiskModel.load(mlflow_tracking.download(REGISTERED_MODEL, str(champion.version), Path(tmp)))
-    log(f"scoring champion v{champion.version} on {test.height:,} test decisions with its own encoder")
+        model = RiskModel.load(
+            mlflow_tracking.download(REGISTERED_MODEL, str(champion.version), Path(tmp))
+        )
+    log(
+        f"scoring champion v{champion.version} on {test.height:,} test decisions with its own encoder"
+    )
     rows = decisions.join(test.select("decision_id"), on="decision_id")
     embeddings = model.embed_decisions(raw_events.drop(DAY).collect(), rows)
     scored = test.join(embeddings, on="decision_id", how="left")
@@ -61,7 +70,9 @@ def model_evaluation(
     """Out-of-time test metrics (AUC, Gini, KS, PR AUC, Brier, ECE) for the challenger, the
     features-only baseline, the encoder alone, the current champion and the simulator's oracle."""
     tasks = risk_scorer.tasks
-    test = model_table(training_splits.filter(pl.col("split") == "test"), decision_features, decision_embeddings)
+    test = model_table(
+        training_splits.filter(pl.col("split") == "test"), decision_features, decision_embeddings
+    )
     challenger = mlflow_tracking.version_by_alias(REGISTERED_MODEL, "challenger")
     scores = {
         "challenger": risk_scorer.scorer.predict(test),
@@ -78,7 +89,8 @@ def model_evaluation(
         scores["oracle"] = oracle
     table, by_segment = compare(test, scores, tasks, SEGMENTS)
     table = table.with_columns(
-        pl.lit(str(challenger.version)).alias("challenger_version"), pl.lit(champion_version).alias("champion_version")
+        pl.lit(str(challenger.version)).alias("challenger_version"),
+        pl.lit(champion_version).alias("champion_version"),
     )
 
     plots = {}
@@ -87,8 +99,12 @@ def model_evaluation(
         y = test[task].to_numpy()[known]
         shown = {m: np.asarray(s[task])[known] for m, s in scores.items() if task in s}
         plots[f"roc_{task}"] = roc_plot(y, shown, f"ROC, {task} (out of time)")
-        plots[f"calibration_{task}"] = calibration_plot(y, {m: shown[m] for m in shown if m != "oracle"}, f"calibration, {task}")
-        plots[f"scores_{task}"] = score_distribution_plot(y, shown["challenger"], f"challenger scores, {task}")
+        plots[f"calibration_{task}"] = calibration_plot(
+            y, {m: shown[m] for m in shown if m != "oracle"}, f"calibration, {task}"
+        )
+        plots[f"scores_{task}"] = score_distribution_plot(
+            y, shown["challenger"], f"challenger scores, {task}"
+        )
     client = mlflow_tracking.client()
     for row in table.filter(pl.col("model") != "oracle").iter_rows(named=True):
         for metric in ("auc", "gini", "ks", "pr_auc", "brier", "ece"):
@@ -97,14 +113,22 @@ def model_evaluation(
     for name, png in plots.items():
         client.log_image(challenger.run_id, _image(png), artifact_file=f"evaluation/{name}.png")
 
-    lift = {
-        task: _auc(table, "challenger", task) - _auc(table, "baseline", task) for task in tasks
-    }
+    lift = {task: _auc(table, "challenger", task) - _auc(table, "baseline", task) for task in tasks}
     context.add_output_metadata(
         {
-            "comparison": table_md(table.select("model", "task", "n", "rate", "auc", "gini", "ks", "pr_auc", "brier", "ece"), max_rows=20),
+            "comparison": table_md(
+                table.select(
+                    "model", "task", "n", "rate", "auc", "gini", "ks", "pr_auc", "brier", "ece"
+                ),
+                max_rows=20,
+            ),
             **{f"embedding_lift_auc.{t}": round(v, 4) for t, v in lift.items()},
-            **{f"oracle_gap_auc.{t}": round(_auc(table, "oracle", t) - _auc(table, "challenger", t), 4) for t in oracle},
+            **{
+                f"oracle_gap_auc.{t}": round(
+                    _auc(table, "oracle", t) - _auc(table, "challenger", t), 4
+                )
+                for t in oracle
+            },
             "by_segment": table_md(by_segment.filter(pl.col("model") == "challenger"), max_rows=20),
             **{name: png_md(png) for name, png in plots.items()},
             "challenger_version": str(challenger.version),
@@ -135,7 +159,9 @@ class PromotionSettings(dg.Config):
 
 def _metrics_of(evaluation: pl.DataFrame, model: str) -> dict[str, dict[str, float]] | None:
     rows = evaluation.filter(pl.col("model") == model)
-    return {r["task"]: {"auc": r["auc"], "ece": r["ece"]} for r in rows.iter_rows(named=True)} or None
+    return {
+        r["task"]: {"auc": r["auc"], "ece": r["ece"]} for r in rows.iter_rows(named=True)
+    } or None
 
 
 @dg.asset(
@@ -151,7 +177,9 @@ def champion(
 ):
     """Promote the challenger if it beats the champion's out-of-time AUC (by the configured
     margin) and is calibrated; otherwise keep the champion. Either way, append to the audit trail."""
-    rules = PromotionRules(task=config.task, min_auc_gain=config.min_auc_gain, max_ece=config.max_ece)
+    rules = PromotionRules(
+        task=config.task, min_auc_gain=config.min_auc_gain, max_ece=config.max_ece
+    )
     challenger = _metrics_of(model_evaluation, "challenger")
     incumbent = _metrics_of(model_evaluation, "champion")
     # Upstream blocking checks stop the run before this asset, so reaching here means they passed.
@@ -190,7 +218,9 @@ def champion(
         },
     )
     champion_metrics = challenger if verdict.promote else incumbent
-    within = champion_metrics is not None and all(m["ece"] <= rules.max_ece for m in champion_metrics.values())
+    within = champion_metrics is not None and all(
+        m["ece"] <= rules.max_ece for m in champion_metrics.values()
+    )
     yield dg.AssetCheckResult(
         check_name="champion_within_bounds",
         passed=bool(within),

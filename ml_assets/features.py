@@ -7,24 +7,33 @@ import polars as pl
 from eventml.features import compute_features, feature_set_for, features_for_one
 from eventml.labels import build_decisions, decision_summary
 from eventml.sources import DAY
-from eventml.splits import SplitConfig, check_splits, split_decisions, split_summary
+from eventml.splits import SplitConfig, check_splits, split_decisions, split_summary, with_stacking_stages
 from ml_assets.metadata import table_md
 from ml_assets.partitions import daily, run_days
 from resources.delta import DeltaTables
 from resources.sources import EventSource
 
-SPLIT_CHECKS = ("no_decision_in_two_splits", "horizon_gap", "splits_not_empty", "label_rates_in_band")
+SPLIT_CHECKS = (
+    "no_decision_in_two_splits",
+    "horizon_gap",
+    "splits_not_empty",
+    "label_rates_in_band",
+)
 PARITY_SAMPLE = 50
 
 
 @dg.asset(group_name="features")
-def decisions(context: dg.AssetExecutionContext, raw_events: pl.LazyFrame, event_source: EventSource) -> pl.DataFrame:
+def decisions(
+    context: dg.AssetExecutionContext, raw_events: pl.LazyFrame, event_source: EventSource
+) -> pl.DataFrame:
     """Every decision point with its labels and their maturity, as of the latest event. Rebuilt
     whole as days arrive: each new day matures the labels of decisions one horizon older."""
     spec = event_source.spec()
     table = build_decisions(raw_events.drop(DAY).collect(), spec)
     summary = decision_summary(table, spec)
-    context.add_output_metadata({"dagster/row_count": table.height, "labels": summary, "preview": table_md(table)})
+    context.add_output_metadata(
+        {"dagster/row_count": table.height, "labels": summary, "preview": table_md(table)}
+    )
     return table
 
 
@@ -35,9 +44,13 @@ def decisions(context: dg.AssetExecutionContext, raw_events: pl.LazyFrame, event
     # Day D's features read every stored day up to D; the identity mapping records the newest.
     deps=["raw_events"],
     metadata={"partition_expr": DAY},
-    check_specs=[dg.AssetCheckSpec("point_in_time_parity", asset="decision_features", blocking=True)],
+    check_specs=[
+        dg.AssetCheckSpec("point_in_time_parity", asset="decision_features", blocking=True)
+    ],
 )
-def decision_features(context: dg.AssetExecutionContext, tables: DeltaTables, event_source: EventSource):
+def decision_features(
+    context: dg.AssetExecutionContext, tables: DeltaTables, event_source: EventSource
+):
     """Window aggregates per decision from the entity's events strictly before it; one day's
     decisions cost one day of work."""
     start, end = run_days(context)
@@ -45,7 +58,10 @@ def decision_features(context: dg.AssetExecutionContext, tables: DeltaTables, ev
     feature_set = feature_set_for(spec)
     history = tables.scan("raw_events").filter(pl.col(DAY) < end).drop(DAY)
     todays = (
-        history.filter((pl.col("ts").dt.date() >= start) & pl.col("event_type").is_in(spec.decision_event_types))
+        history.filter(
+            (pl.col("ts").dt.date() >= start)
+            & pl.col("event_type").is_in(spec.decision_event_types)
+        )
         .rename({"event_id": "decision_id"})
         .collect()
     )
@@ -70,7 +86,9 @@ def decision_features(context: dg.AssetExecutionContext, tables: DeltaTables, ev
     yield _parity_check(history, todays, table, feature_set)
 
 
-def _parity_check(history: pl.LazyFrame, todays: pl.DataFrame, table: pl.DataFrame, feature_set) -> dg.AssetCheckResult:
+def _parity_check(
+    history: pl.LazyFrame, todays: pl.DataFrame, table: pl.DataFrame, feature_set
+) -> dg.AssetCheckResult:
     """Recompute a sample through the live-request path, from events strictly before each
     decision: a feature that saw the future, or batch/online drift, shows up as a mismatch."""
     sample = todays.sample(min(PARITY_SAMPLE, todays.height), seed=0)
@@ -78,15 +96,26 @@ def _parity_check(history: pl.LazyFrame, todays: pl.DataFrame, table: pl.DataFra
     batch = table.filter(pl.col("decision_id").is_in(sample["decision_id"].implode()))
     mismatches = []
     for decision in sample.iter_rows(named=True):
-        online = features_for_one(entities.filter(pl.col("entity_id") == decision["entity_id"]), decision, feature_set)
+        online = features_for_one(
+            entities.filter(pl.col("entity_id") == decision["entity_id"]), decision, feature_set
+        )
         offline = batch.filter(pl.col("decision_id") == decision["decision_id"]).row(0, named=True)
         for name in feature_set.names:
             a, b = offline[name], online[name]
             same = (a is None and (b is None or (isinstance(b, float) and np.isnan(b)))) or (
-                a is not None and b is not None and np.isclose(a, b, rtol=1e-9, atol=0, equal_nan=True)
+                a is not None
+                and b is not None
+                and np.isclose(a, b, rtol=1e-9, atol=0, equal_nan=True)
             )
             if not same:
-                mismatches.append({"decision_id": decision["decision_id"], "feature": name, "batch": a, "online": b})
+                mismatches.append(
+                    {
+                        "decision_id": decision["decision_id"],
+                        "feature": name,
+                        "batch": a,
+                        "online": b,
+                    }
+                )
     return dg.AssetCheckResult(
         asset_key="decision_features",
         check_name="point_in_time_parity",
@@ -107,10 +136,15 @@ class SplitSettings(dg.Config):
 
 @dg.asset(
     group_name="features",
-    check_specs=[dg.AssetCheckSpec(name, asset="training_splits", blocking=True) for name in SPLIT_CHECKS],
+    check_specs=[
+        dg.AssetCheckSpec(name, asset="training_splits", blocking=True) for name in SPLIT_CHECKS
+    ],
 )
 def training_splits(
-    context: dg.AssetExecutionContext, config: SplitSettings, decisions: pl.DataFrame, event_source: EventSource
+    context: dg.AssetExecutionContext,
+    config: SplitSettings,
+    decisions: pl.DataFrame,
+    event_source: EventSource,
 ):
     """Out-of-time train / valid / gap / test by decision time; the gap is at least the longest
     label horizon, so no training label matures inside the test window."""
@@ -118,9 +152,11 @@ def training_splits(
     config = SplitConfig(
         valid_fraction=config.valid_fraction,
         test_fraction=config.test_fraction,
-        label_rate_bands={label.name: (config.min_label_rate, config.max_label_rate) for label in spec.labels},
+        label_rate_bands={
+            label.name: (config.min_label_rate, config.max_label_rate) for label in spec.labels
+        },
     )
-    splits = split_decisions(decisions, spec, config)
+    splits = with_stacking_stages(split_decisions(decisions, spec, config))
     yield dg.Output(
         splits,
         metadata={"dagster/row_count": splits.height, "splits": split_summary(splits, spec)},

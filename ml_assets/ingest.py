@@ -12,7 +12,13 @@ from ml_assets.partitions import daily, run_days
 from resources.delta import DeltaTables
 from resources.sources import EventSource
 
-RAW_EVENT_CHECKS = ("schema", "required_fields_not_null", "unique_event_ids", "daily_volume", "reject_rate")
+RAW_EVENT_CHECKS = (
+    "schema",
+    "required_fields_not_null",
+    "unique_event_ids",
+    "daily_volume",
+    "reject_rate",
+)
 
 
 @dg.multi_asset(
@@ -31,7 +37,9 @@ RAW_EVENT_CHECKS = ("schema", "required_fields_not_null", "unique_event_ids", "d
     partitions_def=daily,
     # A backfill of many days is one run: the simulator steps its world once, not once per day.
     backfill_policy=dg.BackfillPolicy.single_run(),
-    check_specs=[dg.AssetCheckSpec(name, asset="raw_events", blocking=True) for name in RAW_EVENT_CHECKS],
+    check_specs=[
+        dg.AssetCheckSpec(name, asset="raw_events", blocking=True) for name in RAW_EVENT_CHECKS
+    ],
 )
 def ingest(context: dg.AssetExecutionContext, event_source: EventSource, tables: DeltaTables):
     start, end = run_days(context)
@@ -39,7 +47,9 @@ def ingest(context: dg.AssetExecutionContext, event_source: EventSource, tables:
     raw = event_source.raw_rows(start, end)
     checked = ingest_days(raw, spec, start, end, now=datetime.now(UTC))
     clean, rejects = checked.clean, checked.rejects
-    context.log.info(f"{start}..{end - timedelta(days=1)}: {clean.height:,} clean rows, {rejects.height:,} rejected")
+    context.log.info(
+        f"{start}..{end - timedelta(days=1)}: {clean.height:,} clean rows, {rejects.height:,} rejected"
+    )
 
     yield dg.Output(
         clean,
@@ -78,5 +88,7 @@ def _prior_daily_counts(tables: DeltaTables, before, window_days: int = 28) -> d
     if events is None:
         return {}
     since = before - timedelta(days=window_days)
-    counts = events.filter((pl.col(DAY) >= since) & (pl.col(DAY) < before)).group_by(DAY).len().collect()
+    counts = (
+        events.filter((pl.col(DAY) >= since) & (pl.col(DAY) < before)).group_by(DAY).len().collect()
+    )
     return dict(counts.iter_rows())

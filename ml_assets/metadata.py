@@ -34,4 +34,7 @@ def png_md(png: bytes) -> dg.MetadataValue:
 
 def lineage(context, tables, reads: list[str]) -> dict:
     """What an MLflow run needs to be rebuilt: the Dagster run and the Delta versions it read."""
-    return {"dagster_run_id": context.run_id, **{f"delta_version.{t}": tables.version(t) for t in reads}}
+    return {
+        "dagster_run_id": context.run_id,
+        **{f"delta_version.{t}": tables.version(t) for t in reads},
+    }

@@ -7,7 +7,13 @@ import dagster as dg
 import mlflow
 import polars as pl
 
-from eventml.embedding import SequenceModel, SequenceModelConfig, config_dict, embedding_table, train_sequence_model
+from eventml.embedding import (
+    SequenceModel,
+    SequenceModelConfig,
+    config_dict,
+    embedding_table,
+    train_sequence_model,
+)
 from eventml.evaluate import learning_curve_plot
 from eventml.features import feature_set_for
 from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table
@@ -51,7 +57,11 @@ def _events(raw_events: pl.LazyFrame) -> pl.DataFrame:
     return raw_events.drop(DAY).collect()
 
 
-@dg.asset(group_name="models", io_manager_key="model_io_manager", metadata={"model_class": "sequence_model"})
+@dg.asset(
+    group_name="models",
+    io_manager_key="model_io_manager",
+    metadata={"model_class": "sequence_model"},
+)
 def sequence_encoder(
     context: dg.AssetExecutionContext,
     config: EncoderSettings,
@@ -64,11 +74,26 @@ def sequence_encoder(
     """Multi-task Transformer over each decision's prior events (default, fraud, and a masked-event
     task that also learns from unlabeled histories)."""
     settings = SequenceModelConfig(**config.model_dump())
-    with mlflow_tracking.start_run("sequence_encoder", lineage(context, tables, ["raw_events", "training_splits"])) as run:
+    with mlflow_tracking.start_run(
+        "sequence_encoder", lineage(context, tables, ["raw_events", "training_splits"])
+    ) as run:
         mlflow.log_params(config_dict(settings))
-        model, result = train_sequence_model(_events(raw_events), training_splits, event_source.spec(), settings, log=context.log.info)
+        model, result = train_sequence_model(
+            _events(raw_events),
+            training_splits,
+            event_source.spec(),
+            settings,
+            log=context.log.info,
+        )
         for row in result.history:
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, int | float) and k != "epoch"}, step=row["epoch"])
+            mlflow.log_metrics(
+                {
+                    k: float(v)
+                    for k, v in row.items()
+                    if isinstance(v, int | float) and k != "epoch"
+                },
+                step=row["epoch"],
+            )
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifacts(str(model.save(tmp)), "sequence_model")
     best = result.history[result.best_epoch]
@@ -86,17 +111,26 @@ def sequence_encoder(
 
 @dg.asset(group_name="models")
 def decision_embeddings(
-    context: dg.AssetExecutionContext, sequence_encoder: SequenceModel, decisions: pl.DataFrame, raw_events: pl.LazyFrame
+    context: dg.AssetExecutionContext,
+    sequence_encoder: SequenceModel,
+    decisions: pl.DataFrame,
+    raw_events: pl.LazyFrame,
 ) -> pl.DataFrame:
     """The encoder's embedding of every decision, and its own per-task probabilities."""
     table = embedding_table(sequence_encoder, _events(raw_events), decisions)
-    context.add_output_metadata({"dagster/row_count": table.height, "dimensions": sequence_encoder.encoder.config.emb_dim})
+    context.add_output_metadata(
+        {"dagster/row_count": table.height, "dimensions": sequence_encoder.encoder.config.emb_dim}
+    )
     return table
 
 
-def _fit(context, table: pl.DataFrame, names: list[str], tasks: list[str], config: ScorerSettings) -> Scorer:
+def _fit(
+    context, table: pl.DataFrame, names: list[str], tasks: list[str], config: ScorerSettings
+) -> Scorer:
+    # Both scorers learn from the same rows: train decisions whose labels the encoder never saw.
+    scorer_rows = (pl.col("split") == "train") & (pl.col("stage") == "scorer")
     return Scorer.fit(
-        table.filter(pl.col("split") == "train"),
+        table.filter(scorer_rows),
         table.filter(pl.col("split") == "valid"),
         names,
         tasks,
@@ -105,10 +139,14 @@ def _fit(context, table: pl.DataFrame, names: list[str], tasks: list[str], confi
     )
 
 
-def _log_scorer_run(mlflow_tracking, scorer: Scorer, name: str, context, tables, artifact, artifact_path: str) -> str:
+def _log_scorer_run(
+    mlflow_tracking, scorer: Scorer, name: str, context, tables, artifact, artifact_path: str
+) -> str:
     reads = ["training_splits", "decision_features", "decision_embeddings"]
     with mlflow_tracking.start_run(name, lineage(context, tables, reads)) as run:
-        mlflow.log_params({f"scorer.{k}": v for k, v in scorer.config.__dict__.items() if k != "monotone"})
+        mlflow.log_params(
+            {f"scorer.{k}": v for k, v in scorer.config.__dict__.items() if k != "monotone"}
+        )
         mlflow.log_param("features", len(scorer.feature_names))
         mlflow.log_dict(scorer.config.monotone, "monotone_constraints.json")
         for task, booster in scorer.boosters.items():
@@ -118,7 +156,9 @@ def _log_scorer_run(mlflow_tracking, scorer: Scorer, name: str, context, tables,
     return run.info.run_id
 
 
-@dg.asset(group_name="models", io_manager_key="model_io_manager", metadata={"model_class": "scorer"})
+@dg.asset(
+    group_name="models", io_manager_key="model_io_manager", metadata={"model_class": "scorer"}
+)
 def baseline_scorer(
     context: dg.AssetExecutionContext,
     config: ScorerSettings,
@@ -132,13 +172,28 @@ def baseline_scorer(
     embeddings bring is always measured against it."""
     spec = event_source.spec()
     names = feature_set_for(spec).names
-    scorer = _fit(context, model_table(training_splits, decision_features), names, [x.name for x in spec.labels], config)
-    run_id = _log_scorer_run(mlflow_tracking, scorer, "baseline_scorer", context, tables, scorer, "scorer")
-    context.add_output_metadata({"mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_link(run_id)), "features": len(names)})
+    scorer = _fit(
+        context,
+        model_table(training_splits, decision_features),
+        names,
+        [x.name for x in spec.labels],
+        config,
+    )
+    run_id = _log_scorer_run(
+        mlflow_tracking, scorer, "baseline_scorer", context, tables, scorer, "scorer"
+    )
+    context.add_output_metadata(
+        {
+            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_link(run_id)),
+            "features": len(names),
+        }
+    )
     return scorer
 
 
-@dg.asset(group_name="models", io_manager_key="model_io_manager", metadata={"model_class": "risk_model"})
+@dg.asset(
+    group_name="models", io_manager_key="model_io_manager", metadata={"model_class": "risk_model"}
+)
 def risk_scorer(
     context: dg.AssetExecutionContext,
     config: ScorerSettings,
@@ -157,8 +212,15 @@ def risk_scorer(
     names = feature_set.names + embedding_columns(sequence_encoder.encoder.config.emb_dim)
     table = model_table(training_splits, decision_features, decision_embeddings)
     scorer = _fit(context, table, names, [x.name for x in spec.labels], config)
-    model = RiskModel(sequence_model=sequence_encoder, scorer=scorer, feature_set=feature_set, policy=DecisionPolicy())
-    run_id = _log_scorer_run(mlflow_tracking, scorer, "risk_scorer", context, tables, model, "risk_model")
+    model = RiskModel(
+        sequence_model=sequence_encoder,
+        scorer=scorer,
+        feature_set=feature_set,
+        policy=DecisionPolicy(),
+    )
+    run_id = _log_scorer_run(
+        mlflow_tracking, scorer, "risk_scorer", context, tables, model, "risk_model"
+    )
     version = mlflow_tracking.register(REGISTERED_MODEL, run_id, "risk_model", alias="challenger")
     context.add_output_metadata(
         {

@@ -14,7 +14,9 @@ from ml_assets.partitions import daily
 from resources.sources import EventSource
 
 
-@dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(
+    job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING
+)
 def landing_zone_sensor(context: dg.SensorEvaluationContext, event_source: EventSource):
     """One run per new (or rewritten) file, over the days the file has rows for.
 
@@ -22,7 +24,9 @@ def landing_zone_sensor(context: dg.SensorEvaluationContext, event_source: Event
     launches it twice, and the cursor remembers it so later ticks do not even reread it.
     """
     if event_source.kind != "landing":
-        return dg.SkipReason("event_source is the simulator; set EVENTML_SOURCE=landing to watch files")
+        return dg.SkipReason(
+            "event_source is the simulator; set EVENTML_SOURCE=landing to watch files"
+        )
     seen = set(json.loads(context.cursor)) if context.cursor else set()
     spec = event_source.spec()
     keys = set(daily.get_partition_keys())
@@ -35,7 +39,9 @@ def landing_zone_sensor(context: dg.SensorEvaluationContext, event_source: Event
         seen.add(file_key)
         days = [d.isoformat() for d in file_days(path, spec) if d.isoformat() in keys]
         if not days:
-            context.log.warning(f"{path.name}: no rows inside the partitions {daily.start:%Y-%m-%d}..; skipped")
+            context.log.warning(
+                f"{path.name}: no rows inside the partitions {daily.start:%Y-%m-%d}..; skipped"
+            )
             continue
         requests.append(
             dg.RunRequest(

@@ -110,7 +110,6 @@ def table_version(uri: str, storage_options: dict[str, str] | None = None) -> in
         return None
 
 
-
 class DeltaTables(dg.ConfigurableResource):
     """Where the Delta tables live, for the IO manager and for direct reads (history, versions)."""
 
@@ -122,10 +121,14 @@ class DeltaTables(dg.ConfigurableResource):
 
     def scan(self, table: str) -> pl.LazyFrame | None:
         """The table's current version, or None before its first write."""
-        return pl.scan_delta(self.uri(table)) if table_version(self.uri(table)) is not None else None
+        return (
+            pl.scan_delta(self.uri(table)) if table_version(self.uri(table)) is not None else None
+        )
 
     def version(self, table: str) -> int | None:
         return table_version(self.uri(table))
 
     def io_manager(self) -> DeltaIOManager:
-        return DeltaIOManager(root_uri=self.root_uri, schema=self.schema_name, storage_options=LocalConfig())
+        return DeltaIOManager(
+            root_uri=self.root_uri, schema=self.schema_name, storage_options=LocalConfig()
+        )

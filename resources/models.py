@@ -29,7 +29,9 @@ class ModelIOManager(dg.ConfigurableIOManager):
     def current_path(self, key: dg.AssetKey) -> Path:
         pointer = self._folder(key) / "current"
         if not pointer.exists():
-            raise FileNotFoundError(f"{key.to_user_string()} has no saved model yet: materialize it first")
+            raise FileNotFoundError(
+                f"{key.to_user_string()} has no saved model yet: materialize it first"
+            )
         return self._folder(key) / pointer.read_text().strip()
 
     def handle_output(self, context: dg.OutputContext, obj) -> None:
@@ -44,5 +46,7 @@ class ModelIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext):
         kind = (context.upstream_output.definition_metadata or {}).get("model_class")
         if kind not in MODEL_CLASSES:
-            raise ValueError(f"{context.asset_key.to_user_string()}: metadata model_class must be one of {sorted(MODEL_CLASSES)}")
+            raise ValueError(
+                f"{context.asset_key.to_user_string()}: metadata model_class must be one of {sorted(MODEL_CLASSES)}"
+            )
         return MODEL_CLASSES[kind].load(self.current_path(context.asset_key))

@@ -71,5 +71,7 @@ class EventSource(dg.ConfigurableResource):
             for day, events in iter_days(world, days)
         ]
         if not frames:
-            return pl.DataFrame(schema={c: pl.String for c in [*LENDING_SPEC.event_schema(), "source"]})
+            return pl.DataFrame(
+                schema={c: pl.String for c in [*LENDING_SPEC.event_schema(), "source"]}
+            )
         return pl.concat(frames)

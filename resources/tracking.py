@@ -18,7 +18,9 @@ import dagster as dg
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -32,7 +34,10 @@ class MlflowTracking(dg.ConfigurableResource):
 
     @classmethod
     def embedded(cls, folder: Path) -> MlflowTracking:
-        return cls(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", artifact_root=(folder / "artifacts").as_uri())
+        return cls(
+            tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+            artifact_root=(folder / "artifacts").as_uri(),
+        )
 
     def client(self):
         from mlflow import MlflowClient
@@ -43,7 +48,9 @@ class MlflowTracking(dg.ConfigurableResource):
         import mlflow
 
         if self.tracking_uri.startswith("sqlite:///"):  # the embedded store's folder, on first use
-            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
+                parents=True, exist_ok=True
+            )
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         found = mlflow.get_experiment_by_name(self.experiment)

@@ -21,7 +21,13 @@ def test_the_lineage_starts_with_ingest():
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"raw_events", "event_rejects"} <= keys
     checks = {k.name for k in graph.asset_check_keys if k.asset_key == dg.AssetKey("raw_events")}
-    assert checks == {"schema", "required_fields_not_null", "unique_event_ids", "daily_volume", "reject_rate"}
+    assert checks == {
+        "schema",
+        "required_fields_not_null",
+        "unique_event_ids",
+        "daily_volume",
+        "reject_rate",
+    }
 
 
 def test_dagster_cli_validates_the_workspace():

@@ -1,35 +1,15 @@
 """The features group, run for real on a small world: labels mature, features are point in time,
 splits are out of time, and the checks guard all three."""
 
-import dagster as dg
 import polars as pl
 import pytest
 
-from ml_assets.features import decision_features, decisions, training_splits
-from ml_assets.ingest import ingest
-
-FIRST, LAST = "2025-01-01", "2025-12-31"  # train, valid, a 90-day gap, test, 90 days to mature
-
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from resources.delta import DeltaTables
-    from resources.sources import EventSource
-
-    tables = DeltaTables(root_uri=str(tmp_path_factory.mktemp("tables")))
-    resources = {"tables": tables, "io_manager": tables.io_manager(), "event_source": EventSource(n_users=1_000, fault_rate=0.0)}
-    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-
-    days = {ASSET_PARTITION_RANGE_START_TAG: FIRST, ASSET_PARTITION_RANGE_END_TAG: LAST}
-    with dg.instance_for_test() as instance:
-        dg.materialize([ingest, decision_features], resources=resources, tags=days, instance=instance)
-        unpartitioned = dg.materialize(
-            [ingest, decision_features, decisions, training_splits],
-            selection=["decisions", "training_splits"],
-            resources=resources,
-            instance=instance,
-        )
-        yield tables, unpartitioned
+def world(small_world_trained):
+    """The year, featurized (shared with the training-half tests: one ingest for both)."""
+    world, _, first_training_run = small_world_trained
+    return world.tables, first_training_run
 
 
 def test_every_decision_gets_features_from_its_own_day(world):
@@ -52,7 +32,9 @@ def test_labels_are_null_until_they_mature(world):
 def test_splits_are_out_of_time_and_every_check_passed(world):
     tables, result = world
     splits = tables.scan("training_splits").collect()
-    order = splits.group_by("split").agg(pl.col("ts").min().alias("first"), pl.col("ts").max().alias("last"))
+    order = splits.group_by("split").agg(
+        pl.col("ts").min().alias("first"), pl.col("ts").max().alias("last")
+    )
     span = {row["split"]: (row["first"], row["last"]) for row in order.iter_rows(named=True)}
     assert span["train"][1] < span["valid"][0] and span["valid"][1] < span["test"][0]
     assert (span["test"][0] - span["valid"][1]).days >= 90

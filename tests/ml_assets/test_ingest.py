@@ -27,7 +27,9 @@ def read(tables, name) -> pl.DataFrame:
 @pytest.fixture
 def ingested(tables, small_world, instance, range_tags, resources_for):
     """Six weeks in one run: long enough for the volume check to have a baseline."""
-    return run(resources_for(tables, small_world), instance, tags=range_tags("2025-01-01", "2025-02-11"))
+    return run(
+        resources_for(tables, small_world), instance, tags=range_tags("2025-01-01", "2025-02-11")
+    )
 
 
 def test_a_range_of_days_is_ingested_in_one_run_with_every_row_accounted_for(ingested, tables):
@@ -40,11 +42,15 @@ def test_a_range_of_days_is_ingested_in_one_run_with_every_row_accounted_for(ing
     assert meta["event_rejects"]["rows_in"].value == events.height + rejects.height
     checks = {c.check_name: c.passed for c in ingested.get_asset_check_evaluations()}
     assert checks == dict.fromkeys(checks, True) and len(checks) == 5
-    volume = next(c for c in ingested.get_asset_check_evaluations() if c.check_name == "daily_volume")
+    volume = next(
+        c for c in ingested.get_asset_check_evaluations() if c.check_name == "daily_volume"
+    )
     assert volume.metadata["days_judged"].value > 0
 
 
-def test_rematerializing_a_day_replaces_it_without_duplicates(ingested, tables, small_world, instance, resources_for):
+def test_rematerializing_a_day_replaces_it_without_duplicates(
+    ingested, tables, small_world, instance, resources_for
+):
     before = read(tables, "raw_events")
     version = tables.version("raw_events")
     run(resources_for(tables, small_world), instance, partition="2025-01-05")
@@ -70,11 +76,15 @@ def test_day_by_day_runs_build_the_same_tables_as_one_range_run(
     assert read(daily, "event_rejects").equals(those_days(tables, "event_rejects"))
 
 
-def test_a_failed_run_leaves_the_previous_version_readable(ingested, tables, instance, tmp_path, resources_for):
+def test_a_failed_run_leaves_the_previous_version_readable(
+    ingested, tables, instance, tmp_path, resources_for
+):
     before = read(tables, "raw_events")
     version = tables.version("raw_events")
     broken = EventSource(kind="landing", landing_dir=str(tmp_path / "nowhere"))  # no spec.yaml
-    result = run(resources_for(tables, broken), instance, partition="2025-01-03", raise_on_error=False)
+    result = run(
+        resources_for(tables, broken), instance, partition="2025-01-03", raise_on_error=False
+    )
     assert not result.success
     assert tables.version("raw_events") == version
     assert read(tables, "raw_events").equals(before)

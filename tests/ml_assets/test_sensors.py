@@ -35,7 +35,9 @@ def zone(tmp_path):
 
 
 def evaluate(source, instance, cursor=None):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"event_source": source})
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"event_source": source}
+    )
     return landing_zone_sensor(context)
 
 
@@ -44,13 +46,18 @@ def test_each_file_is_requested_once_over_repeated_ticks(zone, instance):
     first = evaluate(source, instance)
     assert len(first.run_requests) == 1
     request = first.run_requests[0]
-    assert request.partition_key_range.start == "2025-01-02" and request.partition_key_range.end == "2025-01-03"
+    assert (
+        request.partition_key_range.start == "2025-01-02"
+        and request.partition_key_range.end == "2025-01-03"
+    )
     assert request.tags["eventml/file"] == "day1.csv"
 
     second = evaluate(source, instance, cursor=first.cursor)
     assert second.run_requests == []
 
-    (zone / "day2.csv").write_text("customer_no,uid,happened_at,action,total,shop\nc9,9,2025-01-05T00:00:00Z,visit,,east\n")
+    (zone / "day2.csv").write_text(
+        "customer_no,uid,happened_at,action,total,shop\nc9,9,2025-01-05T00:00:00Z,visit,,east\n"
+    )
     third = evaluate(source, instance, cursor=second.cursor)
     assert [r.tags["eventml/file"] for r in third.run_requests] == ["day2.csv"]
 
@@ -62,7 +69,10 @@ def test_a_rewritten_file_is_requested_again(zone, instance):
     path.write_text(path.read_text() + "c4,5,2025-01-02T11:00:00Z,visit,,north\n")
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
     again = evaluate(source, instance, cursor=first.cursor)
-    assert len(again.run_requests) == 1 and again.run_requests[0].run_key != first.run_requests[0].run_key
+    assert (
+        len(again.run_requests) == 1
+        and again.run_requests[0].run_key != first.run_requests[0].run_key
+    )
 
 
 def test_the_sensor_waits_while_the_source_is_the_simulator(instance):
@@ -73,7 +83,11 @@ def test_the_requested_run_ingests_the_mapped_file(zone, instance, tables, resou
     source = EventSource(kind="landing", landing_dir=str(zone))
     request = evaluate(source, instance).run_requests[0]
     result = dg.materialize(
-        [ingest], resources=resources_for(tables, source), tags=request.tags, instance=instance, raise_on_error=False
+        [ingest],
+        resources=resources_for(tables, source),
+        tags=request.tags,
+        instance=instance,
+        raise_on_error=False,
     )
     events = tables.scan("raw_events").collect().sort("event_id")
     rejects = tables.scan("event_rejects").collect().sort("event_id")
@@ -82,7 +96,10 @@ def test_the_requested_run_ingests_the_mapped_file(zone, instance, tables, resou
         ("c1", "2", "purchase", 30.5),
     ]
     assert events["store"].to_list() == ["north", "north"]
-    assert dict(zip(rejects["event_id"], rejects["reason"])) == {"3": "negative_amount", "4": "unknown_event_type"}
+    assert dict(zip(rejects["event_id"], rejects["reason"])) == {
+        "3": "negative_amount",
+        "4": "unknown_event_type",
+    }
     # Half the file was bad: the rows are kept, and the blocking check stops anything downstream.
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["reject_rate"] is False and not result.success
