@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export EVENTML_HOME ?= $(CURDIR)/.state
 export DAGSTER_HOME ?= $(EVENTML_HOME)/dagster
 
-.PHONY: install demo test ui mlflow bench lint clean
+.PHONY: install demo test ui mlflow serve bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 
 mlflow: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(EVENTML_HOME)/mlflow/mlflow.db --port 5000
+
+# The newest Bento built by `risk_service_bento`, on http://127.0.0.1:3000 (PORT=… to change).
+serve: install
+	$(PY) -m ml_assets.serve --port $(or $(PORT),3000)
 
 bench: install
 	$(PY) bench/simulate.py

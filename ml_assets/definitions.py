@@ -5,9 +5,10 @@ import os
 import dagster as dg
 
 from eventml.home import StateHome
-from ml_assets import evaluation, features, ingest, models
+from ml_assets import evaluation, features, ingest, models, serving
 from ml_assets.jobs import ingest_job
 from ml_assets.sensors import landing_zone_sensor
+from resources.bento import Serving
 from resources.delta import DeltaTables
 from resources.models import ModelIOManager
 from resources.sources import EventSource
@@ -25,12 +26,13 @@ def build_resources(home: StateHome | None = None) -> dict:
         "model_io_manager": ModelIOManager(root=str(home.root / "models")),
         "mlflow_tracking": MlflowTracking.embedded(home.mlflow),
         "event_source": EventSource(kind=os.environ.get("EVENTML_SOURCE", "simulator")),
+        "serving": Serving.under(home.root),
     }
 
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([ingest, features, models, evaluation]),
-    asset_checks=dg.load_asset_checks_from_modules([ingest, features, models, evaluation]),
+    assets=dg.load_assets_from_modules([ingest, features, models, evaluation, serving]),
+    asset_checks=dg.load_asset_checks_from_modules([ingest, features, models, evaluation, serving]),
     jobs=[ingest_job],
     sensors=[landing_zone_sensor],
     resources=build_resources(),

@@ -1,0 +1,244 @@
+"""The `serving` resource: where serving state lives (the BentoML model and Bento store, the
+online store, the prediction log, all under `$EVENTML_HOME`), publishing a champion into the
+BentoML store, and serving a built Bento in a subprocess.
+
+Publishing (save the model, build the Bento) runs in a child Python process with its own
+`BENTOML_HOME`: bentoml reads its home when first imported and caches its stores, and a build
+imports the service module and keeps its Bento arguments process-wide, so a child keeps the
+Dagster process (and the tests) independent of all three.
+
+    python -m resources.bento publish MODEL_DIR SPEC_JSON MLFLOW_VERSION   # prints JSON tags
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from eventml.online_store import SQLiteOnlineStore
+from eventml.schema import DatasetSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE = "eventml.service:RiskService"
+SERVICE_NAME = "eventml_risk"
+MODEL_NAME = "eventml-risk"
+# What the Bento's code imports (bentoml itself is added by the build).
+RUNTIME_PACKAGES = ("numpy", "numba", "polars", "pydantic", "pyyaml", "xgboost", "torch")
+
+
+def pinned_packages() -> list[str]:
+    """`name==version` of the installed runtime packages. torch reports `2.13.0+cpu`: the local
+    suffix is dropped, which is right for PyPI (a CPU image adds the PyTorch CPU index)."""
+    pins = []
+    for name in RUNTIME_PACKAGES:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pass
+    return pins
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Serving(dg.ConfigurableResource):
+    home: str  # BENTOML_HOME: models/ and bentos/ live under it
+    online_store: str  # the SQLite online store the service reads histories from
+    prediction_log: str  # the folder of the service's prediction log (JSON lines)
+
+    @classmethod
+    def under(cls, root: Path) -> Serving:
+        return cls(
+            home=str(root / "bentoml"),
+            online_store=str(root / "online" / "store.sqlite"),
+            prediction_log=str(root / "predictions"),
+        )
+
+    def store(self, spec: DatasetSpec) -> SQLiteOnlineStore:
+        return SQLiteOnlineStore(self.online_store, spec)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        # Usage analytics are on by default in bentoml; off here.
+        return {**os.environ, "BENTOML_HOME": self.home, "BENTOML_DO_NOT_TRACK": "True", **extra}
+
+    def bentos(self) -> list[dict]:
+        """Built Bentos of the service, newest first: tag, labels, model tag, creation time."""
+        found = []
+        for info in Path(self.home, "bentos", SERVICE_NAME).glob("*/bento.yaml"):
+            meta = yaml.safe_load(info.read_text())
+            found.append(
+                {
+                    "tag": f"{SERVICE_NAME}:{meta['version']}",
+                    "labels": meta.get("labels", {}),
+                    "model_tag": (meta.get("args") or {}).get("model"),
+                    "created": str(meta.get("creation_time")),
+                }
+            )
+        return sorted(found, key=lambda b: b["created"], reverse=True)
+
+    def bento_for(self, mlflow_version: str) -> dict | None:
+        return next(
+            (b for b in self.bentos() if b["labels"].get("mlflow_version") == str(mlflow_version)),
+            None,
+        )
+
+    def publish(self, model_dir: Path, spec_json: str, mlflow_version: str) -> dict:
+        """Save the RiskModel bundle into the model store and build the Bento pinned to it."""
+        Path(self.home).mkdir(parents=True, exist_ok=True)
+        spec_path = Path(self.home) / "dataset_spec.json"
+        spec_path.write_text(spec_json)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "resources.bento",
+                "publish",
+                str(model_dir),
+                str(spec_path),
+                str(mlflow_version),
+            ],
+            cwd=ROOT,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"publishing the Bento failed:\n{out.stderr[-4000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    @contextmanager
+    def serve(
+        self,
+        bento_tag: str,
+        online_store: str | None = None,
+        prediction_log: str | None = None,
+        port: int | None = None,
+        workers: int = 1,
+        log_path: Path | None = None,
+        ready_timeout: float = 180.0,
+    ) -> Iterator[str]:
+        """`bentoml serve` of a built Bento in its own process group; yields the base URL once
+        /readyz answers 200 and stops the whole tree on exit."""
+        import httpx
+
+        port = port or free_port()
+        env = self.env(
+            EVENTML_ONLINE_STORE=str(online_store or self.online_store),
+            EVENTML_PREDICTION_LOG=str(prediction_log or self.prediction_log),
+            # `--api-workers` is ignored for @bentoml.service classes; the config override is not.
+            BENTOML_CONFIG_OPTIONS=f"services.{SERVICE_NAME}.workers={workers}",
+        )
+        log = open(log_path, "w") if log_path else subprocess.DEVNULL
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=Path(self.home), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + ready_timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"bentoml serve {bento_tag} exited with {proc.returncode} (log: {log_path})"
+                    )
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"bentoml serve {bento_tag} not ready after {ready_timeout} s"
+                    )
+                time.sleep(0.2)
+            yield url
+        finally:
+            _stop(proc)
+            if log is not subprocess.DEVNULL:
+                log.close()
+
+
+def _children(pid: int) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return pids
+
+
+def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the arbiter's group (workers run on_shutdown); circus workers have their own
+    sessions, so a killed arbiter's workers are found by parent pid and killed too."""
+    if proc.poll() is not None:
+        return
+    workers = _children(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# ---------------------------------------------------------------- the child process
+
+
+def _publish(model_dir: str, spec_path: str, mlflow_version: str) -> dict:
+    import bentoml
+
+    from eventml.risk_model import RiskModel
+    from eventml.service import SPEC_FILE
+
+    model = RiskModel.load(model_dir)  # loads and validates the bundle before it is stored
+    with bentoml.models.create(
+        MODEL_NAME,
+        labels={"mlflow_model": MODEL_NAME, "mlflow_version": str(mlflow_version)},
+        metadata={
+            "format": "eventml-risk-model",
+            "tasks": list(model.tasks),
+            "features": len(model.scorer.feature_names),
+        },
+    ) as stored:
+        model.save(stored.path)  # the bundle's own save(): UBJ, state_dict + JSON; no pickle
+        Path(stored.path_of(SPEC_FILE)).write_text(Path(spec_path).read_text())
+    bento = bentoml.bentos.build(
+        SERVICE,
+        build_ctx=str(ROOT),
+        include=["eventml/**/*.py"],
+        exclude=["**/__pycache__/"],
+        labels={"mlflow_model": MODEL_NAME, "mlflow_version": str(mlflow_version)},
+        python={"packages": pinned_packages(), "lock_packages": False},  # locking needs the network
+        args={"model": str(stored.tag)},  # exact tag: the Bento serves this model and no later one
+    )
+    return {"model_tag": str(stored.tag), "bento_tag": str(bento.tag)}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5 or sys.argv[1] != "publish":
+        sys.exit("usage: python -m resources.bento publish MODEL_DIR SPEC_JSON MLFLOW_VERSION")
+    print(json.dumps(_publish(*sys.argv[2:])))
