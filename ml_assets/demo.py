@@ -80,7 +80,7 @@ def summary() -> None:
     print(
         f"champion: v{last['champion_after']} ({last['action']} v{last['challenger_version']}: {last['reasons']})"
     )
-    print(f"tables: {tables.root_uri}   UI: make ui   MLflow: make mlflow")
+    print(f"tables: {tables.root_uri}   UI: make ui   MLflow: make mlflow   serve the Bento: make serve")
 
 
 def main() -> int:
@@ -89,10 +89,10 @@ def main() -> int:
     Path(os.environ.setdefault("DAGSTER_HOME", str(StateHome.from_env().dagster))).mkdir(
         parents=True, exist_ok=True
     )
-    materialize("raw_events,event_rejects,decision_features", partitioned=True)
+    materialize("raw_events,event_rejects,decision_features,online_store", partitioned=True)
     materialize(
         "decisions,training_splits,sequence_encoder,decision_embeddings,baseline_scorer,risk_scorer,"
-        "model_evaluation,champion",
+        "model_evaluation,champion,risk_service_bento",
         partitioned=False,
     )
     summary()

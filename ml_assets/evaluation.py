@@ -90,7 +90,7 @@ def model_evaluation(
     table, by_segment = compare(test, scores, tasks, SEGMENTS)
     table = table.with_columns(
         pl.lit(str(challenger.version)).alias("challenger_version"),
-        pl.lit(champion_version).alias("champion_version"),
+        pl.lit(champion_version, dtype=pl.String).alias("champion_version"),
     )
 
     plots = {}

@@ -33,8 +33,15 @@ def png_md(png: bytes) -> dg.MetadataValue:
 
 
 def lineage(context, tables, reads: list[str]) -> dict:
-    """What an MLflow run needs to be rebuilt: the Dagster run and the Delta versions it read."""
-    return {
+    """What an MLflow run needs to be rebuilt: the Dagster run, the Delta versions it read and
+    the range of event days behind them."""
+    tags = {
         "dagster_run_id": context.run_id,
         **{f"delta_version.{t}": tables.version(t) for t in reads},
     }
+    events = tables.scan("raw_events")
+    if events is not None:
+        span = events.select(pl.col("day").min().alias("first"), pl.col("day").max().alias("last"))
+        first, last = span.collect().row(0)
+        tags["raw_events.days"] = f"{first}..{last}"
+    return tags

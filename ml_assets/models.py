@@ -142,7 +142,8 @@ def _fit(
 def _log_scorer_run(
     mlflow_tracking, scorer: Scorer, name: str, context, tables, artifact, artifact_path: str
 ) -> str:
-    reads = ["training_splits", "decision_features", "decision_embeddings"]
+    # The risk model bundles the encoder, so its lineage includes the events the encoder read.
+    reads = ["raw_events", "training_splits", "decision_features", "decision_embeddings"]
     with mlflow_tracking.start_run(name, lineage(context, tables, reads)) as run:
         mlflow.log_params(
             {f"scorer.{k}": v for k, v in scorer.config.__dict__.items() if k != "monotone"}

@@ -129,6 +129,11 @@ class DeltaTables(dg.ConfigurableResource):
         return table_version(self.uri(table))
 
     def io_manager(self) -> DeltaIOManager:
+        # An unpartitioned table is rewritten whole, so its schema may change with it (a new
+        # feature, a new column); partitioned writes keep the table's schema.
         return DeltaIOManager(
-            root_uri=self.root_uri, schema=self.schema_name, storage_options=LocalConfig()
+            root_uri=self.root_uri,
+            schema=self.schema_name,
+            storage_options=LocalConfig(),
+            overwrite_schema=True,
         )

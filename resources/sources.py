@@ -29,6 +29,9 @@ class EventSource(dg.ConfigurableResource):
     seed: int = WorldConfig.seed
     shift_day: int | None = WorldConfig.shift_day
     shift_strength: float = WorldConfig.shift_strength
+    # Shares of users who are fraudsters (small worlds raise them so every window sees fraud).
+    bust_out_rate: float = WorldConfig.bust_out_rate
+    stolen_identity_rate: float = WorldConfig.stolen_identity_rate
     # Share of simulated rows broken like a real feed breaks them (exercises `event_rejects`).
     fault_rate: float = 0.001
     # The landing zone and its spec; empty means `$EVENTML_HOME/landing` and `<landing>/spec.yaml`.
@@ -43,6 +46,8 @@ class EventSource(dg.ConfigurableResource):
             seed=self.seed,
             shift_day=self.shift_day,
             shift_strength=self.shift_strength,
+            bust_out_rate=self.bust_out_rate,
+            stolen_identity_rate=self.stolen_identity_rate,
         )
 
     @property

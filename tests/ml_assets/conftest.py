@@ -99,11 +99,13 @@ class SmallWorld:
             "io_manager": self.tables.io_manager(),
             "model_io_manager": self.models,
             "mlflow_tracking": self.mlflow,
-            "event_source": EventSource(n_users=1_000, fault_rate=0.0),
+            # Fraud raised (as the simulator's own tests do) so a three-week window still has some.
+            "event_source": EventSource(n_users=1_000, fault_rate=0.0, bust_out_rate=0.03, stolen_identity_rate=0.02),
         }
 
     def run(self, instance, selection, *, scorer=None, tags=None):
         scorer = scorer or scorer_config()
+        names = {s if isinstance(s, str) else s.to_user_string() for s in selection}
         ops = {
             "sequence_encoder": {"config": TINY_ENCODER},
             "baseline_scorer": {"config": scorer},
@@ -115,7 +117,7 @@ class SmallWorld:
             selection=selection,
             resources=self.resources,
             instance=instance,
-            run_config={"ops": {k: v for k, v in ops.items() if k in selection}},
+            run_config={"ops": {k: v for k, v in ops.items() if k in names}},
             tags=tags or {},
         )
 

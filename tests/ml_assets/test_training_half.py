@@ -32,6 +32,7 @@ def test_the_first_challenger_becomes_champion_and_everything_is_logged(world):
     run = trained.mlflow.client().get_run(champion_version.run_id)
     assert run.data.tags["dagster_run_id"] == first.run_id
     assert run.data.tags["delta_version.raw_events"] == "0"
+    assert run.data.tags.get("raw_events.days") == "2025-01-01..2025-12-31"
     assert run.data.tags["git_commit"]
 
 
