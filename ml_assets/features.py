@@ -7,7 +7,13 @@ import polars as pl
 from eventml.features import compute_features, feature_set_for, features_for_one
 from eventml.labels import build_decisions, decision_summary
 from eventml.sources import DAY
-from eventml.splits import SplitConfig, check_splits, split_decisions, split_summary, with_stacking_stages
+from eventml.splits import (
+    SplitConfig,
+    check_splits,
+    split_decisions,
+    split_summary,
+    with_stacking_stages,
+)
 from ml_assets.metadata import table_md
 from ml_assets.partitions import daily, run_days
 from resources.delta import DeltaTables
