@@ -80,7 +80,9 @@ def summary() -> None:
     print(
         f"champion: v{last['champion_after']} ({last['action']} v{last['challenger_version']}: {last['reasons']})"
     )
-    print(f"tables: {tables.root_uri}   UI: make ui   MLflow: make mlflow   serve the Bento: make serve")
+    print(
+        f"tables: {tables.root_uri}   UI: make ui   MLflow: make mlflow   serve the Bento: make serve"
+    )
 
 
 def main() -> int:

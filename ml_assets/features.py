@@ -14,7 +14,7 @@ from eventml.splits import (
     split_summary,
     with_stacking_stages,
 )
-from ml_assets.metadata import table_md
+from ml_assets.metadata import check_result, table_md
 from ml_assets.partitions import daily, run_days
 from resources.delta import DeltaTables
 from resources.sources import EventSource
@@ -168,10 +168,4 @@ def training_splits(
         metadata={"dagster/row_count": splits.height, "splits": split_summary(splits, spec)},
     )
     for outcome in check_splits(splits, spec, config):
-        yield dg.AssetCheckResult(
-            asset_key="training_splits",
-            check_name=outcome.name,
-            passed=outcome.passed,
-            description=outcome.description,
-            metadata=outcome.figures,
-        )
+        yield check_result("training_splits", outcome)

@@ -7,7 +7,7 @@ import polars as pl
 
 from eventml.quality import check_events
 from eventml.sources import DAY, ingest_days
-from ml_assets.metadata import counts_md, table_md
+from ml_assets.metadata import check_result, counts_md, table_md
 from ml_assets.partitions import daily, run_days
 from resources.delta import DeltaTables
 from resources.sources import EventSource
@@ -73,13 +73,7 @@ def ingest(context: dg.AssetExecutionContext, event_source: EventSource, tables:
         },
     )
     for outcome in check_events(clean, rejects, spec, _prior_daily_counts(tables, start)):
-        yield dg.AssetCheckResult(
-            asset_key="raw_events",
-            check_name=outcome.name,
-            passed=outcome.passed,
-            description=outcome.description,
-            metadata=outcome.figures,
-        )
+        yield check_result("raw_events", outcome)
 
 
 def _prior_daily_counts(tables: DeltaTables, before, window_days: int = 28) -> dict:

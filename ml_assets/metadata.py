@@ -45,3 +45,14 @@ def lineage(context, tables, reads: list[str]) -> dict:
         first, last = span.collect().row(0)
         tags["raw_events.days"] = f"{first}..{last}"
     return tags
+
+
+def check_result(asset: str, outcome) -> dg.AssetCheckResult:
+    """An `eventml` CheckOutcome as the asset check result the UI shows."""
+    return dg.AssetCheckResult(
+        asset_key=asset,
+        check_name=outcome.name,
+        passed=outcome.passed,
+        description=outcome.description,
+        metadata=outcome.figures,
+    )
