@@ -14,6 +14,11 @@ from eventml.risk_model import RiskModel, model_table
 from ml_assets.models import REGISTERED_MODEL
 
 
+def auc(evaluation: pl.DataFrame, model: str, task: str = "fraud_60d") -> float:
+    """The AUC of the task promotion decides on in the small world (see conftest)."""
+    return evaluation.filter((pl.col("model") == model) & (pl.col("task") == task))["auc"][0]
+
+
 @pytest.fixture(scope="module")
 def world(small_world_trained):
     return small_world_trained
@@ -44,16 +49,21 @@ def test_a_worse_challenger_is_refused_and_the_alias_stays(world, scorer_setting
         ["risk_scorer", "model_evaluation", "champion"],
         scorer=scorer_settings(n_estimators=1, max_depth=1, learning_rate=0.01),
     )
+    evaluation = trained.tables.scan("model_evaluation").collect()
+    assert "champion" in set(evaluation["model"]), (
+        evaluation
+    )  # the incumbent, scored on the same rows
+    assert auc(evaluation, "challenger") < auc(evaluation, "champion"), evaluation  # the premise
     assert trained.mlflow.version_by_alias(REGISTERED_MODEL, "champion").version == before
     last = trained.audit().row(-1, named=True)
     assert last["action"] == "refused" and "does not reach the champion" in last["reasons"]
-    evaluation = trained.tables.scan("model_evaluation").collect()
-    assert "champion" in set(evaluation["model"])  # the incumbent was scored on the same rows
 
 
 def test_a_better_challenger_is_promoted_and_the_audit_answers_who_served_when(world):
     trained, instance, _ = world
     trained.run(instance, ["risk_scorer", "model_evaluation", "champion"])
+    evaluation = trained.tables.scan("model_evaluation").collect()
+    assert auc(evaluation, "challenger") > auc(evaluation, "champion")  # the premise: it is better
     audit = trained.audit()
     assert audit["action"].to_list()[-1] == "promoted"
     new = trained.mlflow.version_by_alias(REGISTERED_MODEL, "champion").version
