@@ -113,11 +113,6 @@ def metrics_by_segment(
     return pl.DataFrame(rows)
 
 
-def comparison_table(results: dict[str, Metrics]) -> pl.DataFrame:
-    """Models side by side (rows) with their metrics (columns)."""
-    return pl.DataFrame([{"model": name, **m.as_dict()} for name, m in results.items()])
-
-
 # ---------------------------------------------------------------- plots
 
 

@@ -34,7 +34,3 @@ class StateHome:
     @property
     def mlflow(self) -> Path:
         return self.root / "mlflow"
-
-    @property
-    def bentoml(self) -> Path:
-        return self.root / "bentoml"

@@ -8,7 +8,7 @@ reason each. Nothing is dropped: every input row is in exactly one of the two ou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -27,10 +27,6 @@ CORE_COLUMNS: dict[str, pl.DataType] = {
     "amount": pl.Float64(),
 }
 REQUIRED_COLUMNS = ("entity_id", "event_id", "ts", "event_type")
-
-# Rejected rows keep what arrived, as text, so a row that could not be parsed is still readable.
-# `source` says where a rejected row came from (a landing file's name, or "simulator").
-REJECT_REASON_COLUMNS = {"reason": pl.String(), "field": pl.String(), "source": pl.String()}
 
 
 class SpecError(ValueError):
@@ -133,9 +129,6 @@ class DatasetSpec(BaseModel):
         schema.update({c: pl.String() for c in self.categorical})
         schema.update({c: pl.Float64() for c in (*self.numeric, *self.oracle)})
         return schema
-
-    def reject_schema(self) -> dict[str, pl.DataType]:
-        return {c: pl.String() for c in self.event_schema()} | REJECT_REASON_COLUMNS
 
     def label(self, name: str) -> Label:
         for label in self.labels:
@@ -316,14 +309,3 @@ def validate(
         pl.col("__source").alias("source"),
     )
     return Validated(clean=clean, rejects=rejects)
-
-
-def empty_events(spec: DatasetSpec) -> pl.DataFrame:
-    return pl.DataFrame(schema=spec.event_schema())
-
-
-def day_bounds(day: str | datetime) -> tuple[datetime, datetime]:
-    """[start, end) of a UTC calendar day given as 'YYYY-MM-DD' or a datetime."""
-    start = datetime.fromisoformat(day) if isinstance(day, str) else day
-    start = start.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=UTC)
-    return start, start + timedelta(days=1)

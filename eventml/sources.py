@@ -8,7 +8,7 @@ clean events and the rejects of the requested days, each row tagged with its par
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -163,11 +163,3 @@ def inject_faults(events: pl.DataFrame, rate: float, seed: int) -> pl.DataFrame:
         .alias("__fault")
     )
     return pl.concat([text, dupes]).drop("__fault")
-
-
-def day_range(start: date, end: date) -> list[date]:
-    return [start + timedelta(days=i) for i in range((end - start).days)]
-
-
-def utc_midnight(day: date) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=UTC)
