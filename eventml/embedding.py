@@ -112,8 +112,9 @@ def train_sequence_model(
     learn = splits.filter(pl.col("split").is_in(["train", "gap"])).with_columns(
         pl.when(own_labels).then(pl.col(t)).otherwise(None).alias(t) for t in tasks
     )
+    learn = learn.sort("ts", "decision_id")  # a canonical order: same data, same model
     hidden = learn.filter(~own_labels)
-    valid = splits.filter(pl.col("split") == "valid")
+    valid = splits.filter(pl.col("split") == "valid").sort("ts", "decision_id")
     train_arrays = build_sequences(events, learn, seq_spec, config.max_len, label_columns=tasks)
     valid_arrays = build_sequences(events, valid, seq_spec, config.max_len, label_columns=tasks)
     log(

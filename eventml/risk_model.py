@@ -136,4 +136,6 @@ def model_table(
     )
     if embeddings is not None:
         table = table.join(embeddings, on="decision_id", how="inner")
-    return table
+    # Joins do not keep row order, and XGBoost's row sampling depends on it: a canonical order
+    # makes every training run on the same data the same model.
+    return table.sort("ts", "decision_id")

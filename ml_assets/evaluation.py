@@ -50,7 +50,8 @@ def _champion_scores(
     )
     rows = decisions.join(test.select("decision_id"), on="decision_id")
     embeddings = model.embed_decisions(raw_events.drop(DAY).collect(), rows)
-    scored = test.join(embeddings, on="decision_id", how="left")
+    # Scores must line up with `test`'s labels row for row.
+    scored = test.join(embeddings, on="decision_id", how="left", maintain_order="left")
     return str(champion.version), {task: p for task, p in model.scorer.predict(scored).items()}
 
 
