@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export EVENTML_HOME ?= $(CURDIR)/.state
 export DAGSTER_HOME ?= $(EVENTML_HOME)/dagster
 
-.PHONY: install demo test ui mlflow serve bench lint clean
+.PHONY: install demo advance test ui mlflow serve bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ $(DAGSTER_HOME)/dagster.yaml:
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m ml_assets.demo
 
+# The time machine: DAYS more days of the world arrive, are served and judged; the sensors'
+# retrains run (make ui shows it all). STEP days per run.
+advance: install $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -m ml_assets.time_machine --days $(or $(DAYS),7) --step $(or $(STEP),5)
+
 test: install
 	$(PY) -m pytest -q
 
@@ -36,7 +41,7 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 mlflow: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(EVENTML_HOME)/mlflow/mlflow.db --port 5000
 
-# The newest Bento built by `risk_service_bento`, on http://127.0.0.1:3000 (PORT=… to change).
+# The MLflow champion's Bento (built by `risk_service_bento`), on http://127.0.0.1:3000 (PORT=… to change).
 serve: install
 	$(PY) -m ml_assets.serve --port $(or $(PORT),3000)
 

@@ -41,7 +41,7 @@ from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, mod
 from eventml.scorer import Scorer, ScorerConfig  # noqa: E402
 from eventml.simulate import LENDING_SPEC, WorldConfig, simulate  # noqa: E402
 from eventml.splits import split_decisions  # noqa: E402
-from ml_assets.serving import _requests  # noqa: E402
+from eventml.traffic import score_requests  # noqa: E402
 from resources.bento import Serving  # noqa: E402
 
 CONFIGS = {
@@ -140,7 +140,7 @@ def parity(url: str, model: RiskModel, events, sample: pl.DataFrame, features) -
 
     offline = model.score_tables(features, model.embed_decisions(events, sample))
     offline = {r["decision_id"]: r for r in offline.iter_rows(named=True)}
-    requests = _requests(sample)
+    requests = score_requests(sample)
     with httpx.Client(base_url=url, timeout=120) as c:
         single = [c.post("/score", json={"request": r}).json() for r in requests[:100]]
         batch = c.post("/score_batch", json={"requests": requests[:256]}).json()
@@ -229,7 +229,7 @@ def main() -> None:
     cache = StateHome.from_env().root / "bench" / "serve"
     events, splits, features = world(cache, args.users)
     test = splits.filter(pl.col("split") == "test").sample(args.sample, seed=0)
-    requests = _requests(test)
+    requests = score_requests(test)
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "load_average_at_start": os.getloadavg()[0], "users": args.users, "events": events.height}  # fmt: skip
     for name in args.configs.split(","):

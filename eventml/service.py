@@ -13,22 +13,16 @@ Configuration (environment, read once per worker):
 - `EVENTML_ONLINE_STORE`: the SQLite online store (required; `ml_assets.serving` publishes it).
 - `EVENTML_PREDICTION_LOG`: the prediction-log folder (required).
 
-Prediction log: every scored decision appends one JSON line to
-`$EVENTML_PREDICTION_LOG/<YYYY-MM-DD>T<HH>.jsonl` (one file per UTC hour of serving; each line
-is a single O_APPEND write, so several workers can share a file). Fields:
-`request_id` (str, also returned to the caller), `entity_id`, `decision_ts` (ISO 8601 UTC),
-`decision_id` (str or null), `probabilities` ({task: float}), `decision` ("approve"/"decline"),
-`model_tag` (the BentoML model tag), `mlflow_version` (str), `served_at` (ISO 8601 UTC).
+Prediction log: every scored decision appends one JSON line under `$EVENTML_PREDICTION_LOG`
+(format: `eventml.prediction_log`), which the `served_predictions` asset ingests.
 
 No dagster or mlflow here: the Bento ships `eventml` and nothing of the orchestration.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +37,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 from eventml.features import compute_features
 from eventml.online_store import SQLiteOnlineStore
+from eventml.prediction_log import PredictionLog
 from eventml.risk_model import RiskModel, embedding_columns
 from eventml.schema import TS_TYPE, DatasetSpec
 
@@ -198,32 +193,6 @@ class BentoArgs(BaseModel):
 
 
 ARGS = bentoml.use_arguments(BentoArgs)
-
-
-class PredictionLog:
-    """Append-only JSON lines, one file per UTC hour (see the module docstring)."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._hour, self._fd = None, None
-
-    def append(self, records: list[dict]) -> None:
-        now = datetime.now(UTC)
-        data = "".join(
-            json.dumps({**r, "served_at": now.isoformat()}) + "\n" for r in records
-        ).encode()
-        with self._lock:
-            hour = now.strftime("%Y-%m-%dT%H")
-            if hour != self._hour:
-                if self._fd is not None:
-                    os.close(self._fd)
-                self._fd = os.open(
-                    self.folder / f"{hour}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
-                )
-                self._hour = hour
-            os.write(self._fd, data)
 
 
 @bentoml.service(

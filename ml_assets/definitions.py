@@ -5,12 +5,13 @@ import os
 import dagster as dg
 
 from eventml.home import StateHome
-from ml_assets import evaluation, features, ingest, models, serving
-from ml_assets.jobs import ingest_job
-from ml_assets.sensors import landing_zone_sensor
+from ml_assets import evaluation, features, ingest, models, monitoring, serving
+from ml_assets.jobs import ingest_job, retrain_job, time_machine_job, weekly_retrain
+from ml_assets.sensors import drift_sensor, landing_zone_sensor, performance_sensor
 from resources.bento import Serving
 from resources.delta import DeltaTables
 from resources.models import ModelIOManager
+from resources.monitoring import Monitoring
 from resources.sources import EventSource
 from resources.tracking import MlflowTracking
 
@@ -27,13 +28,22 @@ def build_resources(home: StateHome | None = None) -> dict:
         "mlflow_tracking": MlflowTracking.embedded(home.mlflow),
         "event_source": EventSource(kind=os.environ.get("EVENTML_SOURCE", "simulator")),
         "serving": Serving.under(home.root),
+        "monitoring": Monitoring(),
     }
 
 
-defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([ingest, features, models, evaluation, serving]),
-    asset_checks=dg.load_asset_checks_from_modules([ingest, features, models, evaluation, serving]),
-    jobs=[ingest_job],
-    sensors=[landing_zone_sensor],
-    resources=build_resources(),
-)
+MODULES = [ingest, features, models, evaluation, serving, monitoring]
+
+
+def build_definitions(resources: dict) -> dg.Definitions:
+    return dg.Definitions(
+        assets=dg.load_assets_from_modules(MODULES),
+        asset_checks=dg.load_asset_checks_from_modules(MODULES),
+        jobs=[ingest_job, retrain_job, time_machine_job],
+        schedules=[weekly_retrain],
+        sensors=[landing_zone_sensor, drift_sensor, performance_sensor],
+        resources=resources,
+    )
+
+
+defs = build_definitions(build_resources())

@@ -4,6 +4,7 @@ The run goes through the `dagster` CLI against DAGSTER_HOME, so it is an ordinar
 UI (`make ui`) shows afterwards, with its metadata and checks.
 """
 
+import argparse
 import os
 import subprocess
 import sys
@@ -13,13 +14,19 @@ from pathlib import Path
 import polars as pl
 
 from eventml.home import StateHome
+from eventml.simulate import WorldConfig
 from ml_assets.definitions import build_resources
 from ml_assets.partitions import daily
 
+# The demo's "today": the eve of the simulated regime shift, so `make advance` has a future to
+# move into (python -m ml_assets.demo --days N for another present).
+DEFAULT_DAYS = WorldConfig.shift_day or WorldConfig.n_days
 
-def materialize(selection: str, partitioned: bool) -> None:
-    """One run over every day for daily assets (a single-run backfill), one run for the rest."""
-    keys = daily.get_partition_keys()
+
+def materialize(selection: str, partitioned: bool, n_days: int = DEFAULT_DAYS) -> None:
+    """One run over the first `n_days` days for daily assets (a single-run backfill), one run
+    for the rest."""
+    keys = daily.get_partition_keys()[:n_days]
     cmd = [
         str(Path(sys.executable).with_name("dagster")),  # the CLI of this same environment
         "asset", "materialize", "-m", "ml_assets.definitions", "--select", selection,
@@ -83,15 +90,23 @@ def summary() -> None:
     print(
         f"tables: {tables.root_uri}   UI: make ui   MLflow: make mlflow   serve the Bento: make serve"
     )
+    print(f"today is {events['day'].max()}: `make advance DAYS=30` moves the world forward")
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description="Ingest the simulated world and train on it.")
+    ap.add_argument("--days", type=int, default=DEFAULT_DAYS, help="days to ingest from day 0")
+    args = ap.parse_args()
     started = time.perf_counter()
     # Dagster refuses a DAGSTER_HOME that does not exist; `make demo` sets it under EVENTML_HOME.
     Path(os.environ.setdefault("DAGSTER_HOME", str(StateHome.from_env().dagster))).mkdir(
         parents=True, exist_ok=True
     )
-    materialize("raw_events,event_rejects,decision_features,online_store", partitioned=True)
+    materialize(
+        "raw_events,event_rejects,decision_features,online_store",
+        partitioned=True,
+        n_days=args.days,
+    )
     materialize(
         "decisions,training_splits,sequence_encoder,decision_embeddings,baseline_scorer,risk_scorer,"
         "model_evaluation,champion,risk_service_bento",

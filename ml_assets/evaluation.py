@@ -113,6 +113,7 @@ def model_evaluation(
                 client.log_metric(challenger.run_id, f"test.{row['task']}.{metric}", row[metric])
     for name, png in plots.items():
         client.log_image(challenger.run_id, _image(png), artifact_file=f"evaluation/{name}.png")
+    _log_reference(client, challenger.run_id, test, scores["challenger"], risk_scorer)
 
     lift = {task: _auc(table, "challenger", task) - _auc(table, "baseline", task) for task in tasks}
     context.add_output_metadata(
@@ -137,6 +138,23 @@ def model_evaluation(
         }
     )
     return table
+
+
+REFERENCE_ROWS = 10_000
+REFERENCE_ARTIFACT = "monitoring/reference.parquet"
+
+
+def _log_reference(client, run_id: str, test: pl.DataFrame, scores: dict, model: RiskModel):
+    """What monitoring compares production against: a sample of the test decisions this model
+    is judged (and maybe promoted) on, with its features and its own scores."""
+    reference = test.select("decision_id", "ts", *model.feature_set.names).with_columns(
+        pl.Series(f"p_{t}", np.asarray(p, dtype=np.float64)) for t, p in scores.items()
+    )
+    reference = reference.sample(min(REFERENCE_ROWS, reference.height), seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(REFERENCE_ARTIFACT).name
+        reference.write_parquet(path)
+        client.log_artifact(run_id, str(path), str(Path(REFERENCE_ARTIFACT).parent))
 
 
 def _auc(table: pl.DataFrame, model: str, task: str) -> float:

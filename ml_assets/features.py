@@ -49,6 +49,8 @@ def decisions(
     backfill_policy=dg.BackfillPolicy.single_run(),
     # Day D's features read every stored day up to D; the identity mapping records the newest.
     deps=["raw_events"],
+    # New days of events refresh these partitions without anyone asking (the automation sensor).
+    automation_condition=dg.AutomationCondition.eager(),
     metadata={"partition_expr": DAY},
     check_specs=[
         dg.AssetCheckSpec("point_in_time_parity", asset="decision_features", blocking=True)

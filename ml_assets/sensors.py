@@ -1,6 +1,8 @@
-"""Sensors: new files in the landing zone become ingest runs for the days they hold."""
+"""Sensors: new files in the landing zone become ingest runs for the days they hold; drift or
+live-performance decay past the `monitoring` thresholds becomes a retrain, once per champion."""
 
 import json
+from datetime import date
 
 import dagster as dg
 from dagster._core.storage.tags import (
@@ -9,9 +11,12 @@ from dagster._core.storage.tags import (
 )
 
 from eventml.sources import file_days, landing_files
-from ml_assets.jobs import ingest_job
+from ml_assets.jobs import ingest_job, retrain_job
+from ml_assets.models import REGISTERED_MODEL
 from ml_assets.partitions import daily
+from resources.monitoring import Monitoring
 from resources.sources import EventSource
+from resources.tracking import MlflowTracking
 
 
 @dg.sensor(
@@ -55,3 +60,92 @@ def landing_zone_sensor(context: dg.SensorEvaluationContext, event_source: Event
             )
         )
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(sorted(seen)))
+
+
+def _judged(context: dg.SensorEvaluationContext, asset: str):
+    """The newest materialization of a monitoring asset not seen by an earlier tick, or None."""
+    records = context.instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
+    if not records or (context.cursor and records[0].storage_id <= int(context.cursor)):
+        return None
+    return records[0]
+
+
+def _retrain_request(
+    context: dg.SensorEvaluationContext, asset: str, trigger: str,
+    mlflow_tracking: MlflowTracking, monitoring: Monitoring,
+):  # fmt: skip
+    """The shared half of the drift and performance sensors: read the monitor's verdict on its
+    newest day and request one retrain per champion, once its training data is old enough."""
+    event = _judged(context, asset)
+    if event is None:
+        return dg.SkipReason(f"no new {asset} since the last tick")
+    cursor = str(event.storage_id)
+    meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    if not meta.get("judged") or not meta.get("retrain_recommended"):
+        why = meta.get("reasons") or "not judged (too few decisions in the window)"
+        return dg.SensorResult(skip_reason=f"{asset} {meta.get('as_of', '')}: {why}", cursor=cursor)
+    champion = mlflow_tracking.run_of(REGISTERED_MODEL, "champion")
+    version = champion[0] if champion else "none"
+    if champion and str(meta.get("champion_version")) != version:
+        return dg.SensorResult(
+            skip_reason=f"{asset} judged v{meta.get('champion_version')}, champion is now v{version}",
+            cursor=cursor,
+        )
+    as_of = date.fromisoformat(meta["as_of"])
+    trained_through = _data_through(champion[1]) if champion else None
+    if trained_through and (as_of - trained_through).days < monitoring.cooldown_days:
+        return dg.SensorResult(
+            skip_reason=f"{trigger}: champion v{version} was trained on data through "
+            f"{trained_through}, {(as_of - trained_through).days} days before {as_of} "
+            f"(cooldown {monitoring.cooldown_days}): nothing new to learn from yet",
+            cursor=cursor,
+        )
+    figures = {
+        k: str(v) for k, v in meta.items() if k.startswith(("score_psi.", "auc.", "features_act"))
+    }
+    context.log.info(f"{trigger}: requesting a retrain of champion v{version}: {meta['reasons']}")
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                # One retrain per champion and trigger: later ticks over the same drift, or a
+                # re-evaluated tick, ask for the run Dagster already has.
+                run_key=f"{trigger}:champion-v{version}",
+                tags={
+                    "eventml/trigger": trigger,
+                    "eventml/as_of": meta["as_of"],
+                    "eventml/champion_version": version,
+                    "eventml/reasons": str(meta["reasons"])[:1000],
+                    **{f"eventml/{k}": v for k, v in figures.items()},
+                },
+            )
+        ],
+        cursor=cursor,
+    )
+
+
+def _data_through(run) -> date | None:
+    """The newest event day a model's training run read (its `raw_events.days` lineage tag)."""
+    days = run.data.tags.get("raw_events.days", "")
+    return date.fromisoformat(days.split("..")[-1]) if ".." in days else None
+
+
+@dg.sensor(
+    job=retrain_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING
+)
+def drift_sensor(
+    context: dg.SensorEvaluationContext, mlflow_tracking: MlflowTracking, monitoring: Monitoring
+):
+    """Retrain when `feature_drift` says the champion's inputs or scores moved past the
+    thresholds of the `monitoring` resource (score PSI, or enough features past 0.25)."""
+    return _retrain_request(context, "feature_drift", "drift", mlflow_tracking, monitoring)
+
+
+@dg.sensor(
+    job=retrain_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING
+)
+def performance_sensor(
+    context: dg.SensorEvaluationContext, mlflow_tracking: MlflowTracking, monitoring: Monitoring
+):
+    """Retrain when `live_performance` finds the champion's AUC on matured live decisions more
+    than `max_auc_drop` below the AUC it was promoted on."""
+    return _retrain_request(context, "live_performance", "performance", mlflow_tracking, monitoring)

@@ -1,4 +1,4 @@
-"""`make serve`: serve the newest Bento built by `risk_service_bento` on localhost.
+"""`make serve`: serve the champion's Bento (built by `risk_service_bento`) on localhost.
 
     python -m ml_assets.serve [--port 3000] [--workers 2] [--tag eventml_risk:VERSION]
 
@@ -16,6 +16,18 @@ from eventml.home import StateHome
 from resources.bento import SERVICE_NAME, Serving
 
 
+def champion_bento(serving: Serving, bentos: list[dict]) -> str:
+    """The Bento of the MLflow champion (a retrain may have built newer ones for challengers
+    that were later rolled back); the newest Bento when the registry has no champion."""
+    from ml_assets.models import REGISTERED_MODEL
+    from resources.tracking import MlflowTracking
+
+    home = StateHome.from_env()
+    champion = MlflowTracking.embedded(home.mlflow).version_by_alias(REGISTERED_MODEL, "champion")
+    built = serving.bento_for(str(champion.version)) if champion else None
+    return built["tag"] if built else bentos[0]["tag"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Serve the newest risk-model Bento.")
     ap.add_argument("--port", type=int, default=3000)
@@ -23,7 +35,7 @@ def main() -> None:
     ap.add_argument(
         "--workers", type=int, default=2, help="2 keep up with 100 requests/s on 2 cores"
     )
-    ap.add_argument("--tag", help="a Bento tag; default: the newest built one")
+    ap.add_argument("--tag", help="a Bento tag; default: the MLflow champion's")
     args = ap.parse_args()
     serving = Serving.under(StateHome.from_env().root)
     bentos = serving.bentos()
@@ -31,7 +43,7 @@ def main() -> None:
         sys.exit(
             f"no Bento under {serving.home}: materialize `risk_service_bento` first (make demo)"
         )
-    tag = args.tag or bentos[0]["tag"]
+    tag = args.tag or champion_bento(serving, bentos)
     version = next((b["labels"].get("mlflow_version") for b in bentos if b["tag"] == tag), "?")
     if not os.path.exists(serving.online_store):
         print(

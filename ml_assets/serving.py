@@ -11,6 +11,7 @@ import polars as pl
 
 from eventml.risk_model import RiskModel
 from eventml.sources import DAY
+from eventml.traffic import score_requests
 from ml_assets.metadata import table_md
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.partitions import daily, run_days
@@ -28,6 +29,8 @@ PARITY_TOLERANCE = 1e-6  # absolute, on every task's probability
     partitions_def=daily,
     backfill_policy=dg.BackfillPolicy.single_run(),
     deps=["raw_events"],
+    # New days of events refresh these partitions without anyone asking (the automation sensor).
+    automation_condition=dg.AutomationCondition.eager(),
 )
 def online_store(
     context: dg.AssetExecutionContext,
@@ -60,23 +63,6 @@ def online_store(
     )
 
 
-def _requests(decisions: pl.DataFrame) -> list[dict]:
-    """The service's request body for each decision, from the decision event's own columns."""
-    return [
-        {
-            "entity_id": d["entity_id"],
-            "ts": d["ts"].isoformat(),
-            "amount": d["amount"],
-            "merchant_category": d["merchant_category"],
-            "term_months": None if d["term_months"] is None else int(d["term_months"]),
-            "channel": d["channel"],
-            "device_id": d["device_id"],
-            "decision_id": d["decision_id"],
-        }
-        for d in decisions.iter_rows(named=True)
-    ]
-
-
 def served_vs_offline(serving: Serving, bento_tag: str, model: RiskModel, events: pl.DataFrame,
                       decisions: pl.DataFrame, features: pl.DataFrame, spec) -> pl.DataFrame:  # fmt: skip
     """Per decision and task: the offline probability (`score_tables` on the batch features and
@@ -92,7 +78,7 @@ def served_vs_offline(serving: Serving, bento_tag: str, model: RiskModel, events
             bento_tag, online_store=str(store.path), prediction_log=f"{tmp}/predictions"
         ) as url:
             with bentoml.SyncHTTPClient(url, timeout=60) as client:
-                served = [client.score(request=r) for r in _requests(decisions)]
+                served = [client.score(request=r) for r in score_requests(decisions)]
     rows = [
         {
             "decision_id": s["decision_id"],

@@ -137,3 +137,11 @@ class DeltaTables(dg.ConfigurableResource):
             storage_options=LocalConfig(),
             overwrite_schema=True,
         )
+
+    def overwrite(self, table: str, frame: pl.DataFrame) -> int:
+        """Replace a whole table outside the IO manager (e.g. a side table of rejects) in one
+        Delta commit; returns the new version."""
+        frame.write_delta(
+            self.uri(table), mode="overwrite", delta_write_options={"schema_mode": "overwrite"}
+        )
+        return self.version(table)

@@ -97,3 +97,20 @@ class MlflowTracking(dg.ConfigurableResource):
 
         source = self.client().get_model_version(name, version).source
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into)))
+
+    def run_of(self, name: str, alias: str):
+        """(version, MLflow run) of the model version an alias points at, or None."""
+        version = self.version_by_alias(name, alias)
+        if version is None:
+            return None
+        return str(version.version), self.client().get_run(version.run_id)
+
+    def download_run_artifact(self, run_id: str, path: str, into: Path) -> Path:
+        import mlflow
+
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=path, dst_path=str(into),
+                tracking_uri=self.tracking_uri,
+            )
+        )  # fmt: skip

@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from eventml.service import RiskService
-from ml_assets.serving import _requests, risk_service_bento
+from eventml.traffic import score_requests
+from ml_assets.serving import risk_service_bento
 
 
 def _request(row: dict) -> dict:
-    return _requests(pl.DataFrame([row]))[0]
+    return score_requests(pl.DataFrame([row]))[0]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_batch_scores_equal_the_offline_scores(client, deployed, test_decisions)
         .collect()
     )
     offline = model.score_tables(features, model.embed_decisions(events, sample))
-    served = client.score_batch(requests=_requests(sample))
+    served = client.score_batch(requests=score_requests(sample))
     assert [s["decision_id"] for s in served] == sample["decision_id"].to_list()  # answers in order
     got = pl.DataFrame(
         [
@@ -116,7 +117,7 @@ def test_recent_events_the_store_has_not_seen_count_once(client, good):
 def test_concurrent_batch_callers_each_get_their_own_answers(url, test_decisions):
     from concurrent.futures import ThreadPoolExecutor
 
-    bodies = [_requests(test_decisions.slice(i * 3, 3)) for i in range(8)]
+    bodies = [score_requests(test_decisions.slice(i * 3, 3)) for i in range(8)]
 
     def call(body):
         with bentoml.SyncHTTPClient(url, timeout=60) as c:

@@ -15,9 +15,12 @@ from eventml.drift import (
     drift_verdict,
     ks,
     live_performance,
+    monitored_features,
     performance_verdict,
     psi,
 )
+from eventml.features import WINDOWED_KINDS, feature_set_for
+from eventml.simulate import LENDING_SPEC
 
 N = 5_000
 
@@ -181,6 +184,25 @@ def test_the_feature_count_to_act_is_configurable(rng):
     assert drift_verdict(table, None, DriftThresholds(features_to_act=1))[0]
     assert not drift_verdict(table, 0.2, DriftThresholds())[0]
     assert drift_verdict(table, 0.2, DriftThresholds(score_psi_act=0.15))[0]
+
+
+def test_each_task_score_is_judged_and_named(rng):
+    table = drift_table(*frames(rng, 0), [f"x{i}" for i in range(8)])
+    fires, reasons, figures = drift_verdict(table, {"default_90d": 0.05, "fraud_60d": 0.4})
+    assert fires and reasons == ["fraud_60d score PSI 0.400 > 0.25"]
+    assert figures["score_psi"] == 0.4
+    assert figures["score_psi_by_task"] == {"default_90d": 0.05, "fraud_60d": 0.4}
+
+
+def test_features_that_grow_with_every_users_age_are_not_monitored():
+    feature_set = feature_set_for(LENDING_SPEC)
+    kinds = {f.name: (f.kind, f.window) for f in feature_set.features}
+    monitored = monitored_features(feature_set)
+    assert "n_application_30d" in monitored and "income_band_code" in monitored
+    assert "decision_amount" in monitored
+    for name in ("n_events_all", "days_since_signup", "n_prior_same_device_id"):
+        assert name in kinds and name not in monitored
+    assert all(kinds[n][1] != "all" or kinds[n][0] not in WINDOWED_KINDS for n in monitored)
 
 
 def test_drift_plot_is_a_png(rng):

@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from eventml import service
-from eventml.service import PredictionLog, ScoreRequest, _QuietClientErrors, field_error
+from eventml.prediction_log import PredictionLog
+from eventml.service import ScoreRequest, _QuietClientErrors, field_error
 from eventml.simulate import LENDING_SPEC
 
 TS = "2025-06-01T12:00:00+00:00"

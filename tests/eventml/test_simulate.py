@@ -152,12 +152,14 @@ def test_attributes_appear_on_the_events_they_belong_to(events):
     )
 
 
-def test_the_world_has_believable_volumes_and_rates(events):
-    per_user_year = events.height / WORLD.n_users / (WORLD.n_days / 365)
+def test_the_world_before_its_shift_has_believable_volumes_and_rates(events):
+    calm = events.filter(day_col() < WORLD.shift_day)
+    per_user_year = calm.height / WORLD.n_users / (WORLD.shift_day / 365)
     assert 80 < per_user_year < 250
-    apps = events.filter(pl.col("event_type") == "application")
+    apps = calm.filter(pl.col("event_type") == "application")
     assert 0.55 < (apps["policy_decision"] == "approve").mean() < 0.85
-    assert 0.02 < with_label(events, WORLD, "default_90d")["y"].mean() < 0.10
+    labelled = with_label(events, WORLD, "default_90d").filter(day_col() < WORLD.shift_day)
+    assert 0.02 < labelled["y"].mean() < 0.10
 
 
 # ------------------------------------------------------------------ planted patterns

@@ -1,0 +1,150 @@
+"""`make advance DAYS=n`: move the simulated world forward and let the system react.
+
+    python -m ml_assets.time_machine --days 30 [--step 5] [--no-act]
+
+Each step of `--step` days is one `time_machine_job` run (ingest, online store, features, the
+days' applications scored by the champion Bento over HTTP, the prediction log ingested, drift
+and live performance judged). Then the drift and performance sensors are evaluated with the
+same code and run keys the Dagster daemon uses, and a retrain they request runs at once
+(`--no-act` leaves that to the daemon of `make ui`). Runs land in DAGSTER_HOME, so the UI shows
+every step, its metadata, the sensor ticks' requests and the retrain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import ExitStack
+from datetime import date, timedelta
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    RUN_KEY_TAG,
+    SENSOR_NAME_TAG,
+)
+
+from eventml.home import StateHome
+from ml_assets.definitions import build_definitions, build_resources
+from ml_assets.models import REGISTERED_MODEL
+from ml_assets.partitions import daily
+from ml_assets.sensors import drift_sensor, performance_sensor
+
+
+def next_day(tables) -> date:
+    events = tables.scan("raw_events")
+    if events is None:
+        sys.exit("no raw_events yet: run `make demo` first (it ingests the days before the shift)")
+    return events.select(pl.col("day").max()).collect().item() + timedelta(days=1)
+
+
+class TimeMachine:
+    def __init__(self, home: StateHome):
+        self.resources = build_resources(home)
+        self.defs = build_definitions(self.resources)
+        self.instance = dg.DagsterInstance.get()
+        self.cursor_file = home.root / "time_machine.json"
+        self.cursors = json.loads(self.cursor_file.read_text()) if self.cursor_file.exists() else {}
+
+    def champion(self) -> str | None:
+        found = self.resources["mlflow_tracking"].version_by_alias(REGISTERED_MODEL, "champion")
+        return str(found.version) if found else None
+
+    def step(self, first: date, last: date, url: str) -> dict:
+        result = self.defs.resolve_job_def("time_machine_job").execute_in_process(
+            run_config={"ops": {"prediction_log": {"config": {"url": url}}}},
+            instance=self.instance,
+            tags={
+                ASSET_PARTITION_RANGE_START_TAG: first.isoformat(),
+                ASSET_PARTITION_RANGE_END_TAG: last.isoformat(),
+                "eventml/trigger": "time_machine",
+            },
+            raise_on_error=False,
+        )
+        if not result.success:
+            sys.exit(
+                f"time_machine_job failed for {first}..{last}: see `make ui`, run {result.run_id}"
+            )
+        meta = result.asset_materializations_for_node("feature_drift")[-1].metadata
+        return {k: v.value for k, v in meta.items()}
+
+    def act(self) -> list[dict]:
+        """Evaluate both sensors once; run what they request, tagged as the daemon would."""
+        outcomes = []
+        for sensor in (drift_sensor, performance_sensor):
+            context = dg.build_sensor_context(
+                instance=self.instance, cursor=self.cursors.get(sensor.name),
+                definitions=self.defs, resources=self.resources,
+            )  # fmt: skip
+            result = sensor(context)
+            if not isinstance(result, dg.SensorResult):
+                continue
+            if result.cursor:
+                self.cursors[sensor.name] = result.cursor
+            for request in result.run_requests or []:
+                print(f"  {sensor.name}: {request.tags.get('eventml/reasons')}", flush=True)
+                print(f"  running retrain_job ({request.run_key}) ...", flush=True)
+                started = time.perf_counter()
+                run = self.defs.resolve_job_def("retrain_job").execute_in_process(
+                    instance=self.instance, raise_on_error=False,
+                    tags={**request.tags, RUN_KEY_TAG: request.run_key, SENSOR_NAME_TAG: sensor.name},
+                )  # fmt: skip
+                outcomes.append({"run_key": request.run_key, "success": run.success,
+                                 "seconds": time.perf_counter() - started})  # fmt: skip
+        self.cursor_file.write_text(json.dumps(self.cursors))
+        return outcomes
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Advance the simulated world day by day.")
+    ap.add_argument("--days", type=int, default=7)
+    ap.add_argument("--step", type=int, default=5, help="days per time_machine_job run")
+    ap.add_argument("--no-act", action="store_true", help="leave the sensors to the daemon")
+    args = ap.parse_args()
+    home = StateHome.from_env()
+    Path(os.environ.setdefault("DAGSTER_HOME", str(home.dagster))).mkdir(
+        parents=True, exist_ok=True
+    )
+    machine = TimeMachine(home)
+    serving = machine.resources["serving"]
+    first, end = next_day(machine.resources["tables"]), daily.end.date()
+    last_day = min(first + timedelta(days=args.days), end)
+    if first >= end:
+        sys.exit(f"the world ends on {end - timedelta(days=1)}: nothing left to advance")
+    with ExitStack() as bento:
+        served, url = None, None
+        while first < last_day:
+            last = min(first + timedelta(days=args.step), last_day) - timedelta(days=1)
+            champion = machine.champion()
+            if champion != served:  # (re)start the champion's Bento when the champion changes
+                bento.close()
+                built = serving.bento_for(champion) if champion else None
+                if built is None:
+                    sys.exit(f"no Bento for champion v{champion}: run `make demo` first")
+                url = bento.enter_context(serving.serve(built["tag"]))
+                served = champion
+                print(f"serving {built['tag']} (champion v{champion}) at {url}", flush=True)
+            started = time.perf_counter()
+            drift = machine.step(first, last, url)
+            psi = " ".join(f"{k.removeprefix('score_psi.')}={v:.3f}" for k, v in drift.items()
+                           if k.startswith("score_psi."))  # fmt: skip
+            print(f"{first}..{last}: {time.perf_counter() - started:.0f} s; champion v{champion}; "
+                  f"score PSI {psi or 'n/a'}; features past act {drift.get('features_act', 'n/a')}; "
+                  f"retrain recommended: {drift.get('retrain_recommended', False)}", flush=True)  # fmt: skip
+            if not args.no_act:
+                for outcome in machine.act():
+                    now = machine.champion()
+                    print(f"  retrain {'succeeded' if outcome['success'] else 'FAILED'} in "
+                          f"{outcome['seconds']:.0f} s; champion v{champion} -> v{now}", flush=True)  # fmt: skip
+            first = last + timedelta(days=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
