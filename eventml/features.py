@@ -406,28 +406,57 @@ def _ts_us(value: datetime | int) -> int:
 
 def features_for_one(history: pl.DataFrame, decision: Mapping, feature_set: FeatureSet) -> dict:
     """Features for one live decision from its entity's events (any order, any extra rows:
-    only rows of the decision's entity, if given, with ts strictly before it are used)."""
+    only rows of the decision's entity, if given, with ts strictly before it are used).
+
+    Plain numpy on the history's columns: a request's history is a few hundred rows, where each
+    Polars call's fixed cost would dominate. Masks are memoized per call, as many features share
+    a window or an event filter."""
     t = _ts_us(decision["ts"])
-    h = history.with_columns(pl.col("ts").dt.epoch("us").alias("__t")).filter(pl.col("__t") < t)
-    if "entity_id" in decision and "entity_id" in h.columns:
-        h = h.filter(pl.col("entity_id") == decision["entity_id"])
+    all_ts = history["ts"].dt.epoch("us").to_numpy()
+    keep = all_ts < t
+    if "entity_id" in decision and "entity_id" in history.columns:
+        entity = decision["entity_id"]
+        # A null entity matches nothing (a comparison with null is null, as in Polars).
+        keep &= False if entity is None else history["entity_id"].to_numpy() == entity
+    rows = np.flatnonzero(keep)
+    ts = all_ts[rows]
     if feature_set.of_kind("static"):
-        h = h.sort("__t", "event_id") if "event_id" in h.columns else h.sort("__t")
-    cols = {c: h[c].to_numpy() for c in ("event_type", *feature_set.event_columns())}
-    ts = h["__t"].to_numpy()
+        # Latest values need the time order; ties go by event_id, nulls first as Polars sorts.
+        keys = [ts]
+        if "event_id" in history.columns:
+            ids = history["event_id"].to_numpy()[rows]
+            no_id = np.array([v is None for v in ids], dtype=bool)
+            ids[no_id] = ""
+            keys = [ids, ~no_id, ts]
+        order = np.lexsort(keys)
+        rows, ts = rows[order], ts[order]
+    cols = {c: history[c].to_numpy()[rows] for c in ("event_type", *feature_set.event_columns())}
     cols["ts"] = ts
-    amount = h["amount"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    amount = history["amount"].cast(pl.Float64).to_numpy()[rows]  # null → NaN
+    has_amount = ~np.isnan(amount)
+    windows: dict[tuple[str, int], np.ndarray] = {}
+    filters: dict[EventFilter, np.ndarray] = {}
 
     def since(w: str, until: int = 0) -> np.ndarray:
-        wu = window_us(w)
-        return (ts < t - until) & (True if wu is None else ts >= t - until - wu)
+        if (w, until) not in windows:
+            wu = window_us(w)
+            windows[w, until] = (ts < t - until) & (True if wu is None else ts >= t - until - wu)
+        return windows[w, until]
+
+    def matching(flt: EventFilter) -> np.ndarray:
+        if flt not in filters:
+            filters[flt] = flt.mask(cols)
+        return filters[flt]
+
+    def n(mask: np.ndarray) -> int:  # count_nonzero: a bool sum without the ufunc machinery
+        return int(np.count_nonzero(mask))
 
     out: dict[str, float | int | None] = {}
     for f in feature_set.features:
         if f.kind == "count":
-            out[f.name] = int((f.events.mask(cols) & since(f.window)).sum())
+            out[f.name] = n(matching(f.events) & since(f.window))
         elif f.kind.startswith("amount_"):
-            vals = amount[f.events.mask(cols) & since(f.window) & ~np.isnan(amount)]
+            vals = amount[matching(f.events) & since(f.window) & has_amount]
             if f.kind == "amount_sum":
                 out[f.name] = float(vals.sum())
             elif len(vals) == 0:
@@ -440,17 +469,15 @@ def features_for_one(history: pl.DataFrame, decision: Mapping, feature_set: Feat
             vals = cols[f.column][since(f.window)]
             out[f.name] = len({v for v in vals if v is not None})
         elif f.kind == "days_since":
-            m = f.events.mask(cols)
+            m = matching(f.events)
             out[f.name] = (t - int(ts[m].max())) / US_PER_DAY if m.any() else None
         elif f.kind == "trend":
-            m, w = f.events.mask(cols), window_us(f.window)
-            out[f.name] = int((m & since(f.window)).sum()) - int(
-                (m & since(f.window, until=w)).sum()
-            )
+            m, w = matching(f.events), window_us(f.window)
+            out[f.name] = n(m & since(f.window)) - n(m & since(f.window, until=w))
         elif f.kind == "ratio":
             inw = since(f.window)
-            den = int((f.denominator.mask(cols) & inw).sum())
-            out[f.name] = int((f.events.mask(cols) & inw).sum()) / den if den else None
+            den = n(matching(f.denominator) & inw)
+            out[f.name] = n(matching(f.events) & inw) / den if den else None
         elif f.kind == "static":
             known = [v for v in cols[f.column] if v is not None]
             out[f.name] = encode_value(known[-1], feature_set.vocab[f.column]) if known else None
@@ -461,7 +488,7 @@ def features_for_one(history: pl.DataFrame, decision: Mapping, feature_set: Feat
             out[f.name] = encode_value(decision.get(f.column), feature_set.vocab[f.column])
         elif f.kind == "seen_before":
             v = decision.get(f.column)
-            out[f.name] = None if v is None else int((cols[f.column] == v).sum())
+            out[f.name] = None if v is None else n(cols[f.column] == v)
     return out
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
 from eventml.embedding import SequenceModel
 from eventml.features import FeatureSet, features_for_one
@@ -87,7 +88,8 @@ class RiskModel:
         before `decision["ts"]` (later rows in `history` are ignored)."""
         features = features_for_one(history, decision, self.feature_set)
         arrays = self.sequence_model.arrays_for_one(history, decision["ts"])
-        emb = self.sequence_model.embed(arrays)[0]
+        with torch.inference_mode():  # no autograd bookkeeping at all (no_grad still keeps some)
+            emb = self.sequence_model.embed(arrays)[0]
         row = {**features, **dict(zip(embedding_columns(len(emb)), emb.tolist()))}
         # The scorer's float32 matrix, built directly: the same values `to_matrix` gives a
         # one-row DataFrame (None is NaN, missing to XGBoost), without its per-column cost.
@@ -95,12 +97,12 @@ class RiskModel:
             [[np.nan if row[c] is None else row[c] for c in self.scorer.feature_names]],
             dtype=np.float32,
         )
-        data = self.scorer.dmatrix(x)
-        boosters, reason_of = self.scorer.boosters, self.reason_of
-        probs = {task: float(p[0]) for task, p in self.scorer.predict_dmatrix(data).items()}
+        probabilities, contributions = self.scorer.score_rows(x)
+        probs = {task: float(p[0]) for task, p in probabilities.items()}
+        reason_of = self.reason_of
         reasons = {
-            task: self.scorer.top_reasons(b.predict(data, pred_contribs=True), reason_of, top_reasons)[0]
-            for task, b in boosters.items()
+            task: self.scorer.top_reasons(c, reason_of, top_reasons)[0]
+            for task, c in contributions.items()
         }
         return {"probabilities": probs, "decision": self.policy.decide(probs), "reasons": reasons}
 

@@ -10,6 +10,7 @@ pickled.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,31 +130,61 @@ class Scorer:
             )
         return cls(feature_names=list(feature_names), boosters=boosters, config=config, calibration=calibration)
 
+    def __post_init__(self) -> None:
+        # `score_rows` skips xgboost's feature-name check on each call; checking once here keeps
+        # its guarantee that every booster reads the columns in `feature_names` order.
+        for task, booster in self.boosters.items():
+            names = booster.feature_names
+            if names is not None and list(names) != list(self.feature_names):
+                raise ValueError(
+                    f"booster {task!r} was trained on features {names[:5]}…, not on this "
+                    f"scorer's feature_names {self.feature_names[:5]}… in that order"
+                )
+
     @property
     def tasks(self) -> list[str]:
         return list(self.boosters)
 
     def _dmatrix(self, frame: pl.DataFrame) -> xgb.DMatrix:
-        return self.dmatrix(to_matrix(frame, self.feature_names))
-
-    def dmatrix(self, matrix: np.ndarray) -> xgb.DMatrix:
-        """(n, features) float32 in `feature_names` order, NaN for missing (what `to_matrix`
-        builds); the request path builds its one row without a DataFrame."""
-        return xgb.DMatrix(matrix, feature_names=self.feature_names)
+        return xgb.DMatrix(to_matrix(frame, self.feature_names), feature_names=self.feature_names)
 
     def predict(self, frame: pl.DataFrame) -> dict[str, np.ndarray]:
-        return self.predict_dmatrix(self._dmatrix(frame))
+        data = self._dmatrix(frame)
+        return self._probabilities(
+            lambda booster, margin: booster.predict(data, output_margin=margin)
+        )
 
-    def predict_dmatrix(self, data: xgb.DMatrix) -> dict[str, np.ndarray]:
-        """Probabilities per task, through the calibration map where the task has one."""
+    def score_rows(self, matrix: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Probabilities and SHAP contributions per task (as `predict` and `contributions` give
+        them, to the bit) for rows already in the scorer's form: float32 in `feature_names`
+        order, NaN for missing, what `to_matrix` builds. The request path builds its one row
+        without a DataFrame; here one DMatrix without names serves all predictions, and
+        xgboost's feature-name check, which converts every name from C on each call and costs
+        more than a one-row prediction, is the one `__post_init__` did."""
+        data = xgb.DMatrix(matrix)
+
+        def raw(booster: xgb.Booster, margin: bool) -> np.ndarray:
+            return booster.predict(data, output_margin=margin, validate_features=False)
+
+        contributions = {
+            task: booster.predict(data, pred_contribs=True, validate_features=False)
+            for task, booster in self.boosters.items()
+        }
+        return self._probabilities(raw), contributions
+
+    def _probabilities(
+        self, raw: Callable[[xgb.Booster, bool], np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Probabilities per task from `raw(booster, margin)` (the booster's margin, or its own
+        probability), through the calibration map where the task has one."""
         out = {}
         for task, booster in self.boosters.items():
             if task in self.calibration:
                 slope, intercept = self.calibration[task]
-                margin = booster.predict(data, output_margin=True).astype(np.float64)
+                margin = raw(booster, True).astype(np.float64)
                 out[task] = (1.0 / (1.0 + np.exp(-(slope * margin + intercept)))).astype(np.float32)
             else:
-                out[task] = booster.predict(data)
+                out[task] = raw(booster, False)
         return out
 
     def margins(self, frame: pl.DataFrame, task: str) -> np.ndarray:

@@ -1,9 +1,10 @@
 """History → tensors: each decision's most recent prior events as fixed-size arrays for the encoder.
 
-One builder serves training and serving: `build_sequences` turns an event table and a table of
-decisions into arrays, vectorized (one sort, one merge, numpy gathers; no loop per decision), and
-`build_one` — the request path — runs that same builder on one entity's history, so offline and
-served inputs agree exactly by construction.
+`build_sequences` turns an event table and a table of decisions into arrays, vectorized (one
+sort, one merge, numpy gathers; no loop per decision). `build_one` — the request path — takes the
+same steps for one entity's history in plain numpy (Polars' per-call overhead would be most of a
+request's cost) and codes events with the same helpers, so offline and served inputs agree
+exactly; tests hold the two together.
 
 Choices a reader should know:
 - Only events strictly before the decision instant enter; an event at the same microsecond is
@@ -30,9 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -50,6 +51,7 @@ TIME_FEATURES = (
 NUMERIC_CLIP = 30.0
 US_PER_SECOND = 1_000_000
 US_PER_DAY = 86_400 * US_PER_SECOND
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def stable_hash(value: str) -> int:
@@ -70,16 +72,25 @@ class CategoricalCoding:
         # 0 = null; vocabulary ids 1..V and V+1 for unseen values; or 1..buckets.
         return len(self.vocabulary) + 2 if not self.hash_buckets else self.hash_buckets + 1
 
+    def _codes(self, distinct: Iterable[str]) -> dict[str, int]:
+        """The id of each (non-null) value."""
+        if self.hash_buckets:
+            return {v: 1 + stable_hash(v) % self.hash_buckets for v in distinct}
+        index = {v: i + 1 for i, v in enumerate(self.vocabulary)}
+        return {v: index.get(v, len(self.vocabulary) + 1) for v in distinct}
+
     def ids(self, values: pl.Series) -> np.ndarray:
         """(N,) int32 ids. Only the distinct values are hashed or looked up, then mapped back."""
-        distinct = values.drop_nulls().unique().to_list()
-        if self.hash_buckets:
-            codes = [1 + stable_hash(v) % self.hash_buckets for v in distinct]
-        else:
-            index = {v: i + 1 for i, v in enumerate(self.vocabulary)}
-            codes = [index.get(v, len(self.vocabulary) + 1) for v in distinct]
-        mapped = values.replace_strict(distinct, codes, default=0, return_dtype=pl.Int32)
+        codes = self._codes(values.drop_nulls().unique().to_list())
+        mapped = values.replace_strict(
+            list(codes), list(codes.values()), default=0, return_dtype=pl.Int32
+        )
         return mapped.fill_null(0).to_numpy()
+
+    def ids_of(self, values: Sequence[str | None]) -> np.ndarray:
+        """`ids` of a few values (one request's events), without a Series round trip."""
+        codes = self._codes({v for v in values if v is not None})
+        return np.array([codes.get(v, 0) for v in values], dtype=np.int32)
 
 
 @dataclass(frozen=True)
@@ -148,14 +159,41 @@ class SequenceSpec:
         )
 
 
-def _event_features(events: pl.DataFrame, spec: SequenceSpec) -> dict[str, np.ndarray]:
-    """Per-event inputs that do not depend on the decision, one row per (sorted) event."""
-    unknown = set(events["event_type"].unique().drop_nulls().to_list()) - set(spec.event_types)
-    if unknown or events["event_type"].null_count():
+def _check_event_types(present: set[str | None], spec: SequenceSpec) -> None:
+    unknown = {t for t in present if t is not None} - set(spec.event_types)
+    if unknown or None in present:
         raise ValueError(
             f"event types {sorted(unknown) or [None]} are not in the sequence spec's vocabulary "
             f"{list(spec.event_types)}; validate events with eventml.schema.validate first"
         )
+
+
+def _numeric_inputs(raw: np.ndarray) -> np.ndarray:
+    """(N, F) float64 values (NaN for null) → (N, 2F) float32: the clipped signed log1p of each,
+    then each one's is-null flag."""
+    is_null = np.isnan(raw)
+    value = np.clip(np.sign(raw) * np.log1p(np.abs(raw)), -NUMERIC_CLIP, NUMERIC_CLIP)
+    return np.concatenate([np.where(is_null, 0.0, value), is_null], axis=1).astype(np.float32)
+
+
+def _clock(ts: np.ndarray) -> np.ndarray:
+    """(N,) UTC µs → (N, 4) float32: hour of the day and day of the week on the unit circle."""
+    hour = (ts % US_PER_DAY) / (3600 * US_PER_SECOND)  # fractional hour of the UTC day
+    weekday = (ts // US_PER_DAY + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    return np.stack(
+        [
+            np.sin(2 * np.pi * hour / 24),
+            np.cos(2 * np.pi * hour / 24),
+            np.sin(2 * np.pi * weekday / 7),
+            np.cos(2 * np.pi * weekday / 7),
+        ],
+        axis=1,
+    ).astype(np.float32)
+
+
+def _event_features(events: pl.DataFrame, spec: SequenceSpec) -> dict[str, np.ndarray]:
+    """Per-event inputs that do not depend on the decision, one row per (sorted) event."""
+    _check_event_types(set(events["event_type"].unique().to_list()), spec)
     type_ids = events["event_type"].replace_strict(
         list(spec.event_types), list(range(1, len(spec.event_types) + 1)), return_dtype=pl.Int32
     )
@@ -165,32 +203,40 @@ def _event_features(events: pl.DataFrame, spec: SequenceSpec) -> dict[str, np.nd
         if spec.categorical
         else np.zeros((n, 0), np.int32)
     )
-
-    raw = np.stack(
-        [events[c].cast(pl.Float64).to_numpy() for c in ("amount", *spec.numeric)], axis=1
-    )
-    is_null = np.isnan(raw)
-    value = np.clip(np.sign(raw) * np.log1p(np.abs(raw)), -NUMERIC_CLIP, NUMERIC_CLIP)
-    nums = np.concatenate([np.where(is_null, 0.0, value), is_null], axis=1).astype(np.float32)
-
+    raw = np.stack([_floats(events[c]) for c in ("amount", *spec.numeric)], axis=1)
     ts = events["ts"].dt.epoch("us").to_numpy()
-    hour = (ts % US_PER_DAY) / (3600 * US_PER_SECOND)  # fractional hour of the UTC day
-    weekday = (ts // US_PER_DAY + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
-    clock = np.stack(
-        [
-            np.sin(2 * np.pi * hour / 24),
-            np.cos(2 * np.pi * hour / 24),
-            np.sin(2 * np.pi * weekday / 7),
-            np.cos(2 * np.pi * weekday / 7),
-        ],
-        axis=1,
-    ).astype(np.float32)
-    return {"event_type": type_ids.to_numpy(), "cats": cats, "nums": nums, "clock": clock, "ts": ts}
+    return {
+        "event_type": type_ids.to_numpy(),
+        "cats": cats,
+        "nums": _numeric_inputs(raw),
+        "clock": _clock(ts),
+        "ts": ts,
+    }
+
+
+def _time_features(
+    ts: np.ndarray, mask: np.ndarray, decision_ts: np.ndarray, clock: np.ndarray
+) -> np.ndarray:
+    """(N, K, 6) float32 from the slots' event times (N, K) µs, real-slot mask (N, K), decision
+    times (N,) µs and clock features (N, K, 4); padding slots hold 0 everywhere.
+
+    Seconds since the previous kept event (0 for the oldest) and until the decision. Real events
+    are contiguous at the right, so slot k has a real predecessor iff slot k-1 is real."""
+    N, K = mask.shape
+    time_feats = np.zeros((N, K, len(TIME_FEATURES)), np.float32)
+    gap = np.diff(ts, axis=1).astype(np.float32) / US_PER_SECOND
+    time_feats[:, 1:, 0] = np.log1p(np.where(mask[:, :-1], gap, 0.0))
+    until = (decision_ts[:, None] - ts).astype(np.float32) / US_PER_SECOND
+    time_feats[..., 1] = np.log1p(np.where(mask, until, 0.0))
+    time_feats[..., 2:] = clock
+    return time_feats
 
 
 def _utc_us(ts: pl.Series) -> pl.Series:
     if not isinstance(ts.dtype, pl.Datetime):
         raise TypeError(f"decision ts must be a Datetime column, got {ts.dtype}")
+    if ts.dtype == TS_TYPE:
+        return ts
     if ts.dtype.time_zone is None:
         ts = ts.dt.replace_time_zone("UTC")
     return ts.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
@@ -266,21 +312,11 @@ def build_sequences(
     def gather(a: np.ndarray) -> np.ndarray:
         return np.take(np.concatenate([a, np.zeros((1, *a.shape[1:]), a.dtype)]), rows, axis=0)
 
-    ts = gather(feats["ts"])  # (N, K) µs
-    # Seconds since the previous kept event (0 for the oldest) and until the decision. Real
-    # events are contiguous at the right, so slot k has a real predecessor iff slot k-1 is real.
-    time_feats = np.zeros((len(dec), K, len(TIME_FEATURES)), np.float32)
-    gap = np.diff(ts, axis=1).astype(np.float32) / US_PER_SECOND
-    time_feats[:, 1:, 0] = np.log1p(np.where(mask[:, :-1], gap, 0.0))
-    until = (dec_ts[:, None] - ts).astype(np.float32) / US_PER_SECOND
-    time_feats[..., 1] = np.log1p(np.where(mask, until, 0.0))
-    time_feats[..., 2:] = gather(feats["clock"])
-
     arrays = {
         "event_type": gather(feats["event_type"]),
         "cats": gather(feats["cats"]),
         "nums": gather(feats["nums"]),
-        "time": time_feats,
+        "time": _time_features(gather(feats["ts"]), mask, dec_ts, gather(feats["clock"])),
         "mask": mask,
     }
     if label_columns:
@@ -299,12 +335,49 @@ def build_one(
 ) -> dict[str, np.ndarray]:
     """The serving path: one entity's history (any events, any order; those at or after the
     decision are ignored) → arrays with a leading batch dimension of 1, exactly as
-    `build_sequences` builds them for the same decision."""
+    `build_sequences` builds them for the same decision.
+
+    The same steps as `build_sequences` on one entity, in numpy: a history is a few hundred rows
+    at most, where a Polars sort and join cost milliseconds of per-call overhead. Only the kept
+    events are coded, with the helpers the batch path uses."""
+    K = max_len
     if decision_ts.tzinfo is None:
         decision_ts = decision_ts.replace(tzinfo=UTC)
-    one = history.with_columns(pl.lit("entity").alias("entity_id"))
-    decision = pl.DataFrame(
-        {"entity_id": ["entity"], "ts": [decision_ts]},
-        schema={"entity_id": pl.String, "ts": TS_TYPE},
-    )
-    return build_sequences(one, decision, spec, max_len)
+    decision_us = (decision_ts - EPOCH) // timedelta(microseconds=1)
+    types = history["event_type"].to_list()
+    _check_event_types(set(types), spec)  # every row, as the batch path checks
+    ts = _utc_us(history["ts"]).dt.epoch("us").to_numpy()
+
+    # The last K events strictly before the decision in (ts, event_id) order, nulls first as
+    # Polars sorts them (lexsort: the last key is the primary one).
+    prior = np.flatnonzero(ts < decision_us)
+    event_id = history["event_id"].to_numpy()[prior]
+    no_id = np.array([v is None for v in event_id], dtype=bool)
+    event_id[no_id] = ""
+    rows = prior[np.lexsort((event_id, ~no_id, ts[prior]))][max(len(prior) - K, 0) :]
+    n = len(rows)
+
+    # Slots as the batch gather fills them: right-aligned, padding (all zeros) on the left.
+    real = slice(K - n, K)
+    mask = np.zeros((1, K), bool)
+    mask[0, real] = True
+    type_index = {t: i + 1 for i, t in enumerate(spec.event_types)}
+    event_type = np.zeros((1, K), np.int32)
+    event_type[0, real] = [type_index[types[i]] for i in rows]
+    cats = np.zeros((1, K, len(spec.categorical)), np.int32)
+    for j, c in enumerate(spec.categorical):
+        cats[0, real, j] = c.ids_of(history[c.name].to_numpy()[rows].tolist())
+    raw = np.stack([_floats(history[c])[rows] for c in ("amount", *spec.numeric)], axis=1)
+    nums = np.zeros((1, K, 2 * raw.shape[1]), np.float32)
+    nums[0, real] = _numeric_inputs(raw)
+    slot_ts = np.zeros((1, K), np.int64)
+    slot_ts[0, real] = ts[rows]
+    clock = np.zeros((1, K, 4), np.float32)
+    clock[0, real] = _clock(ts[rows])
+    time = _time_features(slot_ts, mask, np.array([decision_us]), clock)
+    return {"event_type": event_type, "cats": cats, "nums": nums, "time": time, "mask": mask}
+
+
+def _floats(column: pl.Series) -> np.ndarray:
+    """float64 values, NaN for null (a cast only where needed: each Polars call costs µs)."""
+    return (column if column.dtype == pl.Float64 else column.cast(pl.Float64)).to_numpy()

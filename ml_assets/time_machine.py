@@ -84,7 +84,10 @@ class TimeMachine:
             )  # fmt: skip
             result = sensor(context)
             if not isinstance(result, dg.SensorResult):
+                print(f"  {sensor.name}: {result.skip_message}", flush=True)
                 continue
+            if result.skip_reason:
+                print(f"  {sensor.name}: {result.skip_reason.skip_message[:300]}", flush=True)
             if result.cursor:
                 self.cursors[sensor.name] = result.cursor
             for request in result.run_requests or []:

@@ -190,6 +190,9 @@ def loop(tmp_path_factory):
                     outcome["served_after_retrain"] = client.score(request=_a_request(world))[
                         "model_versions"
                     ]["mlflow_version"]
+                # The new champion meets the same shifted world; its training data is days
+                # old, so no retrain is asked for however far the drift goes.
+                outcome["after_retrain"] = world.advance(start, start + 5, url)
         outcome["post_shift_auc"] = _post_shift_auc(world, [stale, outcome["champion_after"]])
         yield outcome
 
@@ -267,3 +270,9 @@ def test_the_retrain_promotes_a_model_better_on_post_shift_decisions_and_serves_
           f"retrained v{new} {auc[new]:.3f}")  # fmt: skip
     assert auc[new] > auc[loop["stale"]]
     assert loop["new_bento"] is not None and loop["served_after_retrain"] == new
+
+
+def test_the_new_champion_is_not_retrained_again_before_new_data_arrives(loop):
+    tick = loop["after_retrain"]
+    assert tick["drift"]["champion_version"] == loop["champion_after"]
+    assert tick["requests"] == []

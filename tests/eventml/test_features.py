@@ -270,6 +270,21 @@ def test_unknown_category_is_zero_and_missing_is_null():
     assert row["n_prior_same_device_id"] is None
 
 
+def test_the_latest_known_value_among_simultaneous_events_goes_by_event_id():
+    events = frame([
+        {"entity_id": "u", "hours": 0, "event_type": "signup", "income_band": "low", "event_id": "e2"},
+        {"entity_id": "u", "hours": 0, "event_type": "profile_change", "income_band": "high", "event_id": "e10"},
+        {"entity_id": "u", "hours": 0, "event_type": "profile_change", "income_band": "mid", "event_id": "e1"},
+        {"entity_id": "u", "hours": 5, "event_type": "application", "amount": 1.0, "policy_decision": "approve",
+         "event_id": "e3"},
+    ])  # fmt: skip
+    low = VOCAB["income_band"].index("low") + 1  # "e2" sorts after "e10" and "e1"
+    decision = decisions_of(events)
+    assert compute_features(events, decision, FS)["income_band_code"].to_list() == [low]
+    for history in (events, events.reverse()):
+        assert features_for_one(history, decision.row(0, named=True), FS)["income_band_code"] == low
+
+
 def test_a_decision_without_history_gets_zero_counts_and_null_statistics():
     events = frame([{"entity_id": "new", "hours": 3, "event_type": "application", "amount": 9.0,
                      "policy_decision": "approve", "device_id": "d"}])  # fmt: skip

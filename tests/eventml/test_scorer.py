@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from eventml.scorer import Scorer, ScorerConfig
+from eventml.scorer import Scorer, ScorerConfig, to_matrix
 
 rng = np.random.default_rng(1)
 N = 4_000
@@ -90,6 +90,32 @@ def test_a_reloaded_scorer_predicts_exactly_the_same(fitted, tmp_path):
     for task, p in scorer.predict(test).items():
         assert np.array_equal(loaded.predict(test)[task], p)
     assert loaded.feature_names == scorer.feature_names and loaded.config == scorer.config
+
+
+def test_rows_in_matrix_form_score_exactly_as_the_frame_does(fitted):
+    """The request path scores one row at a time: the same probabilities (calibrated or not)
+    and SHAP contributions as the frame path, to the bit, missing values included."""
+    scorer, test = fitted
+    every_third = pl.int_range(pl.len()) % 3 == 0
+    test = test.with_columns(income=pl.when(every_third).then(None).otherwise(pl.col("income")))
+    uncalibrated = Scorer(scorer.feature_names, scorer.boosters, scorer.config)
+    assert scorer.calibration and not uncalibrated.calibration
+    matrix = to_matrix(test, scorer.feature_names)
+    for s in (scorer, uncalibrated):
+        probs = s.predict(test)
+        contributions = {task: s.contributions(test, task) for task in s.tasks}
+        for i in range(0, test.height, 37):
+            p, c = s.score_rows(matrix[i : i + 1])
+            for task in s.tasks:
+                assert p[task].dtype == probs[task].dtype
+                np.testing.assert_array_equal(p[task], probs[task][i : i + 1])
+                np.testing.assert_array_equal(c[task], contributions[task][i : i + 1])
+
+
+def test_boosters_trained_on_other_features_or_order_are_refused(fitted):
+    scorer, _ = fitted
+    with pytest.raises(ValueError, match="trained on features"):
+        Scorer(list(reversed(scorer.feature_names)), scorer.boosters)
 
 
 def test_a_missing_feature_or_reason_is_named():

@@ -265,6 +265,27 @@ def test_the_serving_builder_agrees_exactly_with_the_batch_builder():
         )
 
 
+def test_the_serving_builder_orders_simultaneous_events_as_the_batch_builder():
+    """Ties in time go by event_id (a missing id first, as the batch sort puts nulls), only the
+    last max_len are kept, and a decision time without a zone is UTC."""
+    tie = T0 + timedelta(days=2)
+    ids = ["t3", None, "t1", "t20", "t2", "s9"]
+    events = pl.concat([
+        random_events(9, n=40, entities="a"),
+        frame([("a", eid, tie, SPEC.event_types[i % 4], float(i), f"dev{i}", "web", -float(i))
+               for i, eid in enumerate(ids)]),
+    ])  # fmt: skip
+    spec = seq_spec(events)
+    shuffled = events.sample(fraction=1.0, shuffle=True, seed=1)
+    for at in (tie, tie + timedelta(hours=1), tie + timedelta(days=30)):
+        for max_len in (3, 8, 64):
+            batch = build_sequences(events, decisions([("a", at)]), spec, max_len=max_len)
+            assert_same(batch, build_one(shuffled, at.replace(tzinfo=None), spec, max_len))
+    last = build_one(shuffled, tie + timedelta(hours=1), spec, max_len=6)["nums"][0, :, 0]
+    expected_order = [1, 5, 2, 4, 3, 0]  # the amounts of None, s9, t1, t2, t20, t3
+    np.testing.assert_allclose(last, np.log1p(expected_order), rtol=1e-6)
+
+
 def test_small_categoricals_get_a_vocabulary_and_large_ones_stable_hash_buckets():
     events = random_events(5)
     spec = seq_spec(events)
@@ -308,6 +329,8 @@ def test_unknown_event_types_are_refused_with_the_vocabulary_named():
     bad = events.with_columns(event_type=pl.lit("teleport"))
     with pytest.raises(ValueError, match="teleport.*validate"):
         build_sequences(bad, decisions([("a", T0 + timedelta(days=1))]), spec)
+    with pytest.raises(ValueError, match="teleport.*validate"):
+        build_one(bad, T0 + timedelta(days=1), spec)
 
 
 def test_batches_cover_every_row_once_per_epoch_in_a_seeded_order():
