@@ -20,6 +20,7 @@ import polars as pl
 from eventml.schema import DatasetSpec
 
 _SQL_TYPE = {pl.String(): "TEXT", pl.Float64(): "REAL"}
+_NO_BOUND = 2**63 - 1  # µs after every datetime Python can hold: no bound
 
 
 class OnlineStore(Protocol):
@@ -55,7 +56,14 @@ class SQLiteOnlineStore:
         )
         with self._connect() as db:
             db.execute(f"CREATE TABLE IF NOT EXISTS events ({columns}, PRIMARY KEY (event_id))")
-            db.execute("CREATE INDEX IF NOT EXISTS by_entity_time ON events (entity_id, ts)")
+            # Covering: an entity's history is one contiguous run of this index, read without a
+            # lookup into the table per event (a batch of 256 entities reads ~30k events, and those
+            # lookups were most of its SQL time). It replaces the (entity_id, ts) index of stores
+            # written before it, whose every query it serves.
+            key = ("entity_id", "ts", "event_id")
+            indexed = ", ".join(f'"{c}"' for c in (*key, *(c for c in self.schema if c not in key)))
+            db.execute(f"CREATE INDEX IF NOT EXISTS by_entity_history ON events ({indexed})")
+            db.execute("DROP INDEX IF EXISTS by_entity_time")
             db.execute("CREATE INDEX IF NOT EXISTS by_time ON events (ts)")
 
     def _connect(self) -> sqlite3.Connection:
@@ -104,16 +112,41 @@ class SQLiteOnlineStore:
         frame = pl.DataFrame(rows[::-1], schema=read_schema, orient="row")
         return frame.with_columns(pl.from_epoch("ts", time_unit="us").dt.replace_time_zone("UTC"))
 
-    def histories(self, entity_ids: list[str]) -> pl.DataFrame:
+    def histories(
+        self, entity_ids: list[str], before: list[datetime] | None = None
+    ) -> pl.DataFrame:
         """Every stored event of these entities (one query, for scoring a batch), ordered by
-        entity and time, in the event table's schema."""
-        names = ", ".join(f'"{c}"' for c in self.schema)
-        distinct = sorted(set(entity_ids))
-        marks = ", ".join("?" for _ in distinct)
-        sql = f"SELECT {names} FROM events WHERE entity_id IN ({marks}) ORDER BY entity_id, ts, event_id"
-        rows = self._connect().execute(sql, distinct).fetchall() if distinct else []
+        entity and time, in the event table's schema. With `before` (one instant per entity id,
+        which may repeat), only the events strictly before the latest instant given for their
+        entity: a batch of decisions reads no event none of them can use."""
+        if before is None:
+            before = [None] * len(entity_ids)
+        if len(before) != len(entity_ids):
+            raise ValueError(f"{len(before)} instants given for {len(entity_ids)} entity ids")
+        bound: dict[str, int] = {}
+        for entity_id, ts in zip(entity_ids, before):
+            us = _NO_BOUND if ts is None else _us(ts)
+            bound[entity_id] = max(bound.get(entity_id, us), us)
+        names = ", ".join(f'e."{c}"' for c in self.schema)
+        asked = sorted(bound.items())
+        rows = []
+        if asked:
+            # A join with a VALUES table: SQLite walks the covering index once per entity and
+            # stops at its bound; later events are neither read nor converted to Python.
+            values = ", ".join("(?, ?)" for _ in asked)
+            sql = (
+                f"WITH asked(entity_id, before) AS (VALUES {values}) "
+                f"SELECT {names} FROM asked JOIN events e "
+                "ON e.entity_id = asked.entity_id AND e.ts < asked.before"
+            )
+            rows = self._connect().execute(sql, [v for pair in asked for v in pair]).fetchall()
         read_schema = {c: (pl.Int64 if c == "ts" else t) for c, t in self.schema.items()}
-        frame = pl.DataFrame(rows, schema=read_schema, orient="row")
+        # Built column by column (faster than from rows) and sorted here rather than by SQLite:
+        # (entity_id, ts, event_id) is a total order, byte-wise in both.
+        columns = zip(*rows) if rows else ([] for _ in read_schema)
+        frame = pl.DataFrame(
+            [pl.Series(c, v, dtype=t) for (c, t), v in zip(read_schema.items(), columns)]
+        ).sort("entity_id", "ts", "event_id")
         return frame.with_columns(pl.from_epoch("ts", time_unit="us").dt.replace_time_zone("UTC"))
 
     def stats(self) -> dict:

@@ -128,7 +128,12 @@ class Scorer:
             log(
                 f"{task}: {booster.best_iteration + 1} trees, valid AUC {booster.best_score:.4f} on {va.height:,} rows"
             )
-        return cls(feature_names=list(feature_names), boosters=boosters, config=config, calibration=calibration)
+        return cls(
+            feature_names=list(feature_names),
+            boosters=boosters,
+            config=config,
+            calibration=calibration,
+        )
 
     def __post_init__(self) -> None:
         # `score_rows` skips xgboost's feature-name check on each call; checking once here keeps
@@ -216,13 +221,13 @@ class Scorer:
             group[i, column_of[reason_of[f]]] = 1.0
         per_reason = contributions[:, :-1] @ group
         order = np.argsort(-per_reason, axis=1)[:, :top]
+        # Names, values and signs of the top reasons as whole arrays, turned into Python objects
+        # once: a batch then costs no numpy scalar per row and reason.
+        values = np.take_along_axis(per_reason, order, axis=1)
+        names = np.array(reasons, dtype=object)[order]
         return [
-            [
-                {"reason": reasons[j], "contribution": float(per_reason[i, j])}
-                for j in order[i]
-                if per_reason[i, j] > 0
-            ]
-            for i in range(per_reason.shape[0])
+            [{"reason": n, "contribution": v} for n, v, up in zip(*row) if up]
+            for row in zip(names.tolist(), values.tolist(), (values > 0).tolist())
         ]
 
     # ------------------------------------------------------------ persistence (no pickle)

@@ -91,12 +91,18 @@ class TimeMachine:
             if result.cursor:
                 self.cursors[sensor.name] = result.cursor
             for request in result.run_requests or []:
+                key = {RUN_KEY_TAG: request.run_key, SENSOR_NAME_TAG: sensor.name}
+                if self.instance.get_runs(filters=dg.RunsFilter(tags=key), limit=1):
+                    # The daemon's rule: a run key launches once (a refused or failed retrain
+                    # of this champion is not retried on the same drift).
+                    print(f"  {sensor.name}: {request.run_key} already ran", flush=True)
+                    continue
                 print(f"  {sensor.name}: {request.tags.get('eventml/reasons')}", flush=True)
                 print(f"  running retrain_job ({request.run_key}) ...", flush=True)
                 started = time.perf_counter()
                 run = self.defs.resolve_job_def("retrain_job").execute_in_process(
                     instance=self.instance, raise_on_error=False,
-                    tags={**request.tags, RUN_KEY_TAG: request.run_key, SENSOR_NAME_TAG: sensor.name},
+                    tags={**request.tags, **key},
                 )  # fmt: skip
                 outcomes.append({"run_key": request.run_key, "success": run.success,
                                  "seconds": time.perf_counter() - started})  # fmt: skip

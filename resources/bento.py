@@ -35,7 +35,9 @@ SERVICE = "eventml.service:RiskService"
 SERVICE_NAME = "eventml_risk"
 MODEL_NAME = "eventml-risk"
 # What the Bento's code imports (bentoml itself is added by the build).
-RUNTIME_PACKAGES = ("numpy", "numba", "polars", "pydantic", "pyyaml", "xgboost", "torch")
+RUNTIME_PACKAGES = (
+    "numpy", "numba", "polars", "pydantic", "pyyaml", "threadpoolctl", "xgboost", "torch",
+)  # fmt: skip
 
 
 def pinned_packages() -> list[str]:

@@ -1,5 +1,6 @@
 """The online store returns exactly the history the offline tables hold."""
 
+import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -47,7 +48,9 @@ def test_history_round_trips_exactly(store):
     written = pl.concat([events(30), events(5, "u2")])
     store.write(written)
     assert store.history("u1").equals(events(30))
-    assert store.history("nobody").height == 0 and store.history("nobody").schema == pl.Schema(SPEC.event_schema())
+    assert store.history("nobody").height == 0 and store.history("nobody").schema == pl.Schema(
+        SPEC.event_schema()
+    )
 
 
 def test_history_before_a_time_and_limited_to_the_last_events(store):
@@ -82,3 +85,38 @@ def test_readers_are_not_blocked_by_a_writer(store):
     stop.set()
     reader.join()
     assert seen and set(seen) == {10}
+
+
+def test_histories_of_a_batch_equal_each_entitys_history(store):
+    store.write(pl.concat([events(30), events(12, "u2"), events(5, "u3")]))
+    got = store.histories(["u2", "u1", "u2", "nobody"])
+    assert got.equals(pl.concat([events(30), events(12, "u2")]))
+    assert store.histories([]).schema == pl.Schema(SPEC.event_schema())
+
+
+def test_histories_stop_at_each_entitys_latest_instant(store):
+    store.write(pl.concat([events(30), events(12, "u2")]))
+    got = store.histories(
+        ["u1", "u2", "u1"],
+        before=[T0 + timedelta(hours=5), T0 + timedelta(hours=3), T0 + timedelta(hours=20)],
+    )
+    # u1's latest instant is hour 20 (the bound is per entity, the latest of its decisions)
+    assert got.equals(pl.concat([events(20), events(3, "u2")]))
+    with pytest.raises(ValueError, match="2 instants given for 1 entity ids"):
+        store.histories(["u1"], before=[T0, T0])
+
+
+def test_a_store_from_before_the_covering_index_gets_it_and_reads_the_same(tmp_path):
+    path = tmp_path / "old.sqlite"
+    SQLiteOnlineStore(path, SPEC).write(pl.concat([events(30), events(5, "u2")]))
+    with sqlite3.connect(path) as db:  # the layout earlier versions wrote
+        db.execute("DROP INDEX by_entity_history")
+        db.execute("CREATE INDEX by_entity_time ON events (entity_id, ts)")
+    reopened = SQLiteOnlineStore(path, SPEC)
+    with sqlite3.connect(path) as db:
+        indexes = {
+            name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+    assert "by_entity_history" in indexes and "by_entity_time" not in indexes
+    assert reopened.history("u1").equals(events(30))
+    assert reopened.histories(["u1"], before=[T0 + timedelta(hours=7)]).equals(events(7))
