@@ -170,8 +170,8 @@ def feature_drift(
     version, run = _champion(mlflow_tracking)
     reference = _reference(mlflow_tracking, run.info.run_id)
     spec = event_source.spec()
-    names = feature_set_for(spec).names
-    monitored = set(monitored_features(feature_set_for(spec)))
+    feature_set = feature_set_for(spec)
+    names, monitored = feature_set.names, set(monitored_features(feature_set))
     scores = [f"p_{label.name}" for label in spec.labels]
     thresholds = monitoring.thresholds()
     first = start - timedelta(days=monitoring.window_days - 1)
@@ -179,7 +179,7 @@ def feature_drift(
     served = _window(tables.scan("served_predictions"), first, end)
     served = served.filter(pl.col("mlflow_version") == version).collect()
 
-    rows, verdict = [], None
+    rows, newest = [], None
     for day in _days(start, end):
         since = day - timedelta(days=monitoring.window_days - 1)
         current = features.filter(pl.col(DAY).is_between(since, day))
@@ -193,13 +193,14 @@ def feature_drift(
             for c in scores
             if scored.height >= MIN_WINDOW_ROWS
         }
-        judged = table.filter(pl.col("column").is_in(list(monitored)))
-        verdict = (day, current.height, scored.height, judged, score_psi,
-                   drift_verdict(judged, score_psi or None, thresholds))  # fmt: skip
+        newest = (day, current.height, scored.height, table, score_psi)
         score_rows = pl.DataFrame(
-            {"column": [f"p_{t}" for t in score_psi], "psi": list(score_psi.values())}
-        ).with_columns(
-            band=pl.col("psi").map_elements(lambda v: band(v, thresholds), return_dtype=pl.String)
+            {
+                "column": [f"p_{t}" for t in score_psi],
+                "psi": list(score_psi.values()),
+                "band": [band(v, thresholds) for v in score_psi.values()],
+            },
+            schema={"column": pl.String, "psi": pl.Float64, "band": pl.String},
         )
         rows.append(
             pl.concat([table, score_rows], how="diagonal_relaxed").with_columns(
@@ -210,10 +211,13 @@ def feature_drift(
             )
         )  # fmt: skip
     out = pl.concat(rows) if rows else pl.DataFrame(schema={DAY: pl.Date, "column": pl.String})
-    if verdict is None:
+    if newest is None:
         context.add_output_metadata({"judged": False, "champion_version": version})
         return out
-    day, n_features, n_scored, judged, score_psi, (retrain, reasons, figures) = verdict
+    # The verdict is the newest day's: what the sensors act on.
+    day, n_features, n_scored, table, score_psi = newest
+    judged = table.filter(pl.col("column").is_in(list(monitored)))
+    retrain, reasons, figures = drift_verdict(judged, score_psi or None, thresholds)
     context.add_output_metadata(
         {
             "as_of": day.isoformat(),
