@@ -5,7 +5,8 @@
 
 For each encoder configuration: trains a risk model on a mid-size simulated world (cached under
 `$EVENTML_HOME/bench/serve/`), reports its out-of-time AUC, publishes it into a BentoML store
-and an online store there, serves the Bento (1 worker) and measures
+and an online store there (a Bento is rebuilt whenever `eventml`'s code changes, so the figures
+are always of the working tree), serves the Bento (1 worker) and measures
 - single `/score` latency at a fixed arrival rate (open loop: each request is due at i/rate,
   and its latency counts from when it was due, so a stalled server is not hidden),
 - `/score_batch` throughput with two concurrent callers,
@@ -17,6 +18,7 @@ Results print as a table and go to `<cache>/results.json`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -52,6 +54,14 @@ CONFIGS = {
 
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def source_digest() -> str:
+    """A short digest of the code a Bento packs (`eventml/**/*.py`, as `resources.bento` builds)."""
+    digest = hashlib.blake2b(digest_size=6)
+    for path in sorted((ROOT / "eventml").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def world(cache: Path, n_users: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
@@ -237,8 +247,11 @@ def main() -> None:
         serving = Serving.under(cache / name)
         if not Path(serving.online_store).exists():
             serving.store(LENDING_SPEC).write(events)
-        built = serving.bento_for(f"bench-{name}") or serving.publish(
-            cache / name / "model", LENDING_SPEC.model_dump_json(), f"bench-{name}"
+        # A Bento serves the copy of `eventml` it was built with, so one is reused only while
+        # that code is unchanged: otherwise the figures would be of an older service.
+        label = f"bench-{name}-{source_digest()}"
+        built = serving.bento_for(label) or serving.publish(
+            cache / name / "model", LENDING_SPEC.model_dump_json(), label
         )
         tag = built.get("bento_tag") or built["tag"]
         row = {"quality": quality, "bare": bare(model, serving, requests)}

@@ -106,17 +106,51 @@ def test_histories_stop_at_each_entitys_latest_instant(store):
         store.histories(["u1"], before=[T0, T0])
 
 
-def test_a_store_from_before_the_covering_index_gets_it_and_reads_the_same(tmp_path):
+def test_writes_merge_into_each_entitys_history_in_time_order(store):
+    # Days arrive out of order and an event is re-sent with new values: the history is the
+    # union, sorted by time, with the latest version of each event.
+    store.write(pl.concat([events(10, start=20), events(3, "u2")]))
+    store.write(events(20))
+    changed = events(1, start=5).with_columns(pl.lit(99.0).alias("amount"))
+    store.write(changed)
+    expected = events(30).with_columns(
+        pl.when(pl.col("event_id") == "u1-5").then(99.0).otherwise(pl.col("amount")).alias("amount")
+    )
+    assert store.history("u1").equals(expected)
+    assert store.history("u2").equals(events(3, "u2"))
+    assert store.stats()["events"] == 33 and store.stats()["entities"] == 2
+
+
+def test_deleting_a_span_touches_only_the_events_inside_it(store):
+    store.write(pl.concat([events(48), events(5, "u2", start=30), events(5, "u3", start=100)]))
+    # hours 24..34 of u1, and all of u2 (hours 30..34); u3 (hours 100..104) is outside
+    deleted = store.delete_between(T0 + timedelta(hours=24), T0 + timedelta(hours=35))
+    assert deleted == 11 + 5
+    assert store.history("u1").equals(pl.concat([events(24), events(13, start=35)]))
+    assert store.history("u2").height == 0 and store.history("u3").equals(events(5, "u3", 100))
+    assert store.stats()["entities"] == 2 and store.stats()["events"] == 42
+
+
+def test_a_store_of_event_rows_is_packed_once_and_reads_the_same(tmp_path):
+    """Stores written before the packed layout (one SQLite row per event) are converted when
+    opened; the service then reads exactly what the rows held."""
     path = tmp_path / "old.sqlite"
-    SQLiteOnlineStore(path, SPEC).write(pl.concat([events(30), events(5, "u2")]))
+    written = pl.concat([events(30), events(5, "u2")])
+    columns = {c: ("INTEGER" if c == "ts" else "REAL" if t == pl.Float64 else "TEXT")
+               for c, t in SPEC.event_schema().items()}  # fmt: skip
     with sqlite3.connect(path) as db:  # the layout earlier versions wrote
-        db.execute("DROP INDEX by_entity_history")
+        db.execute(
+            f"CREATE TABLE events ({', '.join(f'{c} {t}' for c, t in columns.items())}, "
+            "PRIMARY KEY (event_id))"
+        )
         db.execute("CREATE INDEX by_entity_time ON events (entity_id, ts)")
+        rows = written.with_columns(pl.col("ts").dt.epoch("us")).rows()
+        db.executemany(f"INSERT INTO events VALUES ({', '.join('?' for _ in columns)})", rows)
     reopened = SQLiteOnlineStore(path, SPEC)
     with sqlite3.connect(path) as db:
-        indexes = {
-            name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
-        }
-    assert "by_entity_history" in indexes and "by_entity_time" not in indexes
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    assert "events" not in tables and "by_entity_time" not in tables
     assert reopened.history("u1").equals(events(30))
     assert reopened.histories(["u1"], before=[T0 + timedelta(hours=7)]).equals(events(7))
+    assert reopened.stats()["events"] == 35
+    assert SQLiteOnlineStore(path, SPEC).history("u2").equals(events(5, "u2"))  # nothing to redo
