@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
 from eventml.encoder import (
     Encoder,
@@ -120,6 +121,10 @@ def train_sequence_model(
     log(
         f"sequences: {len(learn):,} to learn from ({hidden.height:,} unlabeled), {valid.height:,} to validate"
     )
+    # The initial weights come from torch's global generator: seeded here, the same data and
+    # config give the same model in every process (unseeded, two runs differed by 0.2 in
+    # validation AUC and 0.04 in the embedding lift).
+    torch.manual_seed(config.seed)
     encoder = Encoder(
         EncoderConfig(
             **seq_spec.encoder_dims(),

@@ -425,8 +425,9 @@ def train(
 
     `log` receives one line per epoch (losses, validation loss and AUC per task, LR,
     sequences/s); the same figures are in `TrainResult.history`. Without validation data (or
-    with no known validation label) the training task loss is monitored. On CUDA the arrays are
-    moved to the GPU once, up front.
+    with no known validation label) the training loss, self-supervised part included, is
+    monitored: a label-free pretraining run keeps its best epoch, not its first. On CUDA the
+    arrays are moved to the GPU once, up front.
     """
     log = log or (lambda line: None)
     device = torch.device(config.device)
@@ -533,8 +534,8 @@ def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
         row["sequences_per_s"] = steps * config.batch_size / row["seconds"]
 
         metric = row.get("valid_mean_auc" if higher_is_better else "valid_loss", float("nan"))
-        if math.isnan(metric):
-            metric, higher_is_better = train_task, False
+        if math.isnan(metric):  # nothing labelled to validate on: the training loss, aux included
+            metric, higher_is_better = train_loss, False
         row["monitored"] = metric
         best.history.append(row)
         log(_format(row))

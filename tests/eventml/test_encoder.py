@@ -216,6 +216,17 @@ def test_training_stops_early_and_keeps_the_best_epoch():
     assert restored == pytest.approx(result.best_metric, rel=1e-5)
 
 
+def test_without_any_label_the_self_supervised_loss_picks_the_epoch_to_keep():
+    unlabeled = arrays(64, seed=0, missing=1.0)
+    result = train(
+        model(), unlabeled, None, TrainConfig(epochs=4, batch_size=16, lr=3e-2, warmup_steps=1)
+    )
+    monitored = [row["monitored"] for row in result.history]
+    assert all(row["train_task_loss"] == 0.0 for row in result.history)
+    assert monitored == [row["train_loss"] for row in result.history]
+    assert result.best_metric == min(monitored) < monitored[0]
+
+
 def test_save_then_load_gives_identical_outputs_from_weights_only(tmp_path):
     m = model(seed=7)
     data = arrays(16)
