@@ -14,8 +14,9 @@ Plain NumPy/Polars in, plain values out, so the monitoring assets and the sensor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, time, timedelta
 
 import numpy as np
 import polars as pl
@@ -23,6 +24,7 @@ from scipy import stats
 
 from eventml.evaluate import _figure, _png, expected_calibration_error, metrics
 from eventml.features import WINDOWED_KINDS, FeatureSet
+from eventml.sources import DAY
 
 # A bin that is empty on one side counts as this share of its rows, so that ln(current/reference)
 # stays finite. 1e-4 is "1 row in 10,000": a bin empty in the reference that holds 1% of the
@@ -250,6 +252,64 @@ def drift_verdict(
     return should_retrain, reasons, figures
 
 
+@dataclass(frozen=True)
+class DayDrift:
+    """One judged day: its window's sizes, every column's drift and each task score's PSI."""
+
+    day: date
+    decisions: int
+    scored: int
+    table: pl.DataFrame  # drift_table's rows for the features
+    score_psi: dict[str, float]  # task -> PSI of p_<task>; empty when too little was served
+
+
+def drift_by_day(
+    reference: pl.DataFrame, features: pl.DataFrame, served: pl.DataFrame, days: list[date], *,
+    columns: list[str], monitored: set[str], tasks: list[str], window_days: int,
+    thresholds: DriftThresholds = DriftThresholds(), min_rows: int = 100,
+    log: Callable[[str], None] = print,
+) -> tuple[pl.DataFrame, DayDrift | None]:  # fmt: skip
+    """Each day's drift over the trailing `window_days` of decisions (`features`) and of served
+    scores (`served`, with p_<task>), both with a `day` column, against `reference`.
+
+    Returns one row per day and column (drift_table's columns plus day, monitored, decisions;
+    task scores as p_<task> rows), and the newest judged day: what a verdict is taken on. A day
+    whose window holds fewer than `min_rows` decisions is noise, not evidence: it is skipped."""
+    rows, newest = [], None
+    for day in days:
+        since = day - timedelta(days=window_days - 1)
+        current = features.filter(pl.col(DAY).is_between(since, day))
+        if current.height < min_rows:
+            log(f"{day}: {current.height} decisions in the window, not judged")
+            continue
+        table = drift_table(reference, current, columns, thresholds=thresholds)
+        scored = served.filter(pl.col(DAY).is_between(since, day))
+        score_psi = {
+            t: psi(reference[f"p_{t}"].to_numpy(), scored[f"p_{t}"].to_numpy())
+            for t in tasks
+            if scored.height >= min_rows
+        }
+        newest = DayDrift(day, current.height, scored.height, table, score_psi)
+        score_rows = pl.DataFrame(
+            {
+                "column": [f"p_{t}" for t in score_psi],
+                "psi": list(score_psi.values()),
+                "band": [band(v, thresholds) for v in score_psi.values()],
+            },
+            schema={"column": pl.String, "psi": pl.Float64, "band": pl.String},
+        )
+        judged = [*monitored, *(f"p_{t}" for t in score_psi)]
+        rows.append(
+            pl.concat([table, score_rows], how="diagonal_relaxed").with_columns(
+                pl.lit(day).alias(DAY),
+                pl.col("column").is_in(judged).alias("monitored"),
+                pl.lit(current.height).alias("decisions"),
+            )
+        )
+    out = pl.concat(rows) if rows else pl.DataFrame(schema={DAY: pl.Date, "column": pl.String})
+    return out, newest
+
+
 def monitored_features(feature_set: FeatureSet) -> list[str]:
     """The features whose distribution should hold still in a stable world: bounded windows,
     static attributes and the decision's own fields. Lifetime counts, "days since" recencies
@@ -367,3 +427,31 @@ def performance_verdict(
     if drop > max_auc_drop:
         return True, [summary]
     return False, [f"no retrain: {summary}"]
+
+
+def performance_by_day(
+    decisions: pl.DataFrame, scores: pl.DataFrame, tasks: list[str],
+    reference_auc: dict[str, float | None], live_since: datetime, days: list[date], *,
+    max_auc_drop: float = 0.05, min_labels: int = 1000, min_positives: int = 50,
+) -> tuple[pl.DataFrame, bool, list[str]]:  # fmt: skip
+    """`live_performance` per task as of the end of each day, each with its verdict against the
+    AUC the model was promoted on. Returns one row per day and task (with reference_auc and
+    retrain), and the newest day's verdict: (should_retrain, reasons)."""
+    rows, retrain, reasons = [], False, []
+    for day in days:
+        as_of = datetime.combine(day + timedelta(days=1), time(), UTC)  # the end of `day`
+        for task in tasks:
+            live = live_performance(decisions, scores, task, live_since, as_of)
+            if reference_auc.get(task) is None:
+                fires, why = False, [f"{task}: the model has no test AUC to compare against"]
+            else:
+                fires, why = performance_verdict(
+                    live, reference_auc[task], max_auc_drop,
+                    min_labels=min_labels, min_positives=min_positives,
+                )  # fmt: skip
+            rows.append(
+                {DAY: day, **live, "reference_auc": reference_auc.get(task), "retrain": fires}
+            )
+            if day == days[-1]:
+                retrain, reasons = retrain or fires, reasons + why
+    return pl.DataFrame(rows), retrain, reasons

@@ -14,15 +14,12 @@ import dagster as dg
 import polars as pl
 
 from eventml.drift import (
-    band,
+    drift_by_day,
     drift_plot,
-    drift_table,
     drift_verdict,
     monitored_features,
-    performance_verdict,
-    psi,
+    performance_by_day,
 )
-from eventml.drift import live_performance as judge_live
 from eventml.features import feature_set_for
 from eventml.labels import build_decisions
 from eventml.prediction_log import read_prediction_log
@@ -171,63 +168,35 @@ def feature_drift(
     reference = _reference(mlflow_tracking, run.info.run_id)
     spec = event_source.spec()
     feature_set = feature_set_for(spec)
-    names, monitored = feature_set.names, set(monitored_features(feature_set))
-    scores = [f"p_{label.name}" for label in spec.labels]
-    thresholds = monitoring.thresholds()
+    monitored = set(monitored_features(feature_set))
     first = start - timedelta(days=monitoring.window_days - 1)
     features = _window(tables.scan("decision_features"), first, end).collect()
     served = _window(tables.scan("served_predictions"), first, end)
     served = served.filter(pl.col("mlflow_version") == version).collect()
-
-    rows, newest = [], None
-    for day in _days(start, end):
-        since = day - timedelta(days=monitoring.window_days - 1)
-        current = features.filter(pl.col(DAY).is_between(since, day))
-        if current.height < MIN_WINDOW_ROWS:
-            context.log.info(f"{day}: {current.height} decisions in the window, not judged")
-            continue
-        table = drift_table(reference, current, names, thresholds=thresholds)
-        scored = served.filter(pl.col(DAY).is_between(since, day))
-        score_psi = {
-            c.removeprefix("p_"): psi(reference[c].to_numpy(), scored[c].to_numpy())
-            for c in scores
-            if scored.height >= MIN_WINDOW_ROWS
-        }
-        newest = (day, current.height, scored.height, table, score_psi)
-        score_rows = pl.DataFrame(
-            {
-                "column": [f"p_{t}" for t in score_psi],
-                "psi": list(score_psi.values()),
-                "band": [band(v, thresholds) for v in score_psi.values()],
-            },
-            schema={"column": pl.String, "psi": pl.Float64, "band": pl.String},
-        )
-        rows.append(
-            pl.concat([table, score_rows], how="diagonal_relaxed").with_columns(
-                pl.lit(day).alias(DAY),
-                pl.col("column").is_in([*monitored, *(f"p_{t}" for t in score_psi)]).alias("monitored"),
-                pl.lit(current.height).alias("decisions"),
-                pl.lit(version).alias("champion_version"),
-            )
-        )  # fmt: skip
-    out = pl.concat(rows) if rows else pl.DataFrame(schema={DAY: pl.Date, "column": pl.String})
+    out, newest = drift_by_day(
+        reference, features, served, _days(start, end),
+        columns=feature_set.names, monitored=monitored, tasks=[x.name for x in spec.labels],
+        window_days=monitoring.window_days, thresholds=monitoring.thresholds(),
+        min_rows=MIN_WINDOW_ROWS, log=context.log.info,
+    )  # fmt: skip
     if newest is None:
         context.add_output_metadata({"judged": False, "champion_version": version})
         return out
+    out = out.with_columns(pl.lit(version).alias("champion_version"))
     # The verdict is the newest day's: what the sensors act on.
-    day, n_features, n_scored, table, score_psi = newest
-    judged = table.filter(pl.col("column").is_in(list(monitored)))
-    retrain, reasons, figures = drift_verdict(judged, score_psi or None, thresholds)
+    thresholds = monitoring.thresholds()
+    judged = newest.table.filter(pl.col("column").is_in(list(monitored)))
+    retrain, reasons, figures = drift_verdict(judged, newest.score_psi or None, thresholds)
     context.add_output_metadata(
         {
-            "as_of": day.isoformat(),
+            "as_of": newest.day.isoformat(),
             "judged": True,
             "champion_version": version,
             "retrain_recommended": retrain,
             "reasons": "; ".join(reasons),
-            "decisions_in_window": n_features,
-            "scored_in_window": n_scored,
-            **{f"score_psi.{t}": round(v, 4) for t, v in score_psi.items()},
+            "decisions_in_window": newest.decisions,
+            "scored_in_window": newest.scored,
+            **{f"score_psi.{t}": round(v, 4) for t, v in newest.score_psi.items()},
             "features_act": figures["features_act"],
             "features_watch": figures["features_watch"],
             "worst_feature": figures["worst_feature"] or "",
@@ -283,22 +252,12 @@ def live_performance(
     )
     decisions = build_decisions(events, spec, as_of=_midnight(end))
     reference = {t: run.data.metrics.get(f"test.{t}.auc") for t in tasks}
-    rows, retrain, reasons = [], False, []
-    for day in _days(start, end):
-        as_of = _midnight(day + timedelta(days=1))
-        for task in tasks:
-            live = judge_live(decisions, scores, task, live_since, as_of)
-            if reference[task] is None:
-                fires, why = False, [f"{task}: the champion's run has no test AUC to compare"]
-            else:
-                fires, why = performance_verdict(
-                    live, reference[task], monitoring.max_auc_drop,
-                    min_labels=monitoring.min_labels, min_positives=monitoring.min_positives,
-                )  # fmt: skip
-            rows.append({DAY: day, **live, "reference_auc": reference[task], "retrain": fires})
-            if day == end - timedelta(days=1):
-                retrain, reasons = retrain or fires, reasons + why
-    table = pl.DataFrame(rows).with_columns(pl.lit(version).alias("champion_version"))
+    table, retrain, reasons = performance_by_day(
+        decisions, scores, tasks, reference, live_since, _days(start, end),
+        max_auc_drop=monitoring.max_auc_drop, min_labels=monitoring.min_labels,
+        min_positives=monitoring.min_positives,
+    )  # fmt: skip
+    table = table.with_columns(pl.lit(version).alias("champion_version"))
     newest = table.filter(pl.col(DAY) == end - timedelta(days=1))
     context.add_output_metadata(
         {

@@ -1,7 +1,7 @@
 """Drift and live performance: when the world has moved enough, and the model decayed enough, to
 retrain — and when the evidence is too thin to say."""
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -10,12 +10,14 @@ import pytest
 from eventml.drift import (
     DriftThresholds,
     band,
+    drift_by_day,
     drift_plot,
     drift_table,
     drift_verdict,
     ks,
     live_performance,
     monitored_features,
+    performance_by_day,
     performance_verdict,
     psi,
 )
@@ -192,6 +194,63 @@ def test_each_task_score_is_judged_and_named(rng):
     assert fires and reasons == ["fraud_60d score PSI 0.400 > 0.25"]
     assert figures["score_psi"] == 0.4
     assert figures["score_psi_by_task"] == {"default_90d": 0.05, "fraud_60d": 0.4}
+
+
+def daily_rows(rng, first: date, days: int, per_day: int, shift_from: date):
+    """`per_day` decisions a day with features x0..x3 and a served p_default_90d; from
+    `shift_from` on, x0 and the score move by one standard deviation."""
+    frames = []
+    for i in range(days):
+        day = first + timedelta(days=i)
+        loc = 1.0 if day >= shift_from else 0.0
+        frames.append(pl.DataFrame({
+            "day": [day] * per_day, "x0": rng.normal(loc=loc, size=per_day),
+            **{f"x{j}": rng.normal(size=per_day) for j in (1, 2, 3)},
+            f"p_{TASK}": rng.normal(loc=loc, size=per_day),
+        }))  # fmt: skip
+    return pl.concat(frames)
+
+
+def test_drift_is_judged_day_by_day_over_a_trailing_window(rng):
+    first, shift = date(2025, 6, 1), date(2025, 6, 15)
+    rows = daily_rows(rng, first, days=20, per_day=200, shift_from=shift)
+    reference = daily_rows(rng, first, days=5, per_day=400, shift_from=date(2030, 1, 1))
+    days = [first + timedelta(days=i) for i in range(20)]
+    skipped = []
+    table, newest = drift_by_day(
+        reference, rows, rows, days, columns=["x0", "x1", "x2", "x3"], monitored={"x0", "x1"},
+        tasks=[TASK], window_days=7, min_rows=300, log=skipped.append,
+    )  # fmt: skip
+    # The first day's window holds 200 decisions (< 300): noise, skipped and said so.
+    assert len(skipped) == 1 and skipped[0].startswith("2025-06-01")
+    assert table["day"].n_unique() == 19
+    assert set(table.filter(pl.col("monitored"))["column"]) == {"x0", "x1", f"p_{TASK}"}
+    score = table.filter(pl.col("column") == f"p_{TASK}").sort("day")["psi"].to_list()
+    assert score[12] < 0.1 < score[-1]  # 2025-06-14 is all before the shift; the last, mostly after
+    assert newest.day == days[-1] and newest.decisions == newest.scored == 7 * 200
+    assert newest.score_psi[TASK] > 0.25 and newest.table["column"][0] == "x0"
+
+
+def test_performance_is_judged_as_of_the_end_of_each_day(rng):
+    decisions, scores = world(rng, 3_000, LIVE, 80, good=False)
+    # 80 days of decisions mature over days 90-170 after going live: judge the middle and the end.
+    days = [(LIVE + timedelta(days=d)).date() for d in (100, 170)]
+    table, retrain, reasons = performance_by_day(
+        decisions, scores, [TASK], {TASK: 0.8}, LIVE, days, min_labels=1000
+    )
+    assert table.height == 2 and table["reference_auc"].to_list() == [0.8, 0.8]
+    middle, end = table.sort("day").iter_rows(named=True)
+    assert middle["n"] < 1000 and not middle["retrain"]  # not judged yet: too few labels
+    assert end["n"] == 3_000 and end["retrain"]
+    assert retrain and "live AUC" in reasons[0]  # the verdict is the newest day's
+
+
+def test_without_a_reference_auc_performance_is_reported_not_judged(rng):
+    decisions, scores = world(rng, 3_000, LIVE, 80, good=False)
+    table, retrain, reasons = performance_by_day(
+        decisions, scores, [TASK], {TASK: None}, LIVE, [AS_OF.date()]
+    )
+    assert table["n"].item() == 3_000 and not retrain and "no test AUC" in reasons[0]
 
 
 def test_features_that_grow_with_every_users_age_are_not_monitored():
