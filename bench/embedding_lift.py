@@ -1,0 +1,223 @@
+"""Where the embedding lift goes: the out-of-time AUC of features-only vs features + embeddings,
+on the demo's own tables, for the shipped training recipe and the alternatives tried against it.
+
+    make demo                                   # the tables this reads (days 0-299)
+    .venv/bin/python bench/embedding_lift.py    # 4 recipes x 3 encoder seeds, ~1 hour on 2 cores
+    .venv/bin/python bench/embedding_lift.py --recipes time-split --seeds 0
+
+Recipes (the scorer and its features-only baseline always learn from the same rows):
+- time-split (shipped, `eventml.splits.with_stacking_stages`): the encoder learns labels from the
+  earliest half of the train split, the scorers from the latest half.
+- entity-split: the encoder learns labels from half of the people, the scorers from the others,
+  both over the whole train window.
+- self-supervised: the encoder learns no label (masked events only, every train and gap
+  history), so the scorers may learn from every train row.
+- self-supervised-all: the same over a sample of every decision's history, test era included
+  (inputs only; no label of the test window is read).
+
+Each recipe runs once per encoder seed (the seed of its initial weights and batches): the lift
+moves by a few hundredths from seed to seed, so one run is an anecdote; the summary gives the
+mean and spread. Then, for the shipped recipe, the encoder's own default AUC split by split with the mean age of
+the people it scores (how fast what it learned from labels goes stale), and how much of the
+oracle's edge is outcomes the simulator has already drawn and no history can show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import zlib
+
+import polars as pl
+from sklearn.metrics import roc_auc_score
+
+from eventml.embedding import SequenceModelConfig, embedding_table, train_sequence_model
+from eventml.features import feature_set_for
+from eventml.home import StateHome
+from eventml.labels import build_decisions
+from eventml.risk_model import embedding_columns, model_table
+from eventml.scorer import Scorer, ScorerConfig
+from eventml.simulate import LENDING_SPEC, WorldConfig
+from eventml.splits import split_decisions, with_stacking_stages
+from ml_assets.models import MONOTONE
+
+RECIPES = ("time-split", "entity-split", "self-supervised", "self-supervised-all")
+ORACLE = {"default_90d": "true_p_default", "fraud_60d": "true_p_fraud"}
+
+
+def load(days: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """The demo's events of its first `days` days, their decisions, and their features."""
+    tables = StateHome.from_env().tables / "eventml"
+    first = pl.scan_delta(str(tables / "raw_events")).select(pl.col("day").min()).collect().item()
+    events = (
+        pl.scan_delta(str(tables / "raw_events"))
+        .filter(pl.col("day") < first + pl.duration(days=days))
+        .drop("day")
+        .collect()
+    )
+    decisions = build_decisions(events, LENDING_SPEC)
+    features = (
+        pl.scan_delta(str(tables / "decision_features"))
+        .join(decisions.lazy().select("decision_id"), on="decision_id", how="semi")
+        .collect()
+    )
+    return events, decisions, features
+
+
+def staged(splits: pl.DataFrame, recipe: str) -> pl.DataFrame:
+    """`stage` per row: encoder (its labels teach the encoder), scorer, or none."""
+    if recipe == "time-split":
+        return with_stacking_stages(splits)
+    train = pl.col("split") == "train"
+    encoder = (
+        pl.col("entity_id").map_elements(lambda e: zlib.crc32(e.encode()) % 2 == 0, pl.Boolean)
+        if recipe == "entity-split"
+        else pl.lit(False)
+    )
+    stage = pl.when(~train).then(pl.lit("none")).when(encoder).then(pl.lit("encoder"))
+    return splits.with_columns(stage.otherwise(pl.lit("scorer")).alias("stage"))
+
+
+def encoder_rows(splits: pl.DataFrame, recipe: str, tasks: list[str]) -> pl.DataFrame:
+    """What `train_sequence_model` reads; the self-supervised recipes see no label at all."""
+    if not recipe.startswith("self-supervised"):
+        return splits
+    blind = splits.with_columns(pl.lit(None, dtype=pl.Float64).alias(t) for t in tasks)
+    if recipe == "self-supervised":
+        return blind
+    n = splits.filter(pl.col("split").is_in(["train", "gap"])).height
+    sample = blind.sample(n, seed=0).with_columns(
+        pl.lit("train").cast(splits["split"].dtype).alias("split")
+    )
+    return pl.concat([sample, blind.filter(pl.col("split") == "valid")])
+
+
+def run(recipe, seed, events, splits, features, tasks, args) -> tuple[dict, pl.DataFrame]:
+    splits = staged(splits, recipe)
+    config = SequenceModelConfig(
+        epochs=args.epochs,
+        seed=seed,
+        # Without labels nothing is validated: train every epoch, keep the last.
+        patience=args.epochs
+        if recipe.startswith("self-supervised")
+        else SequenceModelConfig.patience,
+    )
+    start = time.perf_counter()
+    model, _ = train_sequence_model(
+        events, encoder_rows(splits, recipe, tasks), LENDING_SPEC, config, log=lambda line: None
+    )
+    seconds = time.perf_counter() - start
+    table = model_table(splits, features, embedding_table(model, events, splits))
+    names = feature_set_for(LENDING_SPEC).names
+    emb = embedding_columns(model.encoder.config.emb_dim)
+    fit_rows = table.filter((pl.col("split") == "train") & (pl.col("stage") == "scorer"))
+    valid = table.filter(pl.col("split") == "valid")
+    scorer_config = ScorerConfig(monotone=MONOTONE)
+    baseline = Scorer.fit(fit_rows, valid, names, tasks, scorer_config, log=lambda line: None)
+    scorer = Scorer.fit(fit_rows, valid, names + emb, tasks, scorer_config, log=lambda line: None)
+    test = table.filter(pl.col("split") == "test")
+    pb, ps = baseline.predict(test), scorer.predict(test)
+    row = {
+        "recipe": recipe,
+        "seed": seed,
+        "encoder_s": round(seconds),
+        "scorer_rows": fit_rows.height,
+    }
+    for task in tasks:
+        known = (test[f"{task}_matured"] & test[task].is_not_null()).to_numpy()
+        y = test[task].to_numpy()[known].astype(int)
+        auc = {
+            "features": roc_auc_score(y, pb[task][known]),
+            "+embeddings": roc_auc_score(y, ps[task][known]),
+            "encoder": roc_auc_score(y, test[f"encoder_{task}"].to_numpy()[known]),
+            "oracle": roc_auc_score(y, test[ORACLE[task]].to_numpy()[known]),
+        }
+        row |= {f"{task} {k}": round(v, 4) for k, v in auc.items()}
+        row[f"{task} lift"] = round(auc["+embeddings"] - auc["features"], 4)
+    return row, table
+
+
+def staleness(table: pl.DataFrame, events: pl.DataFrame, task: str = "default_90d") -> pl.DataFrame:
+    """The encoder's own AUC on each split and stage, with how old the people scored are."""
+    first = events.group_by("entity_id").agg(pl.col("ts").min().alias("first_event"))
+    scored = table.filter(pl.col(f"{task}_matured") & pl.col(task).is_not_null()).join(
+        first, on="entity_id", how="left"
+    )
+    rows = []
+    for (split, stage), part in scored.group_by("split", "stage"):
+        y = part[task].to_numpy().astype(int)
+        rows.append(
+            {
+                "split": split,
+                "stage": stage,
+                "labelled": part.height,
+                "positives": int(y.sum()),
+                "encoder_auc": round(roc_auc_score(y, part[f"encoder_{task}"]), 3),
+                "mean_age_days": round(
+                    (part["ts"] - part["first_event"]).dt.total_days().mean(), 1
+                ),
+                "from": part["ts"].min().date(),
+            }
+        )
+    return pl.DataFrame(rows).sort("from")
+
+
+def oracle_edge(table: pl.DataFrame) -> dict:
+    """Test defaults the simulator had already drawn (true p = 1) and whether a missed payment
+    shows them, and the oracle's AUC without them."""
+    test = table.filter(
+        (pl.col("split") == "test")
+        & pl.col("default_90d_matured")
+        & pl.col("default_90d").is_not_null()
+    )
+    drawn = test.filter(pl.col("true_p_default") >= 0.999)
+    rest = test.filter(pl.col("true_p_default") < 0.999)
+    return {
+        "test positives": int(test["default_90d"].sum()),
+        "already drawn (true p = 1)": int(drawn["default_90d"].sum()),
+        "of those, a missed payment in the history": int((drawn["n_payment_missed_90d"] > 0).sum()),
+        "oracle AUC without them": round(
+            roc_auc_score(rest["default_90d"], rest["true_p_default"]), 4
+        ),
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    p.add_argument("--days", type=int, default=WorldConfig.shift_day or WorldConfig.n_days)
+    p.add_argument("--epochs", type=int, default=SequenceModelConfig.epochs)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = p.parse_args(argv)
+    events, decisions, features = load(args.days)
+    tasks = [label.name for label in LENDING_SPEC.labels]
+    splits = split_decisions(decisions, LENDING_SPEC)
+    print(f"{events.height:,} events, {decisions.height:,} decisions, days 0-{args.days - 1}")
+    rows, tables = [], {}
+    for recipe in args.recipes:
+        for seed in args.seeds:
+            row, table = run(recipe, seed, events, splits, features, tasks, args)
+            tables.setdefault(recipe, table)  # the first seed's, for the diagnosis below
+            print(row, flush=True)
+            rows.append(row)
+    results = pl.DataFrame(rows)
+    figures = [c for c in results.columns if c.split(" ")[0] in tasks]
+    summary = results.group_by("recipe", maintain_order=True).agg(
+        pl.len().alias("seeds"),
+        *(pl.col(c).mean().round(4) for c in figures),
+        *(pl.col(f"{t} lift").std().round(4).alias(f"{t} lift sd") for t in tasks),
+        *(pl.col(f"{t} lift").min().alias(f"{t} lift min") for t in tasks),
+        *(pl.col(f"{t} lift").max().alias(f"{t} lift max") for t in tasks),
+    )
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
+        print("\nmean over seeds")
+        print(summary.transpose(include_header=True, column_names="recipe"))
+        if "time-split" in tables:
+            print("\nthe shipped encoder's own default_90d AUC, split by split")
+            print(staleness(tables["time-split"], events))
+    first = next(iter(tables.values()))
+    print("\nthe oracle's edge on default_90d:", oracle_edge(first))
+
+
+if __name__ == "__main__":
+    main()
