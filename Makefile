@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
 # All runtime state lives under one folder.
-export EVENTML_HOME ?= $(CURDIR)/.state
+EVENTML_HOME ?= $(CURDIR)/.state
+# Dagster refuses a relative DAGSTER_HOME: a relative EVENTML_HOME is resolved against this folder.
+export EVENTML_HOME := $(abspath $(EVENTML_HOME))
 export DAGSTER_HOME ?= $(EVENTML_HOME)/dagster
 
 .PHONY: install demo advance test ui mlflow serve bench lint clean

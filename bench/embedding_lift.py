@@ -6,18 +6,16 @@ on the demo's own tables, for the shipped training recipe and the alternatives t
     .venv/bin/python bench/embedding_lift.py --recipes time-split --seeds 0
 
 Recipes (the scorer and its features-only baseline always learn from the same rows):
-- label-free (shipped): the embedding learns from histories alone (masked events, every train
-  and gap history); the labels of every train row train only the task heads, which read it
-  detached (`EncoderConfig.label_free_embedding`); the scorers learn from every train row.
-- label-free-recent: the same encoder, but the scorers learn from the latest half of the train
-  split only (the rows time-split gives them): recency without stacking.
-- time-split (shipped before, `eventml.splits.with_stacking_stages`): labels shape the
-  embedding, so the encoder learns them from the earliest half of the train split and the
-  scorers from the latest half.
+- time-split (shipped, `eventml.splits.with_stacking_stages`): labels shape the embedding, so
+  the encoder learns them from the earliest half of the train split and the scorers from the
+  latest half.
 - entity-split: the encoder learns labels from half of the people, the scorers from the others,
   both over the whole train window.
-- self-supervised: as label-free, but the heads learn nothing either (no label read at all):
-  the control for how much choosing the epoch by the heads' validation AUC matters.
+- self-supervised: the encoder reads no label (masked events over every train and gap
+  history), so the scorers may learn from every train row. Caveat: nothing trains the
+  projection from the pooled state to the embedding (`Encoder.to_emb`: the masked-event head
+  reads the per-event states), so this embedding is a random projection of a self-supervised
+  state, a lower bound on what such an encoder could give.
 - self-supervised-all: the same over a sample of every decision's history, test era included
   (inputs only; no label of the test window is read).
 
@@ -48,8 +46,6 @@ from eventml.splits import split_decisions, with_stacking_stages
 from ml_assets.models import MONOTONE
 
 RECIPES = (
-    "label-free",
-    "label-free-recent",
     "time-split",
     "entity-split",
     "self-supervised",
@@ -79,9 +75,7 @@ def load(days: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
 
 def staged(splits: pl.DataFrame, recipe: str) -> pl.DataFrame:
     """`stage` per row: encoder (its labels teach the encoder), scorer, or none."""
-    if recipe == "label-free":
-        return with_stacking_stages(splits, encoder_share=0.0)
-    if recipe in ("time-split", "label-free-recent"):
+    if recipe == "time-split":
         return with_stacking_stages(splits, encoder_share=0.5)
     train = pl.col("split") == "train"
     encoder = (
@@ -112,8 +106,8 @@ def run(recipe, seed, events, splits, features, tasks, args) -> tuple[dict, pl.D
     config = SequenceModelConfig(
         epochs=args.epochs,
         seed=seed,
-        label_free_embedding=recipe not in ("time-split", "entity-split"),
-        # Without labels nothing is validated: train every epoch, keep the last.
+        # Without labels nothing is validated: train every epoch, keep the one with the lowest
+        # training loss.
         patience=args.epochs
         if recipe.startswith("self-supervised")
         else SequenceModelConfig.patience,

@@ -42,10 +42,6 @@ class SequenceModelConfig:
     dropout: float = 0.1
     aux_task: str = "masked_event"
     aux_weight: float = 0.5
-    # True: labels train the task heads only and the embedding learns from histories alone, so
-    # the scorers need no held-back rows (SplitSettings.encoder_share=0). Measured against the
-    # time split by bench/embedding_lift.py; not (yet) the better recipe on the default world.
-    label_free_embedding: bool = False
     epochs: int = 8
     batch_size: int = 256
     lr: float = 2e-3
@@ -107,24 +103,13 @@ def train_sequence_model(
     config: SequenceModelConfig = SequenceModelConfig(),
     log=print,
 ) -> tuple[SequenceModel, TrainResult]:
-    """Train on the `train` and `gap` splits' histories; early-stop on `valid`. Labels (where
-    matured and applicable) come from every train row when the embedding is label-free (they
-    reach the task heads only), else only from the train rows of stage "encoder", which the
-    scorers never learn from (see eventml.splits.with_stacking_stages)."""
+    """Train on the `train` and `gap` splits' histories, with labels (where matured and
+    applicable) only on the train rows of stage "encoder"; early-stop on `valid`."""
     tasks = tuple(label.name for label in spec.labels)
     seq_spec = SequenceSpec.fit(spec, events)
-    # Every other history before the test window still teaches the self-supervised task.
-    train_rows = pl.col("split") == "train"
-    if config.label_free_embedding or "stage" not in splits.columns:
-        own_labels = train_rows
-    else:
-        own_labels = train_rows & (pl.col("stage") == "encoder")
-        if splits.filter(own_labels).height == 0:
-            raise ValueError(
-                "the encoder's embedding learns labels only from train rows of stage 'encoder', "
-                "and there are none: give the encoder a share of the train split "
-                "(with_stacking_stages' encoder_share > 0) or set label_free_embedding=True"
-            )
+    # Labels only where the scorer will not train (see eventml.splits.with_stacking_stages);
+    # every other history before the test window still teaches the self-supervised task.
+    own_labels = (pl.col("stage") == "encoder") if "stage" in splits.columns else (pl.col("split") == "train")
     learn = splits.filter(pl.col("split").is_in(["train", "gap"])).with_columns(
         pl.when(own_labels).then(pl.col(t)).otherwise(None).alias(t) for t in tasks
     )
@@ -152,7 +137,6 @@ def train_sequence_model(
             tasks=tasks,
             aux_task=config.aux_task,
             aux_weight=config.aux_weight,
-            label_free_embedding=config.label_free_embedding,
         )
     )
     result = train(

@@ -54,10 +54,6 @@ class EncoderConfig:
     aux_task: Literal["masked_event", "next_event"] = "masked_event"
     aux_weight: float = 0.5
     mask_prob: float = 0.15  # share of real events hidden per sequence by "masked_event"
-    # The task heads read the embedding detached: labels train the heads only, and the embedding
-    # is shaped by the self-supervised task alone, so a scorer may learn from rows whose labels
-    # the heads saw without meeting embeddings that memorized them.
-    label_free_embedding: bool = False
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -227,8 +223,7 @@ class Encoder(nn.Module):
         w = mask[..., None].to(x.dtype)  # (B, T, 1)
         pooled = (x * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, d); zero for an empty history
         emb = self.to_emb(pooled)  # (B, E)
-        head_in = emb.detach() if cfg.label_free_embedding else emb
-        out = {"emb": emb, "logits": self.task_head(head_in), "aux_logits": self.aux_head(x)}
+        out = {"emb": emb, "logits": self.task_head(emb), "aux_logits": self.aux_head(x)}
         if "labels" in batch:
             out["task_loss"] = masked_bce(out["logits"], batch["labels"], self.task_weights)
             out["aux_loss"] = (
@@ -463,14 +458,6 @@ def make_train_step(
 
     # Weight decay on matrices and embeddings only, not on biases and norms (nanoGPT).
     params = [p for p in model.parameters() if p.requires_grad]
-    # A label-free embedding's heads are clipped on their own: one norm over every gradient
-    # would let the labels scale the embedding's steps.
-    heads = {id(p) for p in model.task_head.parameters()}
-    clipped = (
-        [[p for p in params if id(p) in heads], [p for p in params if id(p) not in heads]]
-        if model.config.label_free_embedding
-        else [params]
-    )
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -494,8 +481,7 @@ def make_train_step(
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         if config.grad_clip > 0:
-            for group in clipped:
-                nn.utils.clip_grad_norm_(group, config.grad_clip, foreach=True)
+            nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
         optimizer.step()
         schedule.step()
         return out

@@ -172,8 +172,8 @@ class SQLiteOnlineStore:
         new = (
             events.with_columns(ts.dt.convert_time_zone("UTC").dt.cast_time_unit("us"))
             .select(pl.col(c).cast(t) for c, t in self.schema.items())
-            # Within one write, the last row of an event_id wins, as row-by-row replacing would.
-            .unique("event_id", keep="last", maintain_order=True)
+            # Within one write as across writes, the last row of an (entity, event_id) wins.
+            .unique(["entity_id", "event_id"], keep="last", maintain_order=True)
         )
         entity_ids = new["entity_id"].unique().sort().to_list()
         with self._writing() as db:  # one transaction: a day's events appear all at once
@@ -200,13 +200,16 @@ class SQLiteOnlineStore:
                     (lo, hi),
                 )
             ]
+            inside = pl.col("ts").dt.epoch("us").is_between(lo, hi, closed="left")
             for chunk in _chunks(touched):
                 stored = self._read(db, chunk)
-                us = pl.col("ts").dt.epoch("us")
-                kept = stored.filter((us < lo) | (us >= hi))
-                deleted += stored.height - kept.height
-                db.executemany("DELETE FROM histories WHERE entity_id = ?", [(e,) for e in chunk])
-                self._put(db, kept)
+                # Histories that span the interval without an event in it stay as they are.
+                hit = stored.filter(inside)["entity_id"].unique().to_list()
+                if not hit:
+                    continue
+                deleted += stored.filter(inside).height
+                db.executemany("DELETE FROM histories WHERE entity_id = ?", [(e,) for e in hit])
+                self._put(db, stored.filter(pl.col("entity_id").is_in(hit) & ~inside))
         return deleted
 
     def history(
@@ -253,7 +256,8 @@ class SQLiteOnlineStore:
     def _migrate_event_rows(self) -> None:
         """Stores written before the packed layout hold one row per event in `events`: their
         events are packed per entity and the table dropped, once (a second process opening the
-        store meanwhile waits on the write lock, then finds nothing left to do)."""
+        store meanwhile waits on the write lock, up to the connection's timeout, then finds
+        nothing left to do). Bentos built before this layout read `events`: rebuild them."""
         probe = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
         if self._connect().execute(probe).fetchone() is None:
             return
@@ -274,4 +278,7 @@ class SQLiteOnlineStore:
                 ).with_columns(pl.from_epoch("ts", time_unit="us").dt.replace_time_zone("UTC"))
                 self._put(db, frame.sort("entity_id", "ts", "event_id"))
             db.execute("DROP TABLE events")
-        self._connect().execute("VACUUM")  # give the row table's pages back to the file system
+        try:  # give the row table's pages back to the file system; SQLite reuses them otherwise
+            self._connect().execute("VACUUM")
+        except sqlite3.OperationalError:  # another connection is busy: the converted store is fine
+            pass

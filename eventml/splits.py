@@ -122,9 +122,7 @@ def with_stacking_stages(splits: pl.DataFrame, encoder_share: float = 0.5) -> pl
     The scorer takes the encoder's embedding as input. Trained on rows whose labels the encoder
     already fitted, it would learn to trust embeddings that memorized those labels and find them
     empty on new decisions. So the encoder learns labels from the earliest `encoder_share` of the
-    train split ("encoder"), the scorers from the rest ("scorer"); every other row is "none".
-    With a label-free embedding (labels reach only the encoder's task heads) nothing needs
-    holding back: `encoder_share=0` gives every train row to the scorers."""
+    train split ("encoder"), the scorers from the rest ("scorer"); every other row is "none"."""
     train_ts = splits.filter(pl.col("split") == "train")["ts"]
     if train_ts.len() == 0:
         return splits.with_columns(pl.lit("none").alias("stage"))

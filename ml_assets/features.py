@@ -140,10 +140,6 @@ class SplitSettings(dg.Config):
     # definition or the data is broken (no positives at all, or most decisions "defaulting").
     min_label_rate: float = 0.001
     max_label_rate: float = 0.5
-    # The earliest share of the train split whose labels only the encoder may learn
-    # (eventml.splits.with_stacking_stages); 0 for a label-free embedding
-    # (EncoderSettings.label_free_embedding), which lets the scorers learn from every train row.
-    encoder_share: float = 0.5
 
 
 @dg.asset(
@@ -161,18 +157,17 @@ def training_splits(
     """Out-of-time train / valid / gap / test by decision time; the gap is at least the longest
     label horizon, so no training label matures inside the test window."""
     spec = event_source.spec()
-    split_config = SplitConfig(
+    config = SplitConfig(
         valid_fraction=config.valid_fraction,
         test_fraction=config.test_fraction,
         label_rate_bands={
             label.name: (config.min_label_rate, config.max_label_rate) for label in spec.labels
         },
     )
-    splits = split_decisions(decisions, spec, split_config)
-    splits = with_stacking_stages(splits, config.encoder_share)
+    splits = with_stacking_stages(split_decisions(decisions, spec, config))
     yield dg.Output(
         splits,
         metadata={"dagster/row_count": splits.height, "splits": split_summary(splits, spec)},
     )
-    for outcome in check_splits(splits, spec, split_config):
+    for outcome in check_splits(splits, spec, config):
         yield check_result("training_splits", outcome)

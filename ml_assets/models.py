@@ -39,7 +39,6 @@ class EncoderSettings(dg.Config):
     batch_size: int = SequenceModelConfig.batch_size
     lr: float = SequenceModelConfig.lr
     patience: int = SequenceModelConfig.patience
-    label_free_embedding: bool = SequenceModelConfig.label_free_embedding
     seed: int = SequenceModelConfig.seed
     device: str = SequenceModelConfig.device
 

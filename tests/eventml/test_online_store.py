@@ -131,6 +131,26 @@ def test_deleting_a_span_touches_only_the_events_inside_it(store):
     assert store.stats()["entities"] == 2 and store.stats()["events"] == 42
 
 
+def test_an_event_is_keyed_by_entity_and_event_id_within_a_write_as_across_writes(store):
+    shared = events(2, "u1").with_columns(pl.lit("e").alias("event_id"))  # two rows, one id
+    other = events(1, "u2").with_columns(pl.lit("e").alias("event_id"))
+    store.write(pl.concat([shared, other]))
+    assert store.history("u1").equals(shared.tail(1))  # within an entity, the last row wins
+    assert store.history("u2").equals(other)  # another entity's event of the same id stays
+
+
+def test_deleting_a_span_leaves_histories_without_events_in_it_untouched(store):
+    # u1's history (hours 0..9 and 50..59) spans hours 20..21 without an event there; only u2
+    # has events in them. A re-packed row would get a new rowid.
+    u1 = pl.concat([events(10), events(10, start=50)])
+    store.write(pl.concat([u1, events(2, "u2", start=20), events(2, "u3", start=100)]))
+    query = "SELECT rowid, packed FROM histories WHERE entity_id = 'u1'"
+    before = store._connect().execute(query).fetchone()
+    assert store.delete_between(T0 + timedelta(hours=20), T0 + timedelta(hours=22)) == 2
+    assert store._connect().execute(query).fetchone() == before
+    assert store.history("u1").equals(u1) and store.history("u2").height == 0
+
+
 def test_a_store_of_event_rows_is_packed_once_and_reads_the_same(tmp_path):
     """Stores written before the packed layout (one SQLite row per event) are converted when
     opened; the service then reads exactly what the rows held."""
