@@ -29,6 +29,7 @@ import numpy as np
 import polars as pl
 
 from eventml.schema import DatasetSpec
+from eventml.sequences import _utc_us
 
 _NO_BOUND = 2**63 - 1  # µs after every datetime Python can hold: no bound
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -166,11 +167,8 @@ class SQLiteOnlineStore:
     def write(self, events: pl.DataFrame) -> int:
         if events.height == 0:
             return 0
-        ts = events["ts"]
-        if ts.dtype.time_zone is None:
-            ts = ts.dt.replace_time_zone("UTC")  # naive instants are UTC
         new = (
-            events.with_columns(ts.dt.convert_time_zone("UTC").dt.cast_time_unit("us"))
+            events.with_columns(_utc_us(events["ts"]))  # naive instants are UTC
             .select(pl.col(c).cast(t) for c, t in self.schema.items())
             # Within one write as across writes, the last row of an (entity, event_id) wins.
             .unique(["entity_id", "event_id"], keep="last", maintain_order=True)
