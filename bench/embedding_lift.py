@@ -2,28 +2,32 @@
 on the demo's own tables, for the shipped training recipe and the alternatives tried against it.
 
     make demo                                   # the tables this reads (days 0-299)
-    .venv/bin/python bench/embedding_lift.py    # 4 recipes x 3 encoder seeds, ~1 hour on 2 cores
+    .venv/bin/python bench/embedding_lift.py    # 5 recipes x 3 encoder seeds, ~1.5 hours on 2 cores
     .venv/bin/python bench/embedding_lift.py --recipes time-split --seeds 0
 
 Recipes (the scorer and its features-only baseline always learn from the same rows):
-- time-split (shipped, `eventml.splits.with_stacking_stages`): labels shape the embedding, so
-  the encoder learns them from the earliest half of the train split and the scorers from the
-  latest half.
+- time-split (shipped, `eventml.splits.with_stacking_stages` + `eventml.embedding.learning_rows`):
+  the encoder learns decision labels from the earliest half of the train split, the scorers from
+  the latest half, and the encoder also learns 30-day outlook targets (which event types each
+  person has in the month after a decision) from every train and gap history but the scorers',
+  up to the first test decision.
+- time-split-no-outlook: the same without outlook targets (the recipe shipped before them).
+- outlook-only: the encoder reads no decision label; it learns outlook targets from the gap,
+  which no scorer sees, so the scorers may learn from every train row. Its task heads are
+  untrained: its "encoder" AUC means nothing.
 - entity-split: the encoder learns labels from half of the people, the scorers from the others,
-  both over the whole train window.
-- self-supervised: the encoder reads no label (masked events over every train and gap
-  history), so the scorers may learn from every train row. Caveat: nothing trains the
-  projection from the pooled state to the embedding (`Encoder.to_emb`: the masked-event head
-  reads the per-event states), so this embedding is a random projection of a self-supervised
-  state, a lower bound on what such an encoder could give.
-- self-supervised-all: the same over a sample of every decision's history, test era included
-  (inputs only; no label of the test window is read).
+  both over the whole train window (outlook targets as in time-split).
+- self-supervised: masked events only; no label, no outlook. Nothing trains the projection from
+  the pooled state to the embedding (`Encoder.to_emb`), so this is a random projection of a
+  self-supervised state: a lower bound.
 
 Each recipe runs once per encoder seed (the seed of its initial weights and batches): the lift
 moves by a few hundredths from seed to seed, so one run is an anecdote; the summary gives the
-mean and spread. Then, for time-split, the encoder's own default AUC split by split with the mean age of
-the people it scores (how fast what it learned from labels goes stale), and how much of the
-oracle's edge is outcomes the simulator has already drawn and no history can show.
+mean and spread. Then, for time-split, the encoder's own default AUC split by split with the
+mean age of the people it scores (how fast what it learned from labels goes stale); how much of
+the oracle's edge is outcomes the simulator has already drawn and no history can show; and the
+one sequence detail measured to matter that the features leave out (the days-late magnitude of
+the last payments): what it adds to the features, and how much of it each embedding holds.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import time
 import zlib
 
 import polars as pl
-from sklearn.metrics import roc_auc_score
+import xgboost as xgb
+from sklearn.metrics import r2_score, roc_auc_score
 
 from eventml.embedding import SequenceModelConfig, embedding_table, train_sequence_model
 from eventml.features import feature_set_for
@@ -45,12 +50,7 @@ from eventml.simulate import LENDING_SPEC, WorldConfig
 from eventml.splits import split_decisions, with_stacking_stages
 from ml_assets.models import MONOTONE
 
-RECIPES = (
-    "time-split",
-    "entity-split",
-    "self-supervised",
-    "self-supervised-all",
-)
+RECIPES = ("time-split", "time-split-no-outlook", "outlook-only", "entity-split", "self-supervised")
 ORACLE = {"default_90d": "true_p_default", "fraud_60d": "true_p_fraud"}
 
 
@@ -75,7 +75,7 @@ def load(days: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
 
 def staged(splits: pl.DataFrame, recipe: str) -> pl.DataFrame:
     """`stage` per row: encoder (its labels teach the encoder), scorer, or none."""
-    if recipe == "time-split":
+    if recipe.startswith("time-split"):
         return with_stacking_stages(splits, encoder_share=0.5)
     train = pl.col("split") == "train"
     encoder = (
@@ -87,34 +87,28 @@ def staged(splits: pl.DataFrame, recipe: str) -> pl.DataFrame:
     return splits.with_columns(stage.otherwise(pl.lit("scorer")).alias("stage"))
 
 
-def encoder_rows(splits: pl.DataFrame, recipe: str, tasks: list[str]) -> pl.DataFrame:
-    """What `train_sequence_model` reads; the self-supervised recipes see no label at all."""
-    if not recipe.startswith("self-supervised"):
-        return splits
-    blind = splits.with_columns(pl.lit(None, dtype=pl.Float64).alias(t) for t in tasks)
-    if recipe == "self-supervised":
-        return blind
-    n = splits.filter(pl.col("split").is_in(["train", "gap"])).height
-    sample = blind.sample(n, seed=0).with_columns(
-        pl.lit("train").cast(splits["split"].dtype).alias("split")
-    )
-    return pl.concat([sample, blind.filter(pl.col("split") == "valid")])
-
-
 def run(recipe, seed, events, splits, features, tasks, args) -> tuple[dict, pl.DataFrame]:
     splits = staged(splits, recipe)
+    unlabelled = recipe in ("outlook-only", "self-supervised")
     config = SequenceModelConfig(
         epochs=args.epochs,
         seed=seed,
+        outlook_days=0
+        if recipe in ("time-split-no-outlook", "self-supervised")
+        else SequenceModelConfig.outlook_days,
         # Without labels nothing is validated: train every epoch, keep the one with the lowest
         # training loss.
-        patience=args.epochs
-        if recipe.startswith("self-supervised")
-        else SequenceModelConfig.patience,
+        patience=args.epochs if unlabelled else SequenceModelConfig.patience,
+    )
+    # What the encoder reads: the unlabelled recipes see no decision label at all.
+    encoder_rows = (
+        splits.with_columns(pl.lit(None, dtype=pl.Int8).alias(t) for t in tasks)
+        if unlabelled
+        else splits
     )
     start = time.perf_counter()
     model, _ = train_sequence_model(
-        events, encoder_rows(splits, recipe, tasks), LENDING_SPEC, config, log=lambda line: None
+        events, encoder_rows, LENDING_SPEC, config, log=lambda line: None
     )
     seconds = time.perf_counter() - start
     table = model_table(splits, features, embedding_table(model, events, splits))
@@ -192,6 +186,54 @@ def oracle_edge(table: pl.DataFrame) -> dict:
     }
 
 
+def days_late_gap(table: pl.DataFrame, events: pl.DataFrame) -> dict:
+    """The days late of each person's last three payments before the decision (mean and max):
+    the `default_90d` AUC it adds to the features-only scorer on the recipe's own rows, and how
+    much of its mean (R² on test rows with a payment) the features, the embedding and both
+    recover."""
+    payments = (
+        events.filter(pl.col("days_late").is_not_null())
+        .select("entity_id", pl.col("ts").alias("paid_at"), "days_late")
+        .sort("paid_at")
+        .with_columns(
+            pl.col("days_late")
+            .rolling_mean(3, min_samples=1)
+            .over("entity_id")
+            .alias("late_mean3"),
+            pl.col("days_late").rolling_max(3, min_samples=1).over("entity_id").alias("late_max3"),
+        )
+        .drop("days_late")
+    )
+    table = table.sort("ts").join_asof(
+        payments, left_on="ts", right_on="paid_at", by="entity_id",
+        strategy="backward", allow_exact_matches=False, check_sortedness=False,
+    )  # fmt: skip
+    names = feature_set_for(LENDING_SPEC).names
+    emb = [c for c in table.columns if c.startswith("emb_")]
+    fit_rows = table.filter((pl.col("split") == "train") & (pl.col("stage") == "scorer"))
+    valid, test = table.filter(pl.col("split") == "valid"), table.filter(pl.col("split") == "test")
+    known = (test["default_90d_matured"] & test["default_90d"].is_not_null()).to_numpy()
+    y = test["default_90d"].to_numpy()[known].astype(int)
+    out = {}
+    for name, extra in (
+        ("features", []),
+        ("features + last 3 payments' days late", ["late_mean3", "late_max3"]),
+    ):
+        scorer = Scorer.fit(
+            fit_rows, valid, names + extra, ["default_90d"], ScorerConfig(monotone=MONOTONE),
+            log=lambda line: None,
+        )  # fmt: skip
+        out[f"{name} AUC"] = round(roc_auc_score(y, scorer.predict(test)["default_90d"][known]), 4)
+    paid = table.filter(pl.col("late_mean3").is_not_null())
+    fit, held = paid.filter(pl.col("split") != "test"), paid.filter(pl.col("split") == "test")
+    for name, cols in (("features", names), ("embedding", emb), ("both", names + emb)):
+        model = xgb.XGBRegressor(n_estimators=300, max_depth=4, learning_rate=0.05, n_jobs=2)
+        model.fit(fit.select(cols).to_numpy(), fit["late_mean3"].to_numpy())
+        predicted = model.predict(held.select(cols).to_numpy())
+        out[f"R² of its mean from {name}"] = round(r2_score(held["late_mean3"], predicted), 3)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
@@ -227,6 +269,9 @@ def main(argv=None) -> None:
             print(staleness(tables["time-split"], events))
     first = next(iter(tables.values()))
     print("\nthe oracle's edge on default_90d:", oracle_edge(first))
+    print("\nthe days late of the last payments, which no feature holds (first seed's tables):")
+    for recipe, table in tables.items():
+        print(f"  {recipe}: {days_late_gap(table, events)}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -24,7 +24,7 @@ from scipy import stats
 
 from eventml.evaluate import _figure, _png, expected_calibration_error, metrics
 from eventml.features import WINDOWED_KINDS, FeatureSet
-from eventml.sources import DAY
+from eventml.sources import DAY, midnight
 
 # A bin that is empty on one side counts as this share of its rows, so that ln(current/reference)
 # stays finite. 1e-4 is "1 row in 10,000": a bin empty in the reference that holds 1% of the
@@ -439,7 +439,7 @@ def performance_by_day(
     retrain), and the newest day's verdict: (should_retrain, reasons)."""
     rows, retrain, reasons = [], False, []
     for day in days:
-        as_of = datetime.combine(day + timedelta(days=1), time(), UTC)  # the end of `day`
+        as_of = midnight(day + timedelta(days=1))  # the end of `day`
         for task in tasks:
             live = live_performance(decisions, scores, task, live_since, as_of)
             if reference_auc.get(task) is None:

@@ -25,6 +25,7 @@ from eventml.encoder import (
     save,
     train,
 )
+from eventml.labels import event_within
 from eventml.schema import DatasetSpec
 from eventml.sequences import SequenceSpec, build_one, build_sequences
 
@@ -42,6 +43,9 @@ class SequenceModelConfig:
     dropout: float = 0.1
     aux_task: str = "masked_event"
     aux_weight: float = 0.5
+    # Outlook targets (see `outlook_targets`): the window in days (0 = none) and their weight.
+    outlook_days: int = 30
+    outlook_weight: float = 1.0
     epochs: int = 8
     batch_size: int = 256
     lr: float = 2e-3
@@ -96,6 +100,53 @@ class SequenceModel:
         return cls(encoder=encoder, sequence_spec=spec)
 
 
+def outlook_targets(
+    events: pl.DataFrame, rows: pl.DataFrame, spec: DatasetSpec, days: int, known: pl.Expr
+) -> pl.DataFrame:
+    """One 0/1 column per event type, `<type>_<days>d`: does the person have such an event in
+    the `days` after the decision; null where `known` is false.
+
+    Why: a decision label takes its horizon (90 days for a default) plus the split's gap to
+    become usable, so the encoder would learn only from the earliest, youngest histories, whose
+    people have barely made a payment yet. What happens in the next month is known soon after,
+    for far more people and for histories like the ones scored, and it is the stress the
+    labels follow: late and missed payments, bursts of applications, delinquencies."""
+    return rows.select(
+        pl.when(known)
+        .then(pl.lit(event_within(rows, events, event_type, days)))
+        .alias(f"{event_type}_{days}d")
+        for event_type in spec.event_types
+    )
+
+
+def learning_rows(
+    events: pl.DataFrame, splits: pl.DataFrame, spec: DatasetSpec, outlook_days: int = 30
+) -> tuple[pl.DataFrame, tuple[str, ...]]:
+    """The rows the encoder learns from, in a canonical order, and the names of their outlook
+    targets: every `train` and `gap` history (the self-supervised task reads them all), with
+    decision labels (where matured and applicable) only on the train rows of stage "encoder"
+    (see `eventml.splits.with_stacking_stages`), and outlook targets (see `outlook_targets`)
+    where the outlook closes before the first test decision and on no row of stage "scorer":
+    no outcome of the test window, and none the scorers' labels follow, may shape the embedding."""
+    tasks = [label.name for label in spec.labels]
+    staged = "stage" in splits.columns
+    own_labels = (pl.col("stage") == "encoder") if staged else (pl.col("split") == "train")
+    learn = (
+        splits.filter(pl.col("split").is_in(["train", "gap"]))
+        .with_columns(pl.when(own_labels).then(pl.col(t)).otherwise(None).alias(t) for t in tasks)
+        .sort("ts", "decision_id")  # a canonical order: same data, same model
+    )
+    if outlook_days <= 0:
+        return learn, ()
+    first_test = splits.filter(pl.col("split") == "test")["ts"].min()
+    closes_by = min(t for t in (first_test, events["ts"].max()) if t is not None)
+    known = pl.col("ts") + pl.duration(days=outlook_days) <= closes_by
+    if staged:
+        known = known & (pl.col("stage") != "scorer")
+    outlook = outlook_targets(events, learn, spec, outlook_days, known)
+    return pl.concat([learn, outlook], how="horizontal"), tuple(outlook.columns)
+
+
 def train_sequence_model(
     events: pl.DataFrame,
     splits: pl.DataFrame,
@@ -103,23 +154,25 @@ def train_sequence_model(
     config: SequenceModelConfig = SequenceModelConfig(),
     log=print,
 ) -> tuple[SequenceModel, TrainResult]:
-    """Train on the `train` and `gap` splits' histories, with labels (where matured and
-    applicable) only on the train rows of stage "encoder"; early-stop on `valid`."""
+    """Train on `learning_rows`; early-stop on `valid`."""
     tasks = tuple(label.name for label in spec.labels)
     seq_spec = SequenceSpec.fit(spec, events)
-    # Labels only where the scorer will not train (see eventml.splits.with_stacking_stages);
-    # every other history before the test window still teaches the self-supervised task.
-    own_labels = (pl.col("stage") == "encoder") if "stage" in splits.columns else (pl.col("split") == "train")
-    learn = splits.filter(pl.col("split").is_in(["train", "gap"])).with_columns(
-        pl.when(own_labels).then(pl.col(t)).otherwise(None).alias(t) for t in tasks
-    )
-    learn = learn.sort("ts", "decision_id")  # a canonical order: same data, same model
-    hidden = learn.filter(~own_labels)
+    learn, outlook = learning_rows(events, splits, spec, config.outlook_days)
     valid = splits.filter(pl.col("split") == "valid").sort("ts", "decision_id")
-    train_arrays = build_sequences(events, learn, seq_spec, config.max_len, label_columns=tasks)
+    train_arrays = build_sequences(
+        events, learn, seq_spec, config.max_len, label_columns=tasks + outlook
+    )
+    if "labels" in train_arrays:
+        train_arrays["labels"], train_arrays["outlook"] = np.split(
+            train_arrays["labels"], [len(tasks)], axis=1
+        )
     valid_arrays = build_sequences(events, valid, seq_spec, config.max_len, label_columns=tasks)
+    labelled = learn.select(pl.any_horizontal(pl.col(tasks).is_not_null()).sum()).item()
+    with_outlook = learn.select(pl.col(outlook[0]).is_not_null().sum()).item() if outlook else 0
     log(
-        f"sequences: {len(learn):,} to learn from ({hidden.height:,} unlabeled), {valid.height:,} to validate"
+        f"sequences: {len(learn):,} to learn from ({labelled:,} with decision labels, "
+        f"{with_outlook:,} with {config.outlook_days}-day outlook targets), "
+        f"{valid.height:,} to validate"
     )
     # The initial weights come from torch's global generator: seeded here, the same data and
     # config give the same model in every process (unseeded, two runs differed by 0.2 in
@@ -137,6 +190,8 @@ def train_sequence_model(
             tasks=tasks,
             aux_task=config.aux_task,
             aux_weight=config.aux_weight,
+            outlook=outlook,
+            outlook_weight=config.outlook_weight,
         )
     )
     result = train(

@@ -7,6 +7,7 @@ has neither polars nor dagster. Its input is a dict of tensors built by `eventml
     event_type (B, K) int64, 0 = padding   cats (B, K, C) int64   nums (B, K, F) float32
     time       (B, K, T) float32           mask (B, K) bool, True = a real event
     labels     (B, n_tasks) float32, NaN where the label is missing or not yet matured (optional)
+    outlook    (B, n_outlook) float32, the same for the outlook targets (optional)
 
 Layout, top to bottom: config, model (attention → block → encoder), losses, batching, metrics,
 training, inference, save/load.
@@ -29,7 +30,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-BATCH_KEYS = ("event_type", "cats", "nums", "time", "mask", "labels")
+BATCH_KEYS = ("event_type", "cats", "nums", "time", "mask", "labels", "outlook")
+ROW_KEYS = ("labels", "outlook")  # one value per row, not per event: never cut to a width
 IGNORE = -100  # cross-entropy target for positions the aux task does not score
 
 
@@ -54,6 +56,11 @@ class EncoderConfig:
     aux_task: Literal["masked_event", "next_event"] = "masked_event"
     aux_weight: float = 0.5
     mask_prob: float = 0.15  # share of real events hidden per sequence by "masked_event"
+    # Outlook targets: what happens to the person soon after the decision (e.g. "a late payment
+    # within 30 days"), predicted from the embedding. They mature fast, so they teach the
+    # embedding on fresher and older histories than the decision labels can; never scored.
+    outlook: tuple[str, ...] = ()
+    outlook_weight: float = 1.0  # of their mean BCE in the loss
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -160,6 +167,14 @@ class Encoder(nn.Module):
         self.ln_f = nn.LayerNorm(d)
         self.to_emb = nn.Linear(d, config.emb_dim)
         self.task_head = nn.Linear(config.emb_dim, len(config.tasks))
+        self.outlook_head = (
+            nn.Linear(config.emb_dim, len(config.outlook)) if config.outlook else None
+        )
+        self.register_buffer(
+            "outlook_weights",
+            torch.full((len(config.outlook),), 1.0 / max(1, len(config.outlook))),
+            persistent=False,
+        )
         self.aux_head = nn.Linear(d, config.n_event_types)  # per position: which event type
 
         self.apply(self._init_weights)
@@ -180,7 +195,7 @@ class Encoder(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Returns emb (B, E), logits (B, n_tasks), aux_logits (B, K, V); with `labels` in the
-        batch also loss, task_loss and aux_loss."""
+        batch also loss, task_loss, aux_loss and outlook_loss (zero without `outlook`)."""
         cfg = self.config
         mask = batch["mask"]  # (B, T)
         B, T = mask.shape
@@ -231,7 +246,16 @@ class Encoder(nn.Module):
                 if aux_target is not None
                 else torch.zeros((), device=mask.device)
             )
-            out["loss"] = out["task_loss"] + cfg.aux_weight * out["aux_loss"]
+            out["outlook_loss"] = (
+                masked_bce(self.outlook_head(emb), batch["outlook"], self.outlook_weights)
+                if self.outlook_head is not None and "outlook" in batch
+                else torch.zeros((), device=mask.device)
+            )
+            out["loss"] = (
+                out["task_loss"]
+                + cfg.aux_weight * out["aux_loss"]
+                + cfg.outlook_weight * out["outlook_loss"]
+            )
         return out
 
     def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
@@ -349,7 +373,7 @@ def iter_batches(
             width = min(K, max(16, -(-int(lengths[rows].max()) // 16) * 16))
         batch = {}
         for k, t in tensors.items():
-            if k != "labels":
+            if k not in ROW_KEYS:
                 t = t[:, K - width :]  # a view: only the kept columns are gathered
             t = t[rows_src]
             if k in ("event_type", "cats"):
@@ -504,8 +528,8 @@ def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
     for epoch in range(config.epochs):
         start = time.perf_counter()
         model.train()
-        # loss, task_loss, aux_loss: summed on the device and read once an epoch (no sync a step)
-        sums = torch.zeros(3, device=device)
+        # the four losses, summed on the device and read once an epoch (no sync a step)
+        sums = torch.zeros(4, device=device)
         steps = 0
         batches = iter_batches(
             train_t,
@@ -518,14 +542,16 @@ def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
         )
         for batch in batches:
             out = step(batch)
-            sums += torch.stack([out["loss"], out["task_loss"], out["aux_loss"]]).detach()
+            losses = [out["loss"], out["task_loss"], out["aux_loss"], out["outlook_loss"]]
+            sums += torch.stack(losses).detach()
             steps += 1
-        train_loss, train_task, train_aux = (sums / max(steps, 1)).tolist()
+        train_loss, train_task, train_aux, train_outlook = (sums / max(steps, 1)).tolist()
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
             "train_task_loss": train_task,
             "train_aux_loss": train_aux,
+            "train_outlook_loss": train_outlook,
             "lr": schedule.get_last_lr()[0],
         }
         if valid_t is not None:
@@ -599,7 +625,7 @@ def _outputs(model: Encoder, data, key: str, batch_size: int) -> torch.Tensor:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    unlabelled = {k: v for k, v in data.items() if k != "labels"}
+    unlabelled = {k: v for k, v in data.items() if k not in ROW_KEYS}
     parts = [
         model(batch)[key].float() for batch in iter_batches(unlabelled, batch_size, device=device)
     ]

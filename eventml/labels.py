@@ -24,9 +24,17 @@ def _label_value(decisions: pl.DataFrame, events: pl.DataFrame, label: Label) ->
     """1/0 per decision (input order), before maturity and applicability are applied."""
     if label.kind == "column":
         return (decisions[label.column] != 0).cast(pl.Int8)
+    return event_within(decisions, events, label.event_type, label.horizon_days)
+
+
+def event_within(
+    decisions: pl.DataFrame, events: pl.DataFrame, event_type: str, horizon_days: float
+) -> pl.Series:
+    """Int8 per decision (input order): 1 if the entity has an `event_type` event in
+    (ts, ts + horizon_days], else 0, whether or not that span has passed yet."""
     targets = (
         events.lazy()
-        .filter(pl.col("event_type") == label.event_type)
+        .filter(pl.col("event_type") == event_type)
         .select("entity_id", pl.col("ts").alias("__target_ts"))
         .sort("__target_ts")
         .collect()
@@ -40,7 +48,7 @@ def _label_value(decisions: pl.DataFrame, events: pl.DataFrame, label: Label) ->
                    strategy="forward", allow_exact_matches=False, check_sortedness=False)
         .sort("__row")
     )  # fmt: skip
-    hit = pl.col("__target_ts") <= pl.col("ts") + pl.duration(days=label.horizon_days)
+    hit = pl.col("__target_ts") <= pl.col("ts") + pl.duration(days=horizon_days)
     return first_after.select(hit.fill_null(False).cast(pl.Int8)).to_series()
 
 

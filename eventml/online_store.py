@@ -43,7 +43,11 @@ class OnlineStore(Protocol):
         """Insert or replace events (by entity and event_id); returns rows written."""
 
     def delete_between(self, start: datetime, end: datetime) -> int:
-        """Remove events with start <= ts < end (before re-publishing those days)."""
+        """Remove events with start <= ts < end; returns rows removed."""
+
+    def replace_between(self, start: datetime, end: datetime, events: pl.DataFrame) -> int:
+        """Re-publish days: remove events with start <= ts < end and write `events`, atomically
+        (a reader sees the old days or the new ones, never neither); returns rows removed."""
 
     def history(
         self, entity_id: str, before: datetime | None = None, limit: int | None = None
@@ -70,7 +74,10 @@ def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
 
 
 class SQLiteOnlineStore:
-    def __init__(self, path: str | Path, spec: DatasetSpec):
+    def __init__(self, path: str | Path, spec: DatasetSpec, *, convert: bool = True):
+        """`convert=False` (serving workers): a store still in the row-per-event layout is an
+        error rather than converted here, which could keep a worker waiting on the write lock
+        for as long as a large store takes; the `online_store` asset converts it."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.schema = spec.event_schema()
@@ -84,7 +91,13 @@ class SQLiteOnlineStore:
                 "packed BLOB NOT NULL)"
             )
             db.execute("CREATE INDEX IF NOT EXISTS by_last_event ON histories (last_ts)")
-        self._migrate_event_rows()
+        if convert:
+            self._migrate_event_rows()
+        elif self._has_event_rows(self._connect()):
+            raise RuntimeError(
+                f"the online store {self.path} is in the row-per-event layout of eventml before "
+                "packed histories: materialize the online_store asset once to convert it"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -167,47 +180,58 @@ class SQLiteOnlineStore:
     def write(self, events: pl.DataFrame) -> int:
         if events.height == 0:
             return 0
+        with self._writing() as db:  # one transaction: a day's events appear all at once
+            self._merge(db, events)
+        return events.height
+
+    def delete_between(self, start: datetime, end: datetime) -> int:
+        with self._writing() as db:
+            return self._delete(db, start, end)
+
+    def replace_between(self, start: datetime, end: datetime, events: pl.DataFrame) -> int:
+        with self._writing() as db:
+            deleted = self._delete(db, start, end)
+            self._merge(db, events)
+        return deleted
+
+    def _merge(self, db: sqlite3.Connection, events: pl.DataFrame) -> None:
         new = (
             events.with_columns(_utc_us(events["ts"]))  # naive instants are UTC
             .select(pl.col(c).cast(t) for c, t in self.schema.items())
             # Within one write as across writes, the last row of an (entity, event_id) wins.
             .unique(["entity_id", "event_id"], keep="last", maintain_order=True)
         )
-        entity_ids = new["entity_id"].unique().sort().to_list()
-        with self._writing() as db:  # one transaction: a day's events appear all at once
-            for chunk in _chunks(entity_ids):
-                arriving = new.filter(pl.col("entity_id").is_in(chunk))
-                merged = (
-                    pl.concat([self._read(db, chunk), arriving])
-                    .unique(["entity_id", "event_id"], keep="last")
-                    # (entity_id, ts, event_id) is a total order, byte-wise as SQLite's was.
-                    .sort("entity_id", "ts", "event_id")
-                )
-                self._put(db, merged)
-        return events.height
+        for chunk in _chunks(new["entity_id"].unique().sort().to_list()):
+            arriving = new.filter(pl.col("entity_id").is_in(chunk))
+            merged = (
+                pl.concat([self._read(db, chunk), arriving])
+                .unique(["entity_id", "event_id"], keep="last")
+                # (entity_id, ts, event_id) is a total order, byte-wise as SQLite's was.
+                .sort("entity_id", "ts", "event_id")
+            )
+            self._put(db, merged)
 
-    def delete_between(self, start: datetime, end: datetime) -> int:
+    def _delete(self, db: sqlite3.Connection, start: datetime, end: datetime) -> int:
         lo, hi = _us(start), _us(end)
+        touched = [
+            e
+            for (e,) in db.execute(
+                "SELECT entity_id FROM histories WHERE last_ts >= ? AND first_ts < ? "
+                "ORDER BY entity_id",
+                (lo, hi),
+            )
+        ]
+        inside = pl.col("ts").dt.epoch("us").is_between(lo, hi, closed="left")
         deleted = 0
-        with self._writing() as db:
-            touched = [
-                e
-                for (e,) in db.execute(
-                    "SELECT entity_id FROM histories WHERE last_ts >= ? AND first_ts < ? "
-                    "ORDER BY entity_id",
-                    (lo, hi),
-                )
-            ]
-            inside = pl.col("ts").dt.epoch("us").is_between(lo, hi, closed="left")
-            for chunk in _chunks(touched):
-                stored = self._read(db, chunk)
-                # Histories that span the interval without an event in it stay as they are.
-                hit = stored.filter(inside)["entity_id"].unique().to_list()
-                if not hit:
-                    continue
-                deleted += stored.filter(inside).height
-                db.executemany("DELETE FROM histories WHERE entity_id = ?", [(e,) for e in hit])
-                self._put(db, stored.filter(pl.col("entity_id").is_in(hit) & ~inside))
+        for chunk in _chunks(touched):
+            stored = self._read(db, chunk)
+            # Histories that span the interval without an event in it stay as they are.
+            hit = stored.filter(inside)["entity_id"].unique().to_list()
+            if not hit:
+                continue
+            deleted += stored.filter(inside).height
+            db.executemany("DELETE FROM histories WHERE entity_id = ?", [(e,) for e in hit])
+            self._put(db, stored.filter(pl.col("entity_id").is_in(hit) & ~inside))
         return deleted
 
     def history(
@@ -251,18 +275,22 @@ class SQLiteOnlineStore:
 
     # ------------------------------------------------------------ earlier layouts
 
+    @staticmethod
+    def _has_event_rows(db: sqlite3.Connection) -> bool:
+        probe = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+        return db.execute(probe).fetchone() is not None
+
     def _migrate_event_rows(self) -> None:
         """Stores written before the packed layout hold one row per event in `events`: their
-        events are packed per entity and the table dropped, once (a second process opening the
+        events are packed per entity and the table dropped, once (a second writer opening the
         store meanwhile waits on the write lock, up to the connection's timeout, then finds
         nothing left to do). Bentos built before this layout read `events`: rebuild them."""
-        probe = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
-        if self._connect().execute(probe).fetchone() is None:
+        if not self._has_event_rows(self._connect()):
             return
         names = ", ".join(f'"{c}"' for c in self.schema)
         read_schema = {c: (pl.Int64 if c == "ts" else t) for c, t in self.schema.items()}
         with self._writing() as db:
-            if db.execute(probe).fetchone() is None:
+            if not self._has_event_rows(db):
                 return
             entity_ids = [e for (e,) in db.execute("SELECT DISTINCT entity_id FROM events")]
             for chunk in _chunks(sorted(entity_ids)):

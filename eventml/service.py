@@ -228,7 +228,7 @@ class RiskService:
         self.event_schema = self.spec.event_schema()
         self.decision_schema = {**self.event_schema, "ts": TS_TYPE}
         self.decision_type = self.spec.decision_event_types[0]
-        self.store = SQLiteOnlineStore(os.environ["EVENTML_ONLINE_STORE"], self.spec)
+        self.store = SQLiteOnlineStore(os.environ["EVENTML_ONLINE_STORE"], self.spec, convert=False)
         self.log = PredictionLog(os.environ["EVENTML_PREDICTION_LOG"])
         self.versions = ModelVersions(
             bento_model=str(ref.tag),

@@ -8,7 +8,7 @@ clean events and the rejects of the requested days, each row tagged with its par
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,11 @@ from eventml.schema import DatasetSpec, Validated, map_columns, parse_ts, valida
 
 LANDING_SUFFIXES = (".parquet", ".csv")
 DAY = "day"  # the partition column of raw_events and event_rejects (a UTC date)
+
+
+def midnight(day: date) -> datetime:
+    """The instant a partition day starts (UTC): day d holds events in [midnight(d), midnight(d + 1))."""
+    return datetime.combine(day, time(), UTC)
 
 
 # ---------------------------------------------------------------- landing zone

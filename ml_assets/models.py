@@ -39,6 +39,8 @@ class EncoderSettings(dg.Config):
     batch_size: int = SequenceModelConfig.batch_size
     lr: float = SequenceModelConfig.lr
     patience: int = SequenceModelConfig.patience
+    outlook_days: int = SequenceModelConfig.outlook_days
+    outlook_weight: float = SequenceModelConfig.outlook_weight
     seed: int = SequenceModelConfig.seed
     device: str = SequenceModelConfig.device
 
@@ -71,8 +73,10 @@ def sequence_encoder(
     mlflow_tracking: MlflowTracking,
     tables: DeltaTables,
 ) -> SequenceModel:
-    """Multi-task Transformer over each decision's prior events (default, fraud, and a masked-event
-    task that also learns from unlabeled histories)."""
+    """Multi-task Transformer over each decision's prior events: default and fraud on the
+    encoder's stage of the train split, 30-day outlook targets (which events each person has in
+    the month after a decision) on every train and gap history but the scorers', and a
+    masked-event task on all of them."""
     settings = SequenceModelConfig(**config.model_dump())
     with mlflow_tracking.start_run(
         "sequence_encoder", lineage(context, tables, ["raw_events", "training_splits"])
@@ -103,6 +107,7 @@ def sequence_encoder(
             "best_epoch": result.best_epoch,
             **{k: float(v) for k, v in best.items() if k.startswith("valid_auc_")},
             "parameters": model.encoder.num_params(),
+            "outlook_targets": ", ".join(model.encoder.config.outlook) or "none",
             "learning_curve": png_md(learning_curve_plot(result.history)),
         }
     )

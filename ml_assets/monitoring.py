@@ -7,7 +7,7 @@ metadata, whether it should be retrained. The sensors in `ml_assets.sensors` act
 """
 
 import tempfile
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -23,7 +23,7 @@ from eventml.drift import (
 from eventml.features import feature_set_for
 from eventml.labels import build_decisions
 from eventml.prediction_log import read_prediction_log
-from eventml.sources import DAY
+from eventml.sources import DAY, midnight
 from eventml.traffic import replay
 from ml_assets.evaluation import REFERENCE_ARTIFACT
 from ml_assets.metadata import counts_md, png_md, table_md
@@ -50,10 +50,6 @@ def _champion(mlflow_tracking: MlflowTracking):
     if found is None:
         raise dg.Failure(f"{REGISTERED_MODEL} has no champion: materialize `champion` first")
     return found
-
-
-def _midnight(day: date) -> datetime:
-    return datetime.combine(day, time(), UTC)
 
 
 def _days(start: date, end: date) -> list[date]:
@@ -250,7 +246,7 @@ def live_performance(
         .drop(DAY)
         .collect()
     )
-    decisions = build_decisions(events, spec, as_of=_midnight(end))
+    decisions = build_decisions(events, spec, as_of=midnight(end))
     reference = {t: run.data.metrics.get(f"test.{t}.auc") for t in tasks}
     table, retrain, reasons = performance_by_day(
         decisions, scores, tasks, reference, live_since, _days(start, end),

@@ -2,7 +2,6 @@
 current champion, which must serve exactly the offline scores before it counts as built."""
 
 import tempfile
-from datetime import UTC, datetime, time
 from pathlib import Path
 
 import dagster as dg
@@ -10,7 +9,7 @@ import numpy as np
 import polars as pl
 
 from eventml.risk_model import RiskModel
-from eventml.sources import DAY
+from eventml.sources import DAY, midnight
 from eventml.traffic import score_requests
 from ml_assets.metadata import table_md
 from ml_assets.models import REGISTERED_MODEL
@@ -39,7 +38,8 @@ def online_store(
     serving: Serving,
 ):
     """Each entity's events, for scoring live requests: the run's days of `raw_events` replace
-    whatever the store held for those days (delete, then write), so re-running is idempotent."""
+    whatever the store held for those days in one transaction, so re-running is idempotent and
+    a live request never sees the days missing."""
     start, end = run_days(context)
     events = (
         tables.scan("raw_events")
@@ -48,10 +48,8 @@ def online_store(
         .collect()
     )
     store = serving.store(event_source.spec())
-    deleted = store.delete_between(
-        datetime.combine(start, time(), UTC), datetime.combine(end, time(), UTC)
-    )
-    written = store.write(events)
+    deleted = store.replace_between(midnight(start), midnight(end), events)
+    written = events.height
     context.log.info(f"{start}..{end}: replaced {deleted:,} stored events with {written:,}")
     return dg.MaterializeResult(
         metadata={

@@ -1,9 +1,13 @@
-"""The sequence model bound to the event table: the same data and config train the same model."""
+"""The sequence model bound to the event table: what it may learn from, and the same data and
+config train the same model."""
 
+from datetime import timedelta
+
+import polars as pl
 import pytest
 import torch
 
-from eventml.embedding import SequenceModelConfig, train_sequence_model
+from eventml.embedding import SequenceModelConfig, learning_rows, train_sequence_model
 from eventml.labels import build_decisions
 from eventml.simulate import LENDING_SPEC, WorldConfig, simulate
 from eventml.splits import split_decisions, with_stacking_stages
@@ -35,3 +39,35 @@ def test_the_same_data_and_seed_train_the_same_model_whatever_ran_before(world):
 def test_the_seed_is_what_changes_the_model(world):
     a, b = weights(*world, seed=0), weights(*world, seed=1)
     assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_outlook_targets_come_from_neither_the_test_window_nor_the_scorers_rows(world):
+    events, splits = world
+    learn, outlook = learning_rows(events, splits, LENDING_SPEC, outlook_days=30)
+    assert outlook == tuple(f"{t}_30d" for t in LENDING_SPEC.event_types)
+    first_test = splits.filter(pl.col("split") == "test")["ts"].min()
+    known = learn.filter(pl.all_horizontal(pl.col(outlook).is_not_null()))
+    assert 0 < known.height < learn.height
+    assert (known["ts"] + timedelta(days=30) <= first_test).all()
+    assert (known["stage"] != "scorer").all()
+    assert known["split"].is_in(["train", "gap"]).all()
+    # Decision labels still teach the encoder only on its own stage's rows.
+    labelled = learn.filter(pl.col("default_90d").is_not_null() | pl.col("fraud_60d").is_not_null())
+    assert labelled.height and (labelled["stage"] == "encoder").all()
+
+    # Each target says whether the person had such an event in the 30 days after the decision.
+    for row in known.sample(40, seed=0).iter_rows(named=True):
+        after = events.filter(
+            (pl.col("entity_id") == row["entity_id"])
+            & (pl.col("ts") > row["ts"])
+            & (pl.col("ts") <= row["ts"] + timedelta(days=30))
+        )
+        for event_type in ("payment_late", "application", "session"):
+            assert row[f"{event_type}_30d"] == int(event_type in after["event_type"])
+
+
+def test_without_an_outlook_the_encoder_reads_only_the_decision_labels(world):
+    events, splits = world
+    learn, outlook = learning_rows(events, splits, LENDING_SPEC, outlook_days=0)
+    assert outlook == ()
+    assert not any(c.endswith("_30d") for c in learn.columns)

@@ -162,6 +162,29 @@ def test_the_aux_task_learns_from_unlabelled_sequences(aux_task):
     assert m.wte.weight.grad.abs().sum() > 0
 
 
+def test_outlook_targets_train_the_embedding_and_unknown_ones_teach_nothing():
+    m = model(outlook=("late_30d", "apply_30d"), aux_weight=0.0).train()
+    data = arrays(32, missing=1.0)  # no decision label at all
+    late_soon = (data["event_type"][:, -4:] == 3).any(1)
+    data["outlook"] = np.stack([late_soon, ~late_soon], axis=1).astype(np.float32)
+    data["outlook"][::3] = np.nan  # outlooks reaching past what may be learned from
+    # Bucketed batches cut event columns to the longest history, never the per-row targets.
+    batches = list(iter_batches(data, 8, bucket=True))
+    assert all(b["outlook"].shape == (len(b["mask"]), 2) for b in batches)
+    out = m(whole(data))
+    assert out["task_loss"].item() == 0.0 and out["outlook_loss"].item() > 0.0
+    out["loss"].backward()
+    # The projection to the embedding learns, which masked events alone never teach it.
+    assert m.to_emb.weight.grad.abs().sum() > 0 and m.task_head.weight.grad.abs().sum() == 0
+
+    m.zero_grad()
+    data["outlook"][:] = np.nan
+    out = m(whole(data))
+    out["loss"].backward()
+    assert out["loss"].item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in m.parameters())
+
+
 def test_the_same_seed_trains_the_same_weights():
     data, valid = arrays(64, seed=0), arrays(32, seed=1)
     cfg = TrainConfig(epochs=2, batch_size=16, warmup_steps=2, seed=3)

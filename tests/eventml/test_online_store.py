@@ -69,6 +69,20 @@ def test_rewriting_a_day_replaces_it(store):
     assert store.stats()["events"] == 48
 
 
+def test_replacing_days_is_one_transaction_that_a_failure_leaves_undone(store):
+    store.write(events(48))
+    day_two = (T0 + timedelta(days=1), T0 + timedelta(days=2))
+    republished = events(24, start=24).with_columns(pl.col("amount").fill_null(-1.0))
+    assert store.replace_between(*day_two, republished) == 24
+    assert store.history("u1").equals(pl.concat([events(24), republished]))
+
+    broken = republished.with_columns(pl.lit("not a time").alias("ts"))
+    with pytest.raises(TypeError):
+        store.replace_between(*day_two, broken)
+    # The delete that ran before the failing write was rolled back with it.
+    assert store.history("u1").equals(pl.concat([events(24), republished]))
+
+
 def test_readers_are_not_blocked_by_a_writer(store):
     store.write(events(10))
     seen = []
@@ -152,8 +166,8 @@ def test_deleting_a_span_leaves_histories_without_events_in_it_untouched(store):
 
 
 def test_a_store_of_event_rows_is_packed_once_and_reads_the_same(tmp_path):
-    """Stores written before the packed layout (one SQLite row per event) are converted when
-    opened; the service then reads exactly what the rows held."""
+    """Stores written before the packed layout (one SQLite row per event) are converted when a
+    writer opens them; the service then reads exactly what the rows held."""
     path = tmp_path / "old.sqlite"
     written = pl.concat([events(30), events(5, "u2")])
     columns = {c: ("INTEGER" if c == "ts" else "REAL" if t == pl.Float64 else "TEXT")
@@ -166,6 +180,9 @@ def test_a_store_of_event_rows_is_packed_once_and_reads_the_same(tmp_path):
         db.execute("CREATE INDEX by_entity_time ON events (entity_id, ts)")
         rows = written.with_columns(pl.col("ts").dt.epoch("us")).rows()
         db.executemany(f"INSERT INTO events VALUES ({', '.join('?' for _ in columns)})", rows)
+    # A serving worker does not convert (it could wait on the write lock for the whole job).
+    with pytest.raises(RuntimeError, match="materialize the online_store asset"):
+        SQLiteOnlineStore(path, SPEC, convert=False)
     reopened = SQLiteOnlineStore(path, SPEC)
     with sqlite3.connect(path) as db:
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
@@ -174,3 +191,4 @@ def test_a_store_of_event_rows_is_packed_once_and_reads_the_same(tmp_path):
     assert reopened.histories(["u1"], before=[T0 + timedelta(hours=7)]).equals(events(7))
     assert reopened.stats()["events"] == 35
     assert SQLiteOnlineStore(path, SPEC).history("u2").equals(events(5, "u2"))  # nothing to redo
+    assert SQLiteOnlineStore(path, SPEC, convert=False).history("u2").equals(events(5, "u2"))
