@@ -9,12 +9,12 @@ Recipes (the scorer and its features-only baseline always learn from the same ro
 - time-split (shipped, `eventml.splits.with_stacking_stages` + `eventml.embedding.learning_rows`):
   the encoder learns decision labels from the earliest half of the train split, the scorers from
   the latest half, and the encoder also learns 30-day outlook targets (which event types each
-  person has in the month after a decision) from every train and gap history but the scorers',
-  up to the first test decision.
-- time-split-no-outlook: the same without outlook targets (the recipe shipped before them).
-- outlook-only: the encoder reads no decision label; it learns outlook targets from the gap,
-  which no scorer sees, so the scorers may learn from every train row. Its task heads are
-  untrained: its "encoder" AUC means nothing.
+  person has in the month after a decision) from train and gap histories whose outlook ends
+  before the first test decision; neither from a person who has a scorer or valid row.
+- time-split-no-outlook: the same without outlook targets.
+- outlook-only: the encoder reads no decision label; the scorers learn from every train row, so
+  the encoder learns outlook targets only from people who appear first in the gap. Its task
+  heads are untrained: its "encoder" AUC means nothing.
 - entity-split: the encoder learns labels from half of the people, the scorers from the others,
   both over the whole train window (outlook targets as in time-split).
 - self-supervised: masked events only; no label, no outlook. Nothing trains the projection from

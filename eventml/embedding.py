@@ -125,24 +125,35 @@ def learning_rows(
     """The rows the encoder learns from, in a canonical order, and the names of their outlook
     targets: every `train` and `gap` history (the self-supervised task reads them all), with
     decision labels (where matured and applicable) only on the train rows of stage "encoder"
-    (see `eventml.splits.with_stacking_stages`), and outlook targets (see `outlook_targets`)
-    where the outlook closes before the first test decision and on no row of stage "scorer":
-    no outcome of the test window, and none the scorers' labels follow, may shape the embedding."""
+    (see `eventml.splits.with_stacking_stages`) and outlook targets (see `outlook_targets`) only
+    where the outlook ends before the first test decision.
+
+    With stages, neither reaches a person who has a row of stage "scorer" or of `valid`: a
+    scorer row's label and an earlier or later row's label or outlook of the same person are
+    often the very same delinquency, and an encoder that fitted it recognises the person (their
+    device, their habits) in the scorer's rows, which would teach the scorer to trust an
+    embedding that knows nothing of new people; validation would flatter it the same way."""
     tasks = [label.name for label in spec.labels]
     staged = "stage" in splits.columns
-    own_labels = (pl.col("stage") == "encoder") if staged else (pl.col("split") == "train")
-    learn = (
-        splits.filter(pl.col("split").is_in(["train", "gap"]))
-        .with_columns(pl.when(own_labels).then(pl.col(t)).otherwise(None).alias(t) for t in tasks)
-        .sort("ts", "decision_id")  # a canonical order: same data, same model
-    )
+    learn = splits.filter(pl.col("split").is_in(["train", "gap"]))
+    if staged:
+        seen = splits.filter((pl.col("stage") == "scorer") | (pl.col("split") == "valid"))
+        unseen = ~pl.col("entity_id").is_in(seen["entity_id"].unique().implode())
+        own_labels = (pl.col("stage") == "encoder") & unseen
+    else:
+        unseen, own_labels = pl.lit(True), pl.col("split") == "train"
+    learn = learn.with_columns(
+        pl.when(own_labels).then(pl.col(t)).otherwise(None).alias(t) for t in tasks
+    ).sort("ts", "decision_id")  # a canonical order: same data, same model
     if outlook_days <= 0:
         return learn, ()
     first_test = splits.filter(pl.col("split") == "test")["ts"].min()
-    closes_by = min(t for t in (first_test, events["ts"].max()) if t is not None)
-    known = pl.col("ts") + pl.duration(days=outlook_days) <= closes_by
-    if staged:
-        known = known & (pl.col("stage") != "scorer")
+    ends = pl.col("ts") + pl.duration(days=outlook_days)
+    # The window (ts, ts + days] must have passed and end before the first test decision: no
+    # outcome of the test window teaches the encoder.
+    known = (ends <= events["ts"].max()) & unseen
+    if first_test is not None:
+        known = known & (ends < first_test)
     outlook = outlook_targets(events, learn, spec, outlook_days, known)
     return pl.concat([learn, outlook], how="horizontal"), tuple(outlook.columns)
 

@@ -83,6 +83,11 @@ class SQLiteOnlineStore:
         self.schema = spec.event_schema()
         self._empty = pl.DataFrame(schema=self.schema)
         self._local = threading.local()  # one connection per thread: sqlite3 objects are not shared
+        if not convert and self._has_event_rows(self._connect()):  # refused before any write
+            raise RuntimeError(
+                f"the online store {self.path} is in the row-per-event layout of eventml before "
+                "packed histories: materialize the online_store asset once to convert it"
+            )
         with self._connect() as db:
             # first_ts/last_ts (µs) find the entities a deletion touches; `events` counts for stats.
             db.execute(
@@ -93,11 +98,6 @@ class SQLiteOnlineStore:
             db.execute("CREATE INDEX IF NOT EXISTS by_last_event ON histories (last_ts)")
         if convert:
             self._migrate_event_rows()
-        elif self._has_event_rows(self._connect()):
-            raise RuntimeError(
-                f"the online store {self.path} is in the row-per-event layout of eventml before "
-                "packed histories: materialize the online_store asset once to convert it"
-            )
 
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

@@ -75,8 +75,8 @@ def sequence_encoder(
 ) -> SequenceModel:
     """Multi-task Transformer over each decision's prior events: default and fraud on the
     encoder's stage of the train split, 30-day outlook targets (which events each person has in
-    the month after a decision) on every train and gap history but the scorers', and a
-    masked-event task on all of them."""
+    the month after a decision) on train and gap histories up to the test window, neither from
+    anyone the scorers or validation see, and a masked-event task on every history."""
     settings = SequenceModelConfig(**config.model_dump())
     with mlflow_tracking.start_run(
         "sequence_encoder", lineage(context, tables, ["raw_events", "training_splits"])

@@ -41,19 +41,21 @@ def test_the_seed_is_what_changes_the_model(world):
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_outlook_targets_come_from_neither_the_test_window_nor_the_scorers_rows(world):
+def test_no_outcome_of_the_test_window_or_of_a_scorer_or_valid_persons_teaches_the_encoder(world):
     events, splits = world
     learn, outlook = learning_rows(events, splits, LENDING_SPEC, outlook_days=30)
     assert outlook == tuple(f"{t}_30d" for t in LENDING_SPEC.event_types)
     first_test = splits.filter(pl.col("split") == "test")["ts"].min()
+    seen = splits.filter((pl.col("stage") == "scorer") | (pl.col("split") == "valid"))["entity_id"]
     known = learn.filter(pl.all_horizontal(pl.col(outlook).is_not_null()))
     assert 0 < known.height < learn.height
-    assert (known["ts"] + timedelta(days=30) <= first_test).all()
-    assert (known["stage"] != "scorer").all()
+    assert (known["ts"] + timedelta(days=30) < first_test).all()
     assert known["split"].is_in(["train", "gap"]).all()
-    # Decision labels still teach the encoder only on its own stage's rows.
+    assert not known["entity_id"].is_in(seen.implode()).any()
+    # Decision labels: only the encoder's stage, and again nobody the scorers or validation see.
     labelled = learn.filter(pl.col("default_90d").is_not_null() | pl.col("fraud_60d").is_not_null())
     assert labelled.height and (labelled["stage"] == "encoder").all()
+    assert not labelled["entity_id"].is_in(seen.implode()).any()
 
     # Each target says whether the person had such an event in the 30 days after the decision.
     for row in known.sample(40, seed=0).iter_rows(named=True):

@@ -183,6 +183,8 @@ def test_a_store_of_event_rows_is_packed_once_and_reads_the_same(tmp_path):
     # A serving worker does not convert (it could wait on the write lock for the whole job).
     with pytest.raises(RuntimeError, match="materialize the online_store asset"):
         SQLiteOnlineStore(path, SPEC, convert=False)
+    with sqlite3.connect(path) as db:  # and it refused before writing anything
+        assert "histories" not in {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
     reopened = SQLiteOnlineStore(path, SPEC)
     with sqlite3.connect(path) as db:
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}

@@ -343,6 +343,7 @@ def test_batches_cover_every_row_once_per_epoch_in_a_seeded_order():
     arrays = build_sequences(events, decisions(rows), seq_spec(events), max_len=32)
     arrays["row"] = np.arange(50)  # not a batch key: ignored by iter_batches
     arrays["labels"] = np.arange(50, dtype=np.float32)[:, None]  # to follow rows through batches
+    arrays["outlook"] = np.stack([np.arange(50), -np.arange(50)], axis=1).astype(np.float32)
 
     def seen(**kw):
         return torch.cat([b["labels"][:, 0] for b in iter_batches(arrays, 8, **kw)]).long().tolist()
@@ -356,10 +357,16 @@ def test_batches_cover_every_row_once_per_epoch_in_a_seeded_order():
         and batch["mask"].dtype == torch.bool
     )
 
+    widths = []
     for b in iter_batches(arrays, 8, shuffle=True, bucket=True):
         width = b["mask"].shape[1]
+        widths.append(width)
         kept = b["mask"].sum(1)
         assert width % 16 == 0 or width == 32
+        # Per-row targets are never cut with the event columns.
+        rows = b["labels"][:, 0]
+        assert torch.equal(b["outlook"], torch.stack([rows, -rows], dim=1))
         assert (
             kept == torch.as_tensor(arrays["mask"])[b["labels"][:, 0].long()].sum(1)
         ).all()  # no event cut
+    assert min(widths) < 32  # some batch was cut
