@@ -10,7 +10,7 @@ Recipes (the scorer and its features-only baseline always learn from the same ro
   the encoder learns decision labels from the earliest half of the train split, the scorers from
   the latest half, and the encoder also learns 30-day outlook targets (which event types each
   person has in the month after a decision) from train and gap histories whose outlook ends
-  before the first test decision; neither from a person who has a scorer or valid row.
+  before the first test decision, none from a person who has a scorer or valid row.
 - time-split-no-outlook: the same without outlook targets.
 - outlook-only: the encoder reads no decision label; the scorers learn from every train row, so
   the encoder learns outlook targets only from people who appear first in the gap. Its task

@@ -128,18 +128,20 @@ def learning_rows(
     (see `eventml.splits.with_stacking_stages`) and outlook targets (see `outlook_targets`) only
     where the outlook ends before the first test decision.
 
-    With stages, neither reaches a person who has a row of stage "scorer" or of `valid`: a
-    scorer row's label and an earlier or later row's label or outlook of the same person are
-    often the very same delinquency, and an encoder that fitted it recognises the person (their
-    device, their habits) in the scorer's rows, which would teach the scorer to trust an
-    embedding that knows nothing of new people; validation would flatter it the same way."""
+    With stages, no outlook target comes from a person who has a row of stage "scorer" or of
+    `valid`: a gap row's outlook and a scorer row's label are often the very same delinquency,
+    and an encoder that fitted it recognises the person (their device, their habits) in the
+    scorer's rows, which would teach the scorer to trust an embedding that knows nothing of new
+    people; validation would flatter it the same way. The decision labels of stage "encoder"
+    share that flaw (a person's day-30 and day-60 labels can be one delinquency) but are kept:
+    without them a small world's encoder learns nothing (see the README, issue 5)."""
     tasks = [label.name for label in spec.labels]
     staged = "stage" in splits.columns
     learn = splits.filter(pl.col("split").is_in(["train", "gap"]))
     if staged:
         seen = splits.filter((pl.col("stage") == "scorer") | (pl.col("split") == "valid"))
         unseen = ~pl.col("entity_id").is_in(seen["entity_id"].unique().implode())
-        own_labels = (pl.col("stage") == "encoder") & unseen
+        own_labels = pl.col("stage") == "encoder"
     else:
         unseen, own_labels = pl.lit(True), pl.col("split") == "train"
     learn = learn.with_columns(

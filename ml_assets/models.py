@@ -75,7 +75,7 @@ def sequence_encoder(
 ) -> SequenceModel:
     """Multi-task Transformer over each decision's prior events: default and fraud on the
     encoder's stage of the train split, 30-day outlook targets (which events each person has in
-    the month after a decision) on train and gap histories up to the test window, neither from
+    the month after a decision) on train and gap histories up to the test window, none from
     anyone the scorers or validation see, and a masked-event task on every history."""
     settings = SequenceModelConfig(**config.model_dump())
     with mlflow_tracking.start_run(
