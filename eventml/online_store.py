@@ -225,11 +225,12 @@ class SQLiteOnlineStore:
         deleted = 0
         for chunk in _chunks(touched):
             stored = self._read(db, chunk)
+            removed = stored.filter(inside)
             # Histories that span the interval without an event in it stay as they are.
-            hit = stored.filter(inside)["entity_id"].unique().to_list()
+            hit = removed["entity_id"].unique().to_list()
             if not hit:
                 continue
-            deleted += stored.filter(inside).height
+            deleted += removed.height
             db.executemany("DELETE FROM histories WHERE entity_id = ?", [(e,) for e in hit])
             self._put(db, stored.filter(pl.col("entity_id").is_in(hit) & ~inside))
         return deleted
