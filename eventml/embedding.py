@@ -125,17 +125,14 @@ def learning_rows(
     """The rows the encoder learns from, in a canonical order, and the names of their outlook
     targets: every `train` and `gap` history (the self-supervised task reads them all), with
     decision labels (where matured and applicable) only on the train rows of stage "encoder"
-    (see `eventml.splits.with_stacking_stages`) and outlook targets (see `outlook_targets`) only
-    where the outlook ends before the first test decision.
+    (see `eventml.splits.with_stacking_stages`: people the scorers never learn from) and outlook
+    targets (see `outlook_targets`) only where the outlook ends before the first test decision.
 
     With stages, no outlook target comes from a person who has a row of stage "scorer" or of
-    `valid`: a gap row's outlook and a scorer row's label are often the very same delinquency,
-    and an encoder that fitted it recognises the person (their device, their habits) in the
-    scorer's rows, which would teach the scorer to trust an embedding that knows nothing of new
-    people; validation would flatter it the same way. The decision labels of stage "encoder"
-    share that flaw (a person's day-30 and day-60 labels can be one delinquency) but are kept:
-    without them a 2,000-person world's encoder kept 332 labelled rows and its retrain no longer
-    beat a stale champion (see the README, issue 5)."""
+    `valid`: a gap row's outlook and a scorer or validation row's label are often the very same
+    delinquency, and an encoder that fitted it recognises the person (their device, their
+    habits) in the scorer's rows, which would teach the scorer to trust an embedding that knows
+    nothing of new people; validation would flatter it the same way."""
     tasks = [label.name for label in spec.labels]
     staged = "stage" in splits.columns
     learn = splits.filter(pl.col("split").is_in(["train", "gap"]))

@@ -73,10 +73,11 @@ def sequence_encoder(
     mlflow_tracking: MlflowTracking,
     tables: DeltaTables,
 ) -> SequenceModel:
-    """Multi-task Transformer over each decision's prior events: default and fraud on the
-    encoder's stage of the train split, 30-day outlook targets (which events each person has in
-    the month after a decision) on train and gap histories up to the test window, none from
-    anyone the scorers or validation see, and a masked-event task on every history."""
+    """Multi-task Transformer over each decision's prior events: default and fraud on the train
+    rows of the encoder's people (the scorers learn from the others), 30-day outlook targets
+    (which events each person has in the month after a decision) on train and gap histories up
+    to the test window, none from anyone the scorers or validation see, and a masked-event task
+    on every history."""
     settings = SequenceModelConfig(**config.model_dump())
     with mlflow_tracking.start_run(
         "sequence_encoder", lineage(context, tables, ["raw_events", "training_splits"])

@@ -10,7 +10,14 @@ import pytest
 from eventml.labels import build_decisions
 from eventml.schema import TS_TYPE
 from eventml.simulate import LENDING_SPEC
-from eventml.splits import SplitConfig, check_splits, split_decisions, split_summary, training_rows
+from eventml.splits import (
+    SplitConfig,
+    check_splits,
+    split_decisions,
+    split_summary,
+    training_rows,
+    with_stacking_stages,
+)
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -122,6 +129,21 @@ def test_dates_set_the_cut_offs(decisions):
 def test_a_gap_shorter_than_the_longest_horizon_is_refused(decisions):
     with pytest.raises(ValueError, match="shorter than the longest label horizon"):
         split_decisions(decisions, LENDING_SPEC, SplitConfig(gap_days=30))
+
+
+def test_the_encoder_and_the_scorers_learn_labels_from_different_people(decisions):
+    staged = with_stacking_stages(split_decisions(decisions, LENDING_SPEC))
+    train = staged.filter(pl.col("split") == "train")
+    assert set(train["stage"]) == {"encoder", "scorer"}
+    assert (staged.filter(pl.col("split") != "train")["stage"] == "none").all()
+    per_person = train.group_by("entity_id").agg(pl.col("stage").n_unique().alias("stages"))
+    assert (per_person["stages"] == 1).all()  # nobody's labels teach both
+    # A person's stage is theirs alone: the same on a shuffled subset of the rows.
+    subset = staged.sample(fraction=0.5, shuffle=True, seed=1)
+    again = with_stacking_stages(subset.drop("stage")).join(
+        subset.select("decision_id", pl.col("stage").alias("before")), on="decision_id"
+    )
+    assert (again["stage"] == again["before"]).all()
 
 
 def test_summary_reports_rows_and_label_rates(decisions):
