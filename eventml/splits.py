@@ -13,8 +13,10 @@ window. Cut-offs are dates, or fractions of the decisions whose labels have all 
 test set must be scorable): the latest `test_fraction` of them form the test set, and the
 latest `valid_fraction` of those before the gap form the valid set.
 
-Rows are assigned by time only; which rows a model may use for a label is `training_rows`:
-the split's rows whose label has matured and applies. Unmatured rows never reach training.
+Rows are assigned to splits by time only; which rows a model may use for a label is
+`training_rows`: the split's rows whose label has matured and applies. Unmatured rows never
+reach training. Within train, `with_stacking_stages` assigns people (not times) to the encoder
+or the scorers.
 """
 
 from __future__ import annotations

@@ -155,7 +155,8 @@ def training_splits(
     event_source: EventSource,
 ):
     """Out-of-time train / valid / gap / test by decision time; the gap is at least the longest
-    label horizon, so no training label matures inside the test window."""
+    label horizon, so no training label matures inside the test window. Train rows also get a
+    `stage`: half of the people teach the encoder, the other half the scorers."""
     spec = event_source.spec()
     config = SplitConfig(
         valid_fraction=config.valid_fraction,

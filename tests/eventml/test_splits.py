@@ -144,6 +144,14 @@ def test_the_encoder_and_the_scorers_learn_labels_from_different_people(decision
         subset.select("decision_id", pl.col("stage").alias("before")), on="decision_id"
     )
     assert (again["stage"] == again["before"]).all()
+    # And the same in every process and release: BLAKE2b of the id, not Python's salted hash().
+    stages = dict(train.unique("entity_id").select("entity_id", "stage").iter_rows())
+    assert [stages[u] for u in ("u0", "u1", "u2", "u5")] == [
+        "encoder",
+        "encoder",
+        "scorer",
+        "scorer",
+    ]
 
 
 def test_summary_reports_rows_and_label_rates(decisions):
