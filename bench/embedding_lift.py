@@ -2,7 +2,7 @@
 on the demo's own tables, for the shipped training recipe and the alternatives tried against it.
 
     make demo                                   # the tables this reads (days 0-299)
-    .venv/bin/python bench/embedding_lift.py    # 5 recipes x 3 encoder seeds, ~1.5 hours on 2 cores
+    .venv/bin/python bench/embedding_lift.py    # 6 recipes x 3 encoder seeds, ~1.5 hours on 2 cores
     .venv/bin/python bench/embedding_lift.py --recipes person-split --seeds 0
 
 Recipes (the scorer and its features-only baseline always learn from the same rows):
@@ -11,7 +11,10 @@ Recipes (the scorer and its features-only baseline always learn from the same ro
   the other half, both over the whole train window; the encoder also learns 30-day outlook
   targets (which event types each person has in the month after a decision) from train and gap
   histories whose outlook ends before the first test decision, none from a person who has a
-  scorer or valid row.
+  scorer or valid row; device ids are coded by the order they first appear in each history.
+- person-split-hashed-ids: the same, but the encoder reads device ids hashed into 1,024 buckets
+  (shipped before first-seen coding, `eventml.sequences`): it recognises people by
+  their devices and memorises their outcomes.
 - person-split-no-outlook: the same without outlook targets.
 - time-split (shipped before this bench's last revision): the encoder learns decision labels from
   the earliest half of the train split, the scorers from the latest half, so a person's labels
@@ -53,6 +56,7 @@ from ml_assets.models import MONOTONE
 
 RECIPES = (
     "person-split",
+    "person-split-hashed-ids",
     "person-split-no-outlook",
     "time-split",
     "outlook-only",
@@ -122,6 +126,7 @@ def run(recipe, seed, events, splits, features, tasks, args) -> tuple[dict, pl.D
         # Without labels nothing is validated: train every epoch, keep the one with the lowest
         # training loss.
         patience=args.epochs if unlabelled else SequenceModelConfig.patience,
+        high_cardinality="hash" if recipe == "person-split-hashed-ids" else "first_seen",
     )
     # What the encoder reads: the unlabelled recipes see no decision label at all.
     encoder_rows = (

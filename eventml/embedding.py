@@ -46,6 +46,10 @@ class SequenceModelConfig:
     # Outlook targets (see `outlook_targets`): the window in days (0 = none) and their weight.
     outlook_days: int = 30
     outlook_weight: float = 1.0
+    # How identifier columns (device ids) are coded: "first_seen" (their order of appearance in
+    # the history) or "hash" (a bucket per value, which lets the encoder memorise people); see
+    # `eventml.sequences`.
+    high_cardinality: str = "first_seen"
     epochs: int = 8
     batch_size: int = 256
     lr: float = 2e-3
@@ -170,7 +174,7 @@ def train_sequence_model(
 ) -> tuple[SequenceModel, TrainResult]:
     """Train on `learning_rows`; early-stop on `valid`."""
     tasks = tuple(label.name for label in spec.labels)
-    seq_spec = SequenceSpec.fit(spec, events)
+    seq_spec = SequenceSpec.fit(spec, events, high_cardinality=config.high_cardinality)
     learn, outlook = learning_rows(events, splits, spec, config.outlook_days)
     valid = splits.filter(pl.col("split") == "valid").sort("ts", "decision_id")
     train_arrays = build_sequences(

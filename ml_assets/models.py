@@ -41,6 +41,7 @@ class EncoderSettings(dg.Config):
     patience: int = SequenceModelConfig.patience
     outlook_days: int = SequenceModelConfig.outlook_days
     outlook_weight: float = SequenceModelConfig.outlook_weight
+    high_cardinality: str = SequenceModelConfig.high_cardinality
     seed: int = SequenceModelConfig.seed
     device: str = SequenceModelConfig.device
 

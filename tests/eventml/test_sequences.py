@@ -3,6 +3,7 @@ after the decision instant ever enters them."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -286,12 +287,12 @@ def test_the_serving_builder_orders_simultaneous_events_as_the_batch_builder():
     np.testing.assert_allclose(last, np.log1p(expected_order), rtol=1e-6)
 
 
-def test_small_categoricals_get_a_vocabulary_and_large_ones_stable_hash_buckets():
+def test_small_categoricals_get_a_vocabulary_and_large_ones_stable_hash_buckets_when_asked():
     events = random_events(5)
-    spec = seq_spec(events)
+    spec = SequenceSpec.fit(SPEC, events, max_vocab=8, high_cardinality="hash", hash_buckets=64)
     channel, device = spec.categorical[1], spec.categorical[0]
     assert channel.vocabulary == ("app", "web") and not channel.hash_buckets
-    assert device.hash_buckets == 64 and not device.vocabulary
+    assert device.hash_buckets == 64 and not device.vocabulary and not device.first_seen
 
     ids = channel.ids(pl.Series(["web", "app", None, "kiosk"]))
     assert ids.tolist() == [2, 1, 0, 3]  # null → 0; a value unseen in training → V + 1
@@ -305,6 +306,45 @@ def test_small_categoricals_get_a_vocabulary_and_large_ones_stable_hash_buckets(
         "n_numeric": 4,
         "n_time_features": len(TIME_FEATURES),
     }
+    batch = build_sequences(events, decisions([("a", T0 + timedelta(days=30))]), spec, max_len=64)
+    at = T0 + timedelta(days=30)
+    assert_same(batch, build_one(events.filter(pl.col("entity_id") == "a"), at, spec, 64))
+
+
+def test_identifiers_are_coded_by_the_order_they_first_appear_in_the_history():
+    """A device's id says "the history's first device", "a second one"..., never which device:
+    two people with the same behaviour on different devices get the same inputs, so the encoder
+    cannot learn who someone is from their device."""
+    devices = ["d1", "d1", "d2", "d1", None, "d3", "d4", "d2"]
+
+    def history(entity: str, prefix: str) -> list[tuple]:
+        return [
+            (
+                entity,
+                f"{entity}{i}",
+                T0 + timedelta(hours=i),
+                "login",
+                None,
+                d and prefix + d,
+                "web",
+                None,
+            )
+            for i, d in enumerate(devices)
+        ]
+
+    events = frame(history("a", "phone-of-a-") + history("b", "phone-of-b-"))
+    spec = SequenceSpec.fit(SPEC, events, max_vocab=1, first_seen=3)
+    device = spec.categorical[0]
+    assert device.first_seen == 3 and device.cardinality == 4
+    at = T0 + timedelta(days=1)
+    out = build_sequences(events, decisions([("a", at), ("b", at)]), spec, max_len=10)
+
+    # null (and padding) 0; d1 first, d2 second, d3 third; d4 and later share the cap
+    assert out["cats"][0, :, 0].tolist() == [0, 0, 1, 1, 2, 1, 0, 3, 3, 2]
+    assert_same({k: v[:1] for k, v in out.items()}, {k: v[1:] for k, v in out.items()})
+    # Only the kept events count: among the last 5 (d1, null, d3, d4, d2), d3 is the second.
+    last_five = build_one(events.filter(pl.col("entity_id") == "a"), at, spec, max_len=5)
+    assert last_five["cats"][0, :, 0].tolist() == [1, 0, 2, 3, 3]
 
 
 def test_declared_categories_are_the_vocabulary_in_their_declared_order():
@@ -319,8 +359,13 @@ def test_declared_categories_are_the_vocabulary_in_their_declared_order():
 
 def test_the_sequence_spec_round_trips_through_json():
     spec = seq_spec(random_events(6))
+    assert spec.categorical[0].first_seen  # device_id
     assert SequenceSpec.from_json(spec.to_json()) == spec
     assert CategoricalCoding("x", vocabulary=("a",)).cardinality == 3
+    # A spec saved before first-seen coding existed (no such field) still means hash buckets.
+    old = json.loads(spec.to_json())
+    old["categorical"][0] = {"name": "device_id", "vocabulary": [], "hash_buckets": 64}
+    assert SequenceSpec.from_json(json.dumps(old)).categorical[0].hash_buckets == 64
 
 
 def test_unknown_event_types_are_refused_with_the_vocabulary_named():
