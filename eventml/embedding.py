@@ -21,6 +21,7 @@ from eventml.encoder import (
     TrainConfig,
     TrainResult,
     embed,
+    embed_and_predict,
     predict,
     save,
     train,
@@ -85,6 +86,16 @@ class SequenceModel:
 
     def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return predict(self.encoder, arrays)
+
+    def output_columns(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What the scorers read from the encoder, by column, from one forward pass: the
+        embedding (`emb_0` … `emb_{d-1}`, float32) and its own probability per task
+        (`encoder_<task>`, float64)."""
+        emb, probs = embed_and_predict(self.encoder, arrays)
+        return {
+            **{f"emb_{i}": emb[:, i] for i in range(emb.shape[1])},
+            **{f"encoder_{task}": p.astype(np.float64) for task, p in probs.items()},
+        }
 
     def arrays_for_one(self, history: pl.DataFrame, decision_ts) -> dict[str, np.ndarray]:
         return build_one(history, decision_ts, self.sequence_spec, self.max_len)
@@ -237,16 +248,8 @@ def embedding_table(
 ) -> pl.DataFrame:
     """decision_id, the embedding (emb_0 … emb_{d-1}) and the encoder's own probability per task
     (`encoder_<task>`), for every decision."""
-    arrays = model.arrays(events, decisions)
-    emb = model.embed(arrays)
-    probs = model.predict(arrays)
-    return pl.DataFrame(
-        {
-            "decision_id": decisions["decision_id"],
-            **{f"emb_{i}": emb[:, i] for i in range(emb.shape[1])},
-            **{f"encoder_{task}": p.astype(np.float64) for task, p in probs.items()},
-        }
-    )
+    columns = model.output_columns(model.arrays(events, decisions))
+    return pl.DataFrame({"decision_id": decisions["decision_id"], **columns})
 
 
 def config_dict(config: SequenceModelConfig) -> dict:

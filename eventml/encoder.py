@@ -589,7 +589,7 @@ def evaluate(
 ) -> dict:
     """valid_loss: the task loss over every known label (not a mean of batch means);
     valid_auc_<task> per task and valid_mean_auc over the tasks that have both classes."""
-    logits = _outputs(model, data, "logits", batch_size)
+    (logits,) = _outputs(model, data, ("logits",), batch_size)
     labels = torch.as_tensor(data["labels"]).to(logits.device)
     row = {"valid_loss": masked_bce(logits, labels, model.task_weights).item()}
     if not (~torch.isnan(labels)).any():
@@ -620,33 +620,42 @@ def _format(row: dict) -> str:
 
 
 @torch.no_grad()
-def _outputs(model: Encoder, data, key: str, batch_size: int) -> torch.Tensor:
-    """One output of the model in eval mode, fp32, for every row, in order."""
+def _outputs(model: Encoder, data, keys: tuple[str, ...], batch_size: int) -> list[torch.Tensor]:
+    """Outputs of the model in eval mode, fp32, for every row, in order: one forward pass."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     unlabelled = {k: v for k, v in data.items() if k not in ROW_KEYS}
-    parts = [
-        model(batch)[key].float() for batch in iter_batches(unlabelled, batch_size, device=device)
-    ]
+    parts = []
+    for batch in iter_batches(unlabelled, batch_size, device=device):
+        out = model(batch)
+        parts.append([out[key].float() for key in keys])
     model.train(was_training)
     if parts:
-        return torch.cat(parts)
-    width = model.config.emb_dim if key == "emb" else len(model.config.tasks)
-    return torch.zeros(0, width, device=device)
+        return [torch.cat(column) for column in zip(*parts, strict=True)]
+    width = {"emb": model.config.emb_dim, "logits": len(model.config.tasks)}
+    return [torch.zeros(0, width[key], device=device) for key in keys]
 
 
 def embed(model: Encoder, data: dict[str, np.ndarray], batch_size: int = 1024) -> np.ndarray:
     """(N, emb_dim) pooled embeddings, one per row of `data`, in order."""
-    return _outputs(model, data, "emb", batch_size).cpu().numpy()
+    return _outputs(model, data, ("emb",), batch_size)[0].cpu().numpy()
 
 
 def predict(
     model: Encoder, data: dict[str, np.ndarray], batch_size: int = 1024
 ) -> dict[str, np.ndarray]:
     """task name -> (N,) probabilities."""
-    probs = torch.sigmoid(_outputs(model, data, "logits", batch_size)).cpu().numpy()
-    return {task: probs[:, j] for j, task in enumerate(model.config.tasks)}
+    return embed_and_predict(model, data, batch_size)[1]
+
+
+def embed_and_predict(
+    model: Encoder, data: dict[str, np.ndarray], batch_size: int = 1024
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`embed` and `predict` from one forward pass."""
+    emb, logits = _outputs(model, data, ("emb", "logits"), batch_size)
+    probs = torch.sigmoid(logits).cpu().numpy()
+    return emb.cpu().numpy(), {task: probs[:, j] for j, task in enumerate(model.config.tasks)}
 
 
 # ----------------------------------------------------------------------------- save / load

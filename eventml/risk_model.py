@@ -28,6 +28,15 @@ def embedding_columns(dim: int) -> list[str]:
     return [f"emb_{i}" for i in range(dim)]
 
 
+def encoder_columns(model: SequenceModel) -> list[str]:
+    """Every column the encoder gives a decision (`SequenceModel.output_columns`): its embedding
+    and its own probability per task. The risk scorer reads the embedding; a scorer trained on
+    any of these columns is served and explained the same way."""
+    return embedding_columns(model.encoder.config.emb_dim) + [
+        f"encoder_{task}" for task in model.tasks
+    ]
+
+
 @dataclass(frozen=True)
 class DecisionPolicy:
     """Decline when any task's probability reaches its threshold; otherwise approve."""
@@ -54,10 +63,12 @@ class RiskModel:
 
     @property
     def reason_of(self) -> dict[str, str]:
-        """Every scorer input's reason: the feature set's texts, one shared text for the embedding."""
+        """Every scorer input's reason: the feature set's texts, and one shared text for
+        everything read from the encoder (its embedding and its own probabilities)."""
         reasons = dict(self.feature_set.reasons())
+        from_encoder = set(encoder_columns(self.sequence_model))
         reasons.update(
-            {c: EMBEDDING_REASON for c in self.scorer.feature_names if c.startswith("emb_")}
+            {c: EMBEDDING_REASON for c in self.scorer.feature_names if c in from_encoder}
         )
         return reasons
 
@@ -72,14 +83,10 @@ class RiskModel:
         )
 
     def embed_decisions(self, events: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
-        """This model's own embedding of each decision (a champion scored with its own encoder)."""
-        emb = self.sequence_model.embed(self.sequence_model.arrays(events, decisions))
-        return pl.DataFrame(
-            {
-                "decision_id": decisions["decision_id"],
-                **{c: emb[:, i] for i, c in enumerate(embedding_columns(emb.shape[1]))},
-            }
-        )
+        """This model's own encoder columns (embedding and probabilities) of each decision: a
+        champion is scored with its own encoder."""
+        columns = self.sequence_model.output_columns(self.sequence_model.arrays(events, decisions))
+        return pl.DataFrame({"decision_id": decisions["decision_id"], **columns})
 
     # ------------------------------------------------------------ one live decision
 
@@ -89,8 +96,8 @@ class RiskModel:
         features = features_for_one(history, decision, self.feature_set)
         arrays = self.sequence_model.arrays_for_one(history, decision["ts"])
         with torch.inference_mode():  # no autograd bookkeeping at all (no_grad still keeps some)
-            emb = self.sequence_model.embed(arrays)[0]
-        row = {**features, **dict(zip(embedding_columns(len(emb)), emb.tolist()))}
+            encoded = self.sequence_model.output_columns(arrays)
+        row = {**features, **{c: v[0] for c, v in encoded.items()}}
         # The scorer's float32 matrix, built directly: the same values `to_matrix` gives a
         # one-row DataFrame (None is NaN, missing to XGBoost), without its per-column cost.
         x = np.array(

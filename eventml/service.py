@@ -40,7 +40,7 @@ from threadpoolctl import threadpool_limits
 from eventml.features import compute_features
 from eventml.online_store import SQLiteOnlineStore
 from eventml.prediction_log import PredictionLog
-from eventml.risk_model import RiskModel, embedding_columns
+from eventml.risk_model import RiskModel
 from eventml.schema import TS_TYPE, DatasetSpec
 from eventml.scorer import to_matrix
 
@@ -328,13 +328,13 @@ class RiskService:
             events = pl.concat([events, fresh])
         n_prior = dict(events.group_by("entity_id").len().iter_rows())
         features = compute_features(events, decisions, model.feature_set)
-        emb = model.sequence_model.embed(model.sequence_model.arrays(events, decisions))
+        encoded = model.sequence_model.output_columns(
+            model.sequence_model.arrays(events, decisions)
+        )
         table = decisions.select("decision_id").join(
             features, on="decision_id", how="left", maintain_order="left"
         )
-        table = table.with_columns(
-            pl.Series(c, emb[:, i]) for i, c in enumerate(embedding_columns(emb.shape[1]))
-        )
+        table = table.with_columns(pl.Series(c, v) for c, v in encoded.items())
         scorer, reason_of = model.scorer, model.reason_of
         # One matrix for every booster's probabilities and SHAP values (`score_rows` gives what
         # `predict` and `contributions` give, to the bit).

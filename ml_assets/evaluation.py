@@ -50,8 +50,12 @@ def _champion_scores(
     )
     rows = decisions.join(test.select("decision_id"), on="decision_id")
     embeddings = model.embed_decisions(raw_events.drop(DAY).collect(), rows)
-    # Scores must line up with `test`'s labels row for row.
-    scored = test.join(embeddings, on="decision_id", how="left", maintain_order="left")
+    # Scores must line up with `test`'s labels row for row; the challenger's encoder columns
+    # make way for the champion's own (a join would keep both and the scorer read the first).
+    own = [c for c in embeddings.columns if c != "decision_id"]
+    scored = test.drop(own, strict=False).join(
+        embeddings, on="decision_id", how="left", maintain_order="left"
+    )
     return str(champion.version), {task: p for task, p in model.scorer.predict(scored).items()}
 
 

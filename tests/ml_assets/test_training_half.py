@@ -10,7 +10,8 @@ import polars as pl
 import pytest
 
 from eventml.promotion import champion_on
-from eventml.risk_model import RiskModel, model_table
+from eventml.risk_model import RiskModel, encoder_columns, model_table
+from ml_assets.evaluation import _champion_scores
 from ml_assets.models import REGISTERED_MODEL
 
 
@@ -87,3 +88,40 @@ def test_a_model_reloaded_from_the_registry_predicts_exactly_what_was_trained(wo
     )
     for task, p in trained_model.scorer.predict(table).items():
         assert np.array_equal(reloaded.scorer.predict(table)[task], p)
+
+
+def test_the_champion_is_scored_with_its_own_encoder_whatever_the_challengers_reads(world):
+    """The test rows carry the challenger's encoder columns; the champion must be scored on its
+    own encoder's, or a retrained encoder would make any champion look broken. Runs after the
+    promotion above, so the champion is a full model that reads its embedding."""
+    trained, _, _ = world
+    champion = trained.mlflow.version_by_alias(REGISTERED_MODEL, "champion")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = RiskModel.load(
+            trained.mlflow.download(REGISTERED_MODEL, str(champion.version), Path(tmp))
+        )
+    test = model_table(
+        trained.tables.scan("training_splits").collect().filter(pl.col("split") == "test"),
+        trained.tables.scan("decision_features").collect(),
+        trained.tables.scan("decision_embeddings").collect(),
+    )
+    decisions = trained.tables.scan("decisions").collect()
+    raw_events = trained.tables.scan("raw_events")
+    from_encoder = encoder_columns(model.sequence_model)
+    own = model.scorer.predict(
+        test.drop(from_encoder).join(
+            model.embed_decisions(raw_events.drop("day").collect(), decisions),
+            on="decision_id",
+            how="left",
+            maintain_order="left",
+        )
+    )
+    foreign = test.with_columns(pl.lit(0.0).alias(c) for c in from_encoder)
+    # The premise (the champion is then the promoted full model): its scores depend on them.
+    assert any(not np.array_equal(model.scorer.predict(foreign)[t], p) for t, p in own.items())
+    version, scores = _champion_scores(
+        trained.mlflow, "another version", foreign, decisions, raw_events, lambda *_: None
+    )
+    assert version == str(champion.version)
+    for task, p in own.items():
+        np.testing.assert_array_equal(scores[task], p)
