@@ -33,7 +33,7 @@ from eventml.sequences import SequenceSpec, build_one, build_sequences
 
 @dataclass(frozen=True)
 class SequenceModelConfig:
-    """Sized for a 2-core CPU: about a minute an epoch on the default world. A GPU takes
+    """Sized for a 2-core CPU: about half a minute an epoch on the default world. A GPU takes
     d_model=128, n_layers=4, max_len=256 (see bench/encoder_gpu.py)."""
 
     d_model: int = 32
@@ -51,10 +51,13 @@ class SequenceModelConfig:
     # the history) or "hash" (a bucket per value, which lets the encoder memorise people); see
     # `eventml.sequences`.
     high_cardinality: str = "first_seen"
-    epochs: int = 8
+    # 16, not 8: once it could no longer memorise people by their devices, the encoder kept
+    # improving past epoch 8 (its test AUC 0.62 -> 0.63-0.65, the lift +0.020 -> +0.037 on
+    # average over seeds; bench/embedding_lift.py).
+    epochs: int = 16
     batch_size: int = 256
     lr: float = 2e-3
-    patience: int = 2
+    patience: int = 3
     # Histories of similar length batched together: short early histories cost what they are.
     bucket_by_length: bool = True
     seed: int = 0
