@@ -2,7 +2,7 @@
 on the demo's own tables, for the shipped training recipe and the alternatives tried against it.
 
     make demo                                   # the tables this reads (days 0-299)
-    .venv/bin/python bench/embedding_lift.py    # 6 recipes x 3 encoder seeds, ~1.5 hours on 2 cores
+    .venv/bin/python bench/embedding_lift.py    # 6 recipes x 3 encoder seeds, ~3 hours on 2 cores
     .venv/bin/python bench/embedding_lift.py --recipes person-split --seeds 0
 
 Recipes (the scorer and its features-only baseline always learn from the same rows):
@@ -127,7 +127,7 @@ def run(recipe, seed, events, splits, features, tasks, args) -> tuple[dict, pl.D
         else SequenceModelConfig.outlook_days,
         # Without labels nothing is validated: train every epoch, keep the one with the lowest
         # training loss.
-        patience=args.epochs if unlabelled else SequenceModelConfig.patience,
+        patience=args.epochs if unlabelled else args.patience,
         high_cardinality="hash" if recipe == "person-split-hashed-ids" else "first_seen",
     )
     # What the encoder reads: the unlabelled recipes see no decision label at all.
@@ -266,6 +266,7 @@ def main(argv=None) -> None:
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
     p.add_argument("--days", type=int, default=WorldConfig.shift_day or WorldConfig.n_days)
     p.add_argument("--epochs", type=int, default=SequenceModelConfig.epochs)
+    p.add_argument("--patience", type=int, default=SequenceModelConfig.patience)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
     events, decisions, features = load(args.days)

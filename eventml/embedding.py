@@ -115,6 +115,13 @@ class SequenceModel:
         encoder = Encoder.load(directory / "encoder")
         encoder.eval()
         spec = SequenceSpec.from_json((directory / "sequence_spec.json").read_text())
+        coded = tuple(c.cardinality for c in spec.categorical)
+        if coded != tuple(encoder.config.cat_cardinalities):
+            raise ValueError(
+                f"{directory}: the sequence spec codes categoricals into {coded} ids but the "
+                f"encoder was built for {tuple(encoder.config.cat_cardinalities)}; the spec and "
+                "the encoder come from different trainings (or a different eventml version)"
+            )
         return cls(encoder=encoder, sequence_spec=spec)
 
 

@@ -23,7 +23,8 @@ Choices a reader should know:
   global id per value would let the encoder recognise people by their devices and memorise
   their outcomes instead of learning what histories look like (on the demo world its
   `default_90d` AUC was 0.96 on the people it learned labels from and 0.56 out of time; coded by
-  first appearance, 0.64-0.66 and 0.62: bench/embedding_lift.py). The order keeps what
+  first appearance, 0.64-0.66 and 0.62 after the same 8 epochs, 0.69-0.74 and 0.63-0.65 after
+  16: bench/embedding_lift.py). The order keeps what
   generalises: a new device among familiar ones. `high_cardinality="hash"` instead hashes each
   value into `hash_buckets`, for identifiers whose identity is the signal (a merchant, say).
   Values are compared, and hashed, by BLAKE2b of their UTF-8 bytes, not polars' `hash` or
@@ -147,6 +148,8 @@ class SequenceSpec:
                 f"high_cardinality={high_cardinality!r}: use 'first_seen' (the order each value "
                 "first appears in a history) or 'hash' (a bucket per value)"
             )
+        if high_cardinality == "first_seen" and first_seen < 1:
+            raise ValueError(f"first_seen={first_seen}: the cap on first-seen ids must be >= 1")
         codings = []
         for name in spec.categorical:
             if name in spec.categories:
@@ -181,7 +184,15 @@ class SequenceSpec:
         }
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        d = asdict(self)
+        # A first-seen column is saved without the vocabulary and hash fields, so that code from
+        # before first-seen coding refuses the spec (KeyError) instead of reading an empty
+        # vocabulary and coding every device as the same unknown value.
+        d["categorical"] = [
+            {"name": c["name"], "first_seen": c["first_seen"]} if c["first_seen"] else c
+            for c in d["categorical"]
+        ]
+        return json.dumps(d, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> SequenceSpec:
@@ -189,7 +200,10 @@ class SequenceSpec:
         codings = tuple(
             # Specs saved before first-seen coding have no such field: they hashed.
             CategoricalCoding(
-                c["name"], tuple(c["vocabulary"]), c["hash_buckets"], c.get("first_seen", 0)
+                c["name"],
+                tuple(c.get("vocabulary", ())),
+                c.get("hash_buckets", 0),
+                c.get("first_seen", 0),
             )
             for c in d["categorical"]
         )
@@ -281,11 +295,16 @@ def first_seen_ids(keys: np.ndarray, cap: int) -> np.ndarray:
     )
 
 
-def _code_first_seen(cats: np.ndarray, keys: np.ndarray, spec: SequenceSpec) -> None:
-    """Fill the first-seen columns of gathered (N, K, C) `cats` in place from gathered keys."""
+def _code_first_seen(
+    cats: np.ndarray, keys: np.ndarray, spec: SequenceSpec, rows_per_chunk: int = 16_384
+) -> None:
+    """Fill the first-seen columns of gathered (N, K, C) `cats` in place from gathered keys, a
+    chunk of rows at a time: the sort's temporaries are a few (rows, K) int64 arrays."""
     first_seen = [j for j, c in enumerate(spec.categorical) if c.first_seen]
     for i, j in enumerate(first_seen):
-        cats[..., j] = first_seen_ids(keys[..., i], spec.categorical[j].first_seen)
+        for start in range(0, len(cats), rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            cats[rows, :, j] = first_seen_ids(keys[rows, :, i], spec.categorical[j].first_seen)
 
 
 def _time_features(

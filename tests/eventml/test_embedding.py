@@ -7,8 +7,14 @@ import polars as pl
 import pytest
 import torch
 
-from eventml.embedding import SequenceModelConfig, learning_rows, train_sequence_model
+from eventml.embedding import (
+    SequenceModel,
+    SequenceModelConfig,
+    learning_rows,
+    train_sequence_model,
+)
 from eventml.labels import build_decisions
+from eventml.sequences import SequenceSpec
 from eventml.simulate import LENDING_SPEC, WorldConfig, simulate
 from eventml.splits import split_decisions, with_stacking_stages
 
@@ -72,3 +78,15 @@ def test_without_an_outlook_the_encoder_reads_only_the_decision_labels(world):
     learn, outlook = learning_rows(events, splits, LENDING_SPEC, outlook_days=0)
     assert outlook == ()
     assert not any(c.endswith("_30d") for c in learn.columns)
+
+
+def test_a_saved_model_refuses_a_spec_that_codes_ids_differently_from_its_encoder(world, tmp_path):
+    events, splits = world
+    config = SequenceModelConfig(epochs=1, d_model=16, n_layers=1, max_len=16, emb_dim=4)
+    model, _ = train_sequence_model(events, splits, LENDING_SPEC, config, log=lambda line: None)
+    model.save(tmp_path)
+    assert SequenceModel.load(tmp_path).sequence_spec == model.sequence_spec
+    hashed = SequenceSpec.fit(LENDING_SPEC, events, high_cardinality="hash")  # 1,025 device ids
+    (tmp_path / "sequence_spec.json").write_text(hashed.to_json())
+    with pytest.raises(ValueError, match="different trainings"):
+        SequenceModel.load(tmp_path)

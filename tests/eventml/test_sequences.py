@@ -21,6 +21,7 @@ from eventml.sequences import (
     SequenceSpec,
     build_one,
     build_sequences,
+    first_seen_ids,
     stable_hash,
 )
 
@@ -76,7 +77,7 @@ def decisions(rows: list[tuple[str, datetime]]) -> pl.DataFrame:
 
 
 def seq_spec(events: pl.DataFrame) -> SequenceSpec:
-    return SequenceSpec.fit(SPEC, events, max_vocab=8, hash_buckets=64)
+    return SequenceSpec.fit(SPEC, events, max_vocab=8)
 
 
 def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]):
@@ -343,8 +344,27 @@ def test_identifiers_are_coded_by_the_order_they_first_appear_in_the_history():
     assert out["cats"][0, :, 0].tolist() == [0, 0, 1, 1, 2, 1, 0, 3, 3, 2]
     assert_same({k: v[:1] for k, v in out.items()}, {k: v[1:] for k, v in out.items()})
     # Only the kept events count: among the last 5 (d1, null, d3, d4, d2), d3 is the second.
-    last_five = build_one(events.filter(pl.col("entity_id") == "a"), at, spec, max_len=5)
+    last_five = build_sequences(events, decisions([("a", at)]), spec, max_len=5)
     assert last_five["cats"][0, :, 0].tolist() == [1, 0, 2, 3, 3]
+    assert_same(last_five, build_one(events.filter(pl.col("entity_id") == "a"), at, spec, 5))
+
+
+@given(st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=12), min_size=1, max_size=6),
+       st.integers(1, 4))  # fmt: skip
+@settings(max_examples=200, deadline=None)
+def test_first_seen_ids_match_a_plain_loop(rows, cap):
+    K = max(len(r) for r in rows)
+    keys = np.zeros((len(rows), K), np.uint64)  # 0: null or padding
+    for i, r in enumerate(rows):
+        keys[i, K - len(r) :] = r
+    expected = []
+    for row in keys.tolist():
+        order: dict[int, int] = {}
+        for key in row:
+            if key:
+                order.setdefault(key, len(order) + 1)
+        expected.append([min(order[k], cap) if k else 0 for k in row])
+    assert first_seen_ids(keys, cap).tolist() == expected
 
 
 def test_declared_categories_are_the_vocabulary_in_their_declared_order():
@@ -359,13 +379,18 @@ def test_declared_categories_are_the_vocabulary_in_their_declared_order():
 
 def test_the_sequence_spec_round_trips_through_json():
     spec = seq_spec(random_events(6))
-    assert spec.categorical[0].first_seen  # device_id
+    assert spec.categorical[0] == CategoricalCoding("device_id", first_seen=8)
     assert SequenceSpec.from_json(spec.to_json()) == spec
+    hashed = SequenceSpec.fit(SPEC, random_events(6), max_vocab=8, high_cardinality="hash")
+    assert SequenceSpec.from_json(hashed.to_json()) == hashed
     assert CategoricalCoding("x", vocabulary=("a",)).cardinality == 3
-    # A spec saved before first-seen coding existed (no such field) still means hash buckets.
-    old = json.loads(spec.to_json())
-    old["categorical"][0] = {"name": "device_id", "vocabulary": [], "hash_buckets": 64}
-    assert SequenceSpec.from_json(json.dumps(old)).categorical[0].hash_buckets == 64
+    # A spec saved before first-seen coding existed (no such field) still means hash buckets;
+    # a first-seen column is saved without the fields such older code requires, so it refuses.
+    saved = json.loads(spec.to_json())
+    assert saved["categorical"][0] == {"name": "device_id", "first_seen": 8}
+    saved["categorical"][0] = {"name": "device_id", "vocabulary": [], "hash_buckets": 64}
+    old = SequenceSpec.from_json(json.dumps(saved)).categorical[0]
+    assert old == CategoricalCoding("device_id", hash_buckets=64)
 
 
 def test_unknown_event_types_are_refused_with_the_vocabulary_named():

@@ -108,9 +108,10 @@ def test_the_champion_is_scored_with_its_own_encoder_whatever_the_challengers_re
     decisions = trained.tables.scan("decisions").collect()
     raw_events = trained.tables.scan("raw_events")
     from_encoder = encoder_columns(model.sequence_model)
+    rows = decisions.join(test.select("decision_id"), on="decision_id")  # as it embeds them
     own = model.scorer.predict(
         test.drop(from_encoder).join(
-            model.embed_decisions(raw_events.drop("day").collect(), decisions),
+            model.embed_decisions(raw_events.drop("day").collect(), rows),
             on="decision_id",
             how="left",
             maintain_order="left",
