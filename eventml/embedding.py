@@ -90,15 +90,18 @@ class SequenceModel:
     def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return predict(self.encoder, arrays)
 
+    @property
+    def output_names(self) -> list[str]:
+        """The columns `output_columns` gives: `emb_0` … `emb_{d-1}`, then `encoder_<task>`."""
+        emb = [f"emb_{i}" for i in range(self.encoder.config.emb_dim)]
+        return emb + [f"encoder_{task}" for task in self.tasks]
+
     def output_columns(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """What the scorers read from the encoder, by column, from one forward pass: the
-        embedding (`emb_0` … `emb_{d-1}`, float32) and its own probability per task
-        (`encoder_<task>`, float64)."""
+        """What the scorers can read from the encoder, by column, from one forward pass: the
+        embedding (float32) and its own probability per task (float64)."""
         emb, probs = embed_and_predict(self.encoder, arrays)
-        return {
-            **{f"emb_{i}": emb[:, i] for i in range(emb.shape[1])},
-            **{f"encoder_{task}": p.astype(np.float64) for task, p in probs.items()},
-        }
+        values = [*emb.T, *(probs[task].astype(np.float64) for task in self.tasks)]
+        return dict(zip(self.output_names, values, strict=True))
 
     def arrays_for_one(self, history: pl.DataFrame, decision_ts) -> dict[str, np.ndarray]:
         return build_one(history, decision_ts, self.sequence_spec, self.max_len)

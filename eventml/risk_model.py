@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from eventml.embedding import SequenceModel
+from eventml.embedding import SequenceModel, embedding_table
 from eventml.features import FeatureSet, features_for_one
 from eventml.scorer import Scorer
 
@@ -26,15 +26,6 @@ EMBEDDING_REASON = "recent activity pattern"
 
 def embedding_columns(dim: int) -> list[str]:
     return [f"emb_{i}" for i in range(dim)]
-
-
-def encoder_columns(model: SequenceModel) -> list[str]:
-    """Every column the encoder gives a decision (`SequenceModel.output_columns`): its embedding
-    and its own probability per task. The risk scorer reads the embedding; a scorer trained on
-    any of these columns is served and explained the same way."""
-    return embedding_columns(model.encoder.config.emb_dim) + [
-        f"encoder_{task}" for task in model.tasks
-    ]
 
 
 @dataclass(frozen=True)
@@ -66,7 +57,9 @@ class RiskModel:
         """Every scorer input's reason: the feature set's texts, and one shared text for
         everything read from the encoder (its embedding and its own probabilities)."""
         reasons = dict(self.feature_set.reasons())
-        from_encoder = set(encoder_columns(self.sequence_model))
+        # The risk scorer reads the embedding; one trained on any encoder column (its own
+        # probabilities too) is served and explained the same way.
+        from_encoder = set(self.sequence_model.output_names)
         reasons.update(
             {c: EMBEDDING_REASON for c in self.scorer.feature_names if c in from_encoder}
         )
@@ -85,8 +78,7 @@ class RiskModel:
     def embed_decisions(self, events: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
         """This model's own encoder columns (embedding and probabilities) of each decision: a
         champion is scored with its own encoder."""
-        columns = self.sequence_model.output_columns(self.sequence_model.arrays(events, decisions))
-        return pl.DataFrame({"decision_id": decisions["decision_id"], **columns})
+        return embedding_table(self.sequence_model, events, decisions)
 
     # ------------------------------------------------------------ one live decision
 

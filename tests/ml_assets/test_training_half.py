@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from eventml.promotion import champion_on
-from eventml.risk_model import RiskModel, encoder_columns, model_table
+from eventml.risk_model import RiskModel, model_table
 from ml_assets.evaluation import _champion_scores
 from ml_assets.models import REGISTERED_MODEL
 
@@ -107,7 +107,7 @@ def test_the_champion_is_scored_with_its_own_encoder_whatever_the_challengers_re
     )
     decisions = trained.tables.scan("decisions").collect()
     raw_events = trained.tables.scan("raw_events")
-    from_encoder = encoder_columns(model.sequence_model)
+    from_encoder = model.sequence_model.output_names
     rows = decisions.join(test.select("decision_id"), on="decision_id")  # as it embeds them
     own = model.scorer.predict(
         test.drop(from_encoder).join(
