@@ -3,45 +3,77 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
+# Every version, direct and transitive, that CI tested: a pip constraints file made by `make lock`.
+LOCK := requirements.lock
 
 # All runtime state lives under one folder.
 EVENTML_HOME ?= $(CURDIR)/.state
 # Dagster refuses a relative DAGSTER_HOME: a relative EVENTML_HOME is resolved against this folder.
 export EVENTML_HOME := $(abspath $(EVENTML_HOME))
 export DAGSTER_HOME ?= $(EVENTML_HOME)/dagster
+LOGS := $(EVENTML_HOME)/logs
 
-.PHONY: install demo advance test ui mlflow serve bench lint clean
+.PHONY: install setup services services-stop lock demo advance test ui mlflow serve bench lint clean
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch==2.13.0 is pinned in pyproject: pip takes the CPU build on disk, not a CUDA download.
-	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip check
-	touch $@
+# Quiet on success; on failure the log's tail and its path.
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	@mkdir -p $(LOGS)
+	@echo "installing eventml into $(VENV) from $(LOCK) (log: $(LOGS)/install.log)"
+	@# torch==2.13.0 (pyproject and lock): pip takes the CPU build on disk, not a CUDA download.
+	@{ $(PYTHON) -m venv $(VENV) \
+	  && $(BIN)/pip install --upgrade -c $(LOCK) pip \
+	  && $(BIN)/pip install -c $(LOCK) -e '.[dev]' \
+	  && $(BIN)/pip check; } > $(LOGS)/install.log 2>&1 \
+	  || { tail -n 15 $(LOGS)/install.log; echo "install failed: see $(LOGS)/install.log"; exit 1; }
+	@touch $@
 
 install: $(VENV)/.installed
 
-$(DAGSTER_HOME)/dagster.yaml:
-	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+# Re-resolve every dependency from pyproject.toml in a scratch environment and write the lock:
+# a deliberate act, committed with the change that needed it. torch's local tag (+cpu) is
+# dropped so the same line takes the CPU build on disk here and the PyPI release elsewhere.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	.lock-venv/bin/pip check
+	{ echo "# Made by \`make lock\` from pyproject.toml: every version CI tests. Installed as pip constraints."; \
+	  .lock-venv/bin/pip freeze --all --exclude-editable | sed 's/+cpu$$//' | grep -v '^eventml'; } > $(LOCK)
+	rm -rf .lock-venv
 
-demo: install $(DAGSTER_HOME)/dagster.yaml
-	$(PY) -m ml_assets.demo
+# Every store created once (folders, dagster.yaml, Dagster and MLflow storage), before any two
+# processes can race to create it. Every entry point runs it first: `ui` and `mlflow` here, the
+# demo, the time machine and `serve` in their own main().
+setup: install
+	@$(PY) -m resources.state
+
+# The production counterparts, for real: a throwaway Postgres under $(EVENTML_HOME)/services.
+# Then EVENTML_POSTGRES_URL=$$(scripts/services.sh url) puts Dagster and MLflow on it.
+services:
+	@scripts/services.sh start
+
+services-stop:
+	@scripts/services.sh stop
+
+demo: install
+	@$(PY) -m ml_assets.demo
 
 # The time machine: DAYS more days of the world arrive, are served and judged; the sensors'
 # retrains run (make ui shows it all). STEP days per run.
-advance: install $(DAGSTER_HOME)/dagster.yaml
+advance: install
 	$(PY) -m ml_assets.time_machine --days $(or $(DAYS),7) --step $(or $(STEP),5)
 
+# Postgres is started for its tests; where it cannot start they skip, saying why (CI fails).
 test: install
-	$(PY) -m pytest -q
+	@scripts/services.sh start || echo "postgres did not start: its tests will skip"
+	EVENTML_TEST_POSTGRES_URL=$$(scripts/services.sh url) $(PY) -m pytest -q
 
-ui: install $(DAGSTER_HOME)/dagster.yaml
+ui: setup
 	$(BIN)/dagster dev -w workspace.yaml
 
-mlflow: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(EVENTML_HOME)/mlflow/mlflow.db --port 5000
+mlflow: setup
+	$(BIN)/mlflow ui --backend-store-uri $$($(PY) -c "from eventml.home import StateHome; from resources.state import mlflow_tracking; print(mlflow_tracking(StateHome.from_env()).tracking_uri)") --port 5000
 
 # The MLflow champion's Bento (built by `risk_service_bento`), on http://127.0.0.1:3000 (PORT=… to change).
 serve: install
@@ -56,4 +88,5 @@ lint: install
 	$(BIN)/ruff check eventml ml_assets resources tests bench
 
 clean:
+	-scripts/services.sh stop
 	rm -rf $(EVENTML_HOME)

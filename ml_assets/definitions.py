@@ -13,19 +13,21 @@ from resources.delta import DeltaTables
 from resources.models import ModelIOManager
 from resources.monitoring import Monitoring
 from resources.sources import EventSource
-from resources.tracking import MlflowTracking
+from resources.state import mlflow_tracking
 
 
 def build_resources(home: StateHome | None = None) -> dict:
     """Embedded defaults under EVENTML_HOME; EVENTML_TABLES_URI points the tables elsewhere
-    (e.g. s3://bucket/eventml) and EVENTML_SOURCE=landing ingests the landing zone."""
+    (e.g. s3://bucket/eventml), EVENTML_POSTGRES_URL puts MLflow (and, through the dagster.yaml
+    that `resources.state` writes, Dagster's instance) on Postgres, and EVENTML_SOURCE=landing
+    ingests the landing zone."""
     home = home or StateHome.from_env()
     tables = DeltaTables(root_uri=os.environ.get("EVENTML_TABLES_URI", str(home.tables)))
     return {
         "tables": tables,
         "io_manager": tables.io_manager(),
         "model_io_manager": ModelIOManager(root=str(home.root / "models")),
-        "mlflow_tracking": MlflowTracking.embedded(home.mlflow),
+        "mlflow_tracking": mlflow_tracking(home),
         "event_source": EventSource(kind=os.environ.get("EVENTML_SOURCE", "simulator")),
         "serving": Serving.under(home.root),
         "monitoring": Monitoring(),

@@ -1,40 +1,139 @@
-"""`make demo`: ingest the default simulated world through Dagster, then summarize the tables.
+"""`make demo`: ingest the default simulated world through Dagster, train on it, summarize.
 
-The run goes through the `dagster` CLI against DAGSTER_HOME, so it is an ordinary run that the
-UI (`make ui`) shows afterwards, with its metadata and checks.
+    python -m ml_assets.demo [--days N] [--config RUN_CONFIG.yaml]
+
+Two runs through the `dagster` CLI against DAGSTER_HOME (ordinary runs, with the multiprocess
+executor, that the UI shows afterwards with their metadata and checks): the daily assets over
+the first `--days` days in one run, then the training half. The terminal gets one line per
+step with its time; everything the runs print goes to a log file under `$EVENTML_HOME/logs`,
+whose path is printed first. A failed step is named with its error in one sentence and the log.
+
+`--config` takes a Dagster run config for the whole graph (`resources:` and `ops:` keys, as
+the UI's launchpad takes); each run gets every resource and the ops of its own assets.
 """
 
+from __future__ import annotations
+
 import argparse
+import json
 import os
+import re
 import subprocess
 import sys
 import time
+import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 
+import dagster as dg
 import polars as pl
+import yaml
 
 from eventml.home import StateHome
 from eventml.simulate import WorldConfig
-from ml_assets.definitions import build_resources
 from ml_assets.partitions import daily
+from resources.state import dagster_home, prepare
+
+with warnings.catch_warnings():  # the terminal is for the demo's lines; the beta API is chosen
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    from ml_assets.definitions import build_resources, defs
 
 # The demo's "today": the eve of the simulated regime shift, so `make advance` has a future to
 # move into (python -m ml_assets.demo --days N for another present).
 DEFAULT_DAYS = WorldConfig.shift_day or WorldConfig.n_days
+INGEST = ("raw_events", "event_rejects", "decision_features", "online_store")
+TRAIN = (
+    "decisions", "training_splits", "sequence_encoder", "decision_embeddings", "baseline_scorer",
+    "risk_scorer", "model_evaluation", "champion", "risk_service_bento",
+)  # fmt: skip
+# The CLI's event lines: "... - <run id> - <pid> - <step> - STEP_SUCCESS - ..."
+STEP_EVENT = re.compile(
+    r" - ([0-9a-f-]{36}) - \d+ - (\S+) - (STEP_START|STEP_SUCCESS|STEP_FAILURE) - "
+)
 
 
-def materialize(selection: str, partitioned: bool, n_days: int = DEFAULT_DAYS) -> None:
-    """One run over the first `n_days` days for daily assets (a single-run backfill), one run
-    for the rest."""
-    keys = daily.get_partition_keys()[:n_days]
+class StageFailed(Exception):
+    pass
+
+
+def run_config_for(selection: tuple[str, ...], config: dict) -> dict:
+    """The part of a whole-graph run config that a run of `selection` accepts."""
+    op_of = {k.to_user_string(): a.node_def.name
+             for a in defs.resolve_asset_graph().assets_defs for k in a.keys}  # fmt: skip
+    ops = {op_of[name] for name in selection}
+    own = {k: v for k, v in (config.get("ops") or {}).items() if k in ops}
+    return {**({"resources": config["resources"]} if config.get("resources") else {}),
+            **({"ops": own} if own else {})}  # fmt: skip
+
+
+def materialize_command(selection: tuple[str, ...], n_days: int | None, config: dict) -> list[str]:
+    """The CLI call of one run: over the first `n_days` days (a single-run backfill) for daily
+    assets, or unpartitioned when `n_days` is None."""
     cmd = [
         str(Path(sys.executable).with_name("dagster")),  # the CLI of this same environment
-        "asset", "materialize", "-m", "ml_assets.definitions", "--select", selection,
+        "asset", "materialize", "-m", "ml_assets.definitions", "--select", ",".join(selection),
     ]  # fmt: skip
-    if partitioned:
+    if n_days is not None:
+        keys = daily.get_partition_keys()[:n_days]
         cmd += ["--partition-range", f"{keys[0]}...{keys[-1]}"]
-    print(f"$ {' '.join(cmd[1:])}", flush=True)
-    subprocess.run(cmd, check=True)
+    own = run_config_for(selection, config)
+    if own:
+        cmd += ["--config-json", json.dumps(own)]
+    return cmd
+
+
+def why_it_failed(run_id: str, step: str) -> str:
+    """One sentence from the run's event log: the checks that failed the step, else its
+    innermost error."""
+    kinds = {dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+    with dg.DagsterInstance.get() as instance:
+        records = [r for r in instance.all_logs(run_id, of_type=kinds) if r.step_key == step]
+    checks = [r.dagster_event.event_specific_data for r in records
+              if r.dagster_event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]  # fmt: skip
+    failed = [f"check {c.check_name} on {c.asset_key.to_user_string()} did not pass ({c.description})"
+              for c in checks if not c.passed]  # fmt: skip
+    if failed:
+        return "; ".join(failed)
+    for record in records:
+        error = getattr(record.dagster_event.event_specific_data, "error", None)
+        while error is not None and error.cause is not None:
+            error = error.cause
+        if error is not None:
+            return " ".join(f"{error.cls_name}: {error.message}".split())[:300]
+    return "no error was recorded (see the log)"
+
+
+def materialize(title: str, cmd: list[str], log) -> None:
+    """Run one materialization, echoing a line per finished step; raise StageFailed if it fails."""
+    print(f"{title}", flush=True)
+    log.write(f"\n$ {' '.join(cmd[1:])}\n")
+    log.flush()
+    started, failed, run_id = {}, [], None
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            found = STEP_EVENT.search(line)
+            if not found:
+                continue
+            run_id, step, event = found.groups()
+            if event == "STEP_START":
+                started[step] = time.perf_counter()
+                continue
+            seconds = time.perf_counter() - started.get(step, time.perf_counter())
+            if event == "STEP_SUCCESS":
+                print(f"  {step:<28} {seconds:6.0f} s", flush=True)
+            else:
+                failed.append(step)
+                print(f"  {step:<28} FAILED after {seconds:.0f} s", flush=True)
+    log.flush()
+    if proc.returncode == 0:
+        return
+    if not failed:
+        raise StageFailed(f"{title.strip()} failed before any step ran")
+    reasons = "; ".join(f"{step}: {why_it_failed(run_id, step)}" for step in failed)
+    raise StageFailed(f"{title.strip()} failed in {reasons}")
 
 
 def summary() -> None:
@@ -96,24 +195,26 @@ def summary() -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description="Ingest the simulated world and train on it.")
     ap.add_argument("--days", type=int, default=DEFAULT_DAYS, help="days to ingest from day 0")
+    ap.add_argument("--config", type=Path, help="a Dagster run config (YAML) for the whole graph")
     args = ap.parse_args()
+    config = yaml.safe_load(args.config.read_text()) if args.config else {}
     started = time.perf_counter()
-    # Dagster refuses a DAGSTER_HOME that does not exist; `make demo` sets it under EVENTML_HOME.
-    Path(os.environ.setdefault("DAGSTER_HOME", str(StateHome.from_env().dagster))).mkdir(
-        parents=True, exist_ok=True
-    )
-    materialize(
-        "raw_events,event_rejects,decision_features,online_store",
-        partitioned=True,
-        n_days=args.days,
-    )
-    materialize(
-        "decisions,training_splits,sequence_encoder,decision_embeddings,baseline_scorer,risk_scorer,"
-        "model_evaluation,champion,risk_service_bento",
-        partitioned=False,
-    )
+    home = StateHome.from_env()
+    os.environ.setdefault("DAGSTER_HOME", str(dagster_home(home)))  # for the CLI's runs
+    for line in prepare(home):  # every store created once, before the runs' steps open them at once
+        print(line)
+    log_path = home.logs / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
+    print(f"full log: {log_path}", flush=True)
+    with open(log_path, "w") as log:
+        try:
+            materialize(f"ingest and features, {args.days} days:",
+                        materialize_command(INGEST, args.days, config), log)  # fmt: skip
+            materialize("training:", materialize_command(TRAIN, None, config), log)
+        except StageFailed as failure:
+            print(f"demo failed: {failure}\nfull log: {log_path}", file=sys.stderr)
+            return 1
     summary()
-    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s (log: {log_path})")
     return 0
 
 

@@ -14,16 +14,15 @@ import sys
 
 from eventml.home import StateHome
 from resources.bento import SERVICE_NAME, Serving
+from resources.state import mlflow_tracking, prepare
 
 
 def champion_bento(serving: Serving, bentos: list[dict]) -> str:
     """The Bento of the MLflow champion (a retrain may have built newer ones for challengers
     that were later rolled back); the newest Bento when the registry has no champion."""
     from ml_assets.models import REGISTERED_MODEL
-    from resources.tracking import MlflowTracking
 
-    home = StateHome.from_env()
-    champion = MlflowTracking.embedded(home.mlflow).version_by_alias(REGISTERED_MODEL, "champion")
+    champion = mlflow_tracking(StateHome.from_env()).version_by_alias(REGISTERED_MODEL, "champion")
     built = serving.bento_for(str(champion.version)) if champion else None
     return built["tag"] if built else bentos[0]["tag"]
 
@@ -37,6 +36,7 @@ def main() -> None:
     )
     ap.add_argument("--tag", help="a Bento tag; default: the MLflow champion's")
     args = ap.parse_args()
+    prepare()
     serving = Serving.under(StateHome.from_env().root)
     bentos = serving.bentos()
     if not args.tag and not bentos:

@@ -19,7 +19,6 @@ import sys
 import time
 from contextlib import ExitStack
 from datetime import date, timedelta
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -35,6 +34,7 @@ from ml_assets.definitions import build_definitions, build_resources
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.partitions import daily
 from ml_assets.sensors import drift_sensor, performance_sensor
+from resources.state import dagster_home, prepare
 
 
 def next_day(tables) -> date:
@@ -117,9 +117,8 @@ def main() -> int:
     ap.add_argument("--no-act", action="store_true", help="leave the sensors to the daemon")
     args = ap.parse_args()
     home = StateHome.from_env()
-    Path(os.environ.setdefault("DAGSTER_HOME", str(home.dagster))).mkdir(
-        parents=True, exist_ok=True
-    )
+    os.environ.setdefault("DAGSTER_HOME", str(dagster_home(home)))
+    prepare(home)  # every store created once, before this run's steps open them
     machine = TimeMachine(home)
     serving = machine.resources["serving"]
     first, end = next_day(machine.resources["tables"]), daily.end.date()

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,24 +103,15 @@ class Serving(dg.ConfigurableResource):
     def publish(self, model_dir: Path, spec_json: str, mlflow_version: str) -> dict:
         """Save the RiskModel bundle into the model store and build the Bento pinned to it."""
         Path(self.home).mkdir(parents=True, exist_ok=True)
-        spec_path = Path(self.home) / "dataset_spec.json"
-        spec_path.write_text(spec_json)
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "resources.bento",
-                "publish",
-                str(model_dir),
-                str(spec_path),
-                str(mlflow_version),
-            ],
-            cwd=ROOT,
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        # A spec file of this publish's own: two runs may publish at once.
+        with tempfile.NamedTemporaryFile("w", suffix=".json", dir=self.home) as spec_file:
+            spec_file.write(spec_json)
+            spec_file.flush()
+            out = subprocess.run(
+                [sys.executable, "-m", "resources.bento", "publish", str(model_dir),
+                 spec_file.name, str(mlflow_version)],
+                cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(f"publishing the Bento failed:\n{out.stderr[-4000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])

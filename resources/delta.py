@@ -6,6 +6,12 @@ backfill writing 365 days, or an unpartitioned asset reading every day of `raw_e
 silently touches only the first day. This handler keeps the library's connection and storage
 configs (local disk here; S3/GCS/ADLS with `storage_options` in production) and replaces the
 predicate with `start <= col < end`, so a run replaces exactly its days in one atomic commit.
+
+Concurrency: Delta's overwrite of a table that does not exist yet is a plain append, so two
+first writers at once would both land their rows. Every write here therefore creates the
+(empty) table first if it is absent, which Delta makes safe against a concurrent creator, and
+then overwrites; of two overwrites of the same rows at once, Delta commits one and refuses the
+other, which fails with `ConcurrentWriteError` saying so. Either way each row is there once.
 """
 
 from __future__ import annotations
@@ -22,7 +28,53 @@ from dagster_deltalake.io_manager import TableConnection
 from dagster_deltalake_polars import DeltaLakePolarsIOManager
 from dagster_deltalake_polars.deltalake_polars_type_handler import DeltaLakePolarsTypeHandler
 from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+
+class ConcurrentWriteError(RuntimeError):
+    """Another writer committed to the same rows first; this write changed nothing."""
+
+
+def create_if_absent(
+    uri: str, schema, partition_by: list[str] | None = None, storage_options=None
+) -> None:
+    """An empty table with `schema`, unless the table exists (a concurrent creator counts)."""
+    try:
+        DeltaTable.create(
+            uri, schema, partition_by=partition_by, mode="ignore", storage_options=storage_options
+        )
+    except CommitFailedError:
+        if table_version(uri, storage_options) is None:  # nobody created it: a real failure
+            raise
+
+
+def overwrite_or_explain(table: str, write) -> None:
+    """Run a Delta overwrite; a lost commit race becomes an error that says what happened."""
+    try:
+        write()
+    except CommitFailedError as error:
+        raise ConcurrentWriteError(
+            f"{table}: another run wrote the same rows at the same moment and committed first, "
+            f"so this run wrote nothing and the table holds that run's rows once. Re-run this "
+            f"one if its result should replace them. (Delta: {str(error).splitlines()[0]})"
+        ) from error
+
+
+def write_days(
+    uri: str, frame: pl.DataFrame, column: str, start: datetime, end: datetime,
+    storage_options=None, table: str = "table",
+) -> None:  # fmt: skip
+    """Replace the days [start, end) of a table partitioned by `column` with `frame`, in one
+    Delta commit, creating the table if it is absent (see the module docstring)."""
+    arrow = frame.to_arrow()
+    create_if_absent(uri, arrow.schema, partition_by=[column], storage_options=storage_options)
+    overwrite_or_explain(
+        f"{table} [{start:%Y-%m-%d}, {end:%Y-%m-%d})",
+        lambda: write_deltalake(
+            uri, arrow, mode="overwrite", partition_by=[column], storage_options=storage_options,
+            predicate=f"{column} >= '{start:%Y-%m-%d}' AND {column} < '{end:%Y-%m-%d}'",
+        ),
+    )
 
 
 def _time_window(table_slice: TableSlice) -> tuple[str, datetime, datetime] | None:
@@ -49,30 +101,25 @@ class DayRangePolarsTypeHandler(DeltaLakePolarsTypeHandler):
         return super().to_arrow(_storable(frame))
 
     def handle_output(self, context, table_slice: TableSlice, obj, connection: TableConnection):
+        uri, options = connection.table_uri, connection.storage_options
         window = _time_window(table_slice)
-        if window is None:
-            return super().handle_output(context, table_slice, obj, connection)
-        column, start, end = window
         df = _storable(obj.collect() if isinstance(obj, pl.LazyFrame) else obj)
+        if window is None:
+            create_if_absent(uri, df.to_arrow().schema, storage_options=options)
+            return overwrite_or_explain(
+                table_slice.table,
+                lambda: super(DayRangePolarsTypeHandler, self).handle_output(
+                    context, table_slice, df, connection
+                ),
+            )
+        column, start, end = window
         outside = df.filter(~_range_filter(column, start, end)).height
         if outside:
             raise ValueError(
                 f"{table_slice.table}: {outside} rows have `{column}` outside the run's partitions "
                 f"[{start:%Y-%m-%d}, {end:%Y-%m-%d}); an asset must only return rows of its own days"
             )
-        try:
-            DeltaTable(connection.table_uri, storage_options=connection.storage_options)
-            predicate = f"{column} >= '{start:%Y-%m-%d}' AND {column} < '{end:%Y-%m-%d}'"
-        except TableNotFoundError:
-            predicate = None  # first write creates the table
-        write_deltalake(
-            connection.table_uri,
-            df.to_arrow(),
-            mode="overwrite",
-            predicate=predicate,
-            partition_by=[column],
-            storage_options=connection.storage_options,
-        )
+        write_days(uri, df, column, start, end, options, table=table_slice.table)
         table = DeltaTable(connection.table_uri, storage_options=connection.storage_options)
         context.add_output_metadata(
             {
@@ -141,7 +188,12 @@ class DeltaTables(dg.ConfigurableResource):
     def overwrite(self, table: str, frame: pl.DataFrame) -> int:
         """Replace a whole table outside the IO manager (e.g. a side table of rejects) in one
         Delta commit; returns the new version."""
-        frame.write_delta(
-            self.uri(table), mode="overwrite", delta_write_options={"schema_mode": "overwrite"}
+        frame = _storable(frame)
+        create_if_absent(self.uri(table), frame.to_arrow().schema)
+        overwrite_or_explain(
+            table,
+            lambda: frame.write_delta(
+                self.uri(table), mode="overwrite", delta_write_options={"schema_mode": "overwrite"}
+            ),
         )
         return self.version(table)

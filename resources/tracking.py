@@ -4,16 +4,30 @@ Embedded default: a SQLite backend and local artifacts under EVENTML_HOME; in pr
 same calls go to an MLflow server (`tracking_uri=https://…`, Postgres + object store behind it).
 Models are registered as plain artifact folders (XGBoost UBJ, torch state_dict + JSON config),
 never as pickled pyfunc objects, and every run carries the lineage needed to rebuild it.
+
+A new backend store runs its migrations on first open, and two processes opening it at once
+race (`table ... already exists`). So the store and the experiment are prepared once per process
+under a lock that every process on the store shares (a file lock beside a SQLite store, an
+advisory lock in Postgres), and creating the experiment or a registered model takes "already
+exists" for an answer.
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import dagster as dg
+
+from eventml.home import interprocess_lock
+
+# (tracking URI, experiment name) -> experiment id, for the stores this process has prepared.
+_PREPARED: dict[tuple[str, str], str] = {}
+# Any constant: the Postgres advisory lock every eventml process takes to migrate the store.
+_PG_LOCK_KEY = 0x6576_6D6C
 
 
 def git_commit() -> str:
@@ -39,24 +53,56 @@ class MlflowTracking(dg.ConfigurableResource):
             artifact_root=(folder / "artifacts").as_uri(),
         )
 
+    @classmethod
+    def on_postgres(cls, database_url: str, artifact_folder: Path) -> MlflowTracking:
+        """Tracking and registry in a Postgres database; artifacts stay in a folder (an object
+        store URI in production)."""
+        return cls(tracking_uri=database_url, artifact_root=artifact_folder.as_uri())
+
     def client(self):
         from mlflow import MlflowClient
 
+        self.experiment_id()  # the store exists before any client call reaches it
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def experiment_id(self) -> str:
+        """The experiment's id; on this process's first call, the store is created or migrated
+        and the experiment created, under the store's lock."""
         import mlflow
 
-        if self.tracking_uri.startswith("sqlite:///"):  # the embedded store's folder, on first use
-            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
-                parents=True, exist_ok=True
-            )
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
-        found = mlflow.get_experiment_by_name(self.experiment)
+        key = (self.tracking_uri, self.experiment)
+        if key not in _PREPARED:
+            with self._store_lock():
+                _PREPARED[key] = self._prepare()
+        return _PREPARED[key]
+
+    def _store_lock(self):
+        if self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+            return interprocess_lock(db.with_name(db.name + ".lock"))
+        if self.tracking_uri.startswith("postgresql"):
+            return _pg_advisory_lock(self.tracking_uri)
+        return nullcontext()  # an MLflow server migrates its own store
+
+    def _prepare(self) -> str:
+        from mlflow import MlflowClient
+
+        # Its "Creating initial MLflow database tables..." is news to nobody: it runs once, here.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        client.search_experiments(max_results=1)  # opens (creates, migrates) the tracking store
+        client.search_registered_models(max_results=1)  # and the registry's
+        found = client.get_experiment_by_name(self.experiment)
         if found:
             return found.experiment_id
-        return mlflow.create_experiment(self.experiment, artifact_location=self.artifact_root)
+        try:
+            return client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+        except Exception as error:  # created meanwhile by a process that holds no lock (a server)
+            if not _already_exists(error):
+                raise
+            return client.get_experiment_by_name(self.experiment).experiment_id
 
     @contextmanager
     def start_run(self, run_name: str, lineage: dict[str, str | int | None]) -> Iterator:
@@ -75,8 +121,11 @@ class MlflowTracking(dg.ConfigurableResource):
     def register(self, name: str, run_id: str, artifact_path: str, alias: str | None = None) -> str:
         """A new version of `name` from a run's artifact folder; optionally point `alias` at it."""
         client = self.client()
-        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        try:
             client.create_registered_model(name)
+        except Exception as error:
+            if not _already_exists(error):
+                raise
         source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
         version = client.create_model_version(name, source=source, run_id=run_id)
         if alias:
@@ -114,3 +163,24 @@ class MlflowTracking(dg.ConfigurableResource):
                 tracking_uri=self.tracking_uri,
             )
         )  # fmt: skip
+
+
+def _already_exists(error: Exception) -> bool:
+    return getattr(error, "error_code", None) == "RESOURCE_ALREADY_EXISTS"
+
+
+@contextmanager
+def _pg_advisory_lock(database_url: str) -> Iterator[None]:
+    """A session-level Postgres advisory lock: held until released or the connection dies."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(database_url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({_PG_LOCK_KEY})"))
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({_PG_LOCK_KEY})"))
+    finally:
+        engine.dispose()

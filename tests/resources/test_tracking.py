@@ -13,7 +13,10 @@ def test_runs_are_tagged_and_models_registered_without_pickle(tmp_path):
     with tracking.start_run("scorer", {"dagster_run_id": "abc", "raw_events_version": 3}) as run:
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
     recorded = tracking.client().get_run(run.info.run_id)
-    assert recorded.data.tags["dagster_run_id"] == "abc" and recorded.data.tags["raw_events_version"] == "3"
+    assert (
+        recorded.data.tags["dagster_run_id"] == "abc"
+        and recorded.data.tags["raw_events_version"] == "3"
+    )
     assert recorded.data.tags["git_commit"]
 
     assert tracking.version_by_alias("risk", "challenger") is None

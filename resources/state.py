@@ -1,0 +1,126 @@
+"""The stores the system writes, which backend holds each, and the set-up step that creates
+them once, before two processes can race to (`python -m resources.state`; every entry point
+runs it: `make demo`, `make ui`, `make advance`, `make serve`, the tests).
+
+One setting picks the backends. Without `EVENTML_POSTGRES_URL` everything is embedded under
+`EVENTML_HOME`: Dagster's instance and MLflow on SQLite. With it (a database URL, e.g. the
+cluster `make services` starts: postgresql://postgres@127.0.0.1:55432/eventml), Dagster's
+instance lives in the database `<name>_dagster` (`dagster-postgres`) and MLflow's tracking and
+registry in `<name>_mlflow`; artifacts, tables and Bentos stay where they were. The code that
+uses them is the same.
+
+What `prepare` does, under one lock on the state folder, each step a no-op the second time:
+the folders; the Postgres databases; `dagster.yaml` (written while it is eventml's own, i.e.
+still carries the first line below: delete that line to keep a hand-edited one); Dagster's
+storage (created or migrated by opening the instance); MLflow's store and experiment. Stores
+opened without it are safe too: MLflow prepares under its own lock (`resources.tracking`),
+Delta tables are created if absent before their first write (`resources.delta`), the online
+store creates its schema in a transaction that waits for the write lock.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from eventml.home import StateHome, interprocess_lock
+from resources.tracking import MlflowTracking
+
+POSTGRES_SETTING = "EVENTML_POSTGRES_URL"
+GENERATED = "# written by eventml (resources/state.py); delete this line to keep your own edits"
+
+
+def postgres_url() -> str | None:
+    return os.environ.get(POSTGRES_SETTING) or None
+
+
+def database_url(role: str) -> str:
+    """The database of `role` ("dagster", "mlflow") on the configured server: `<name>_<role>`."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url())
+    return url.set(database=f"{url.database or 'eventml'}_{role}").render_as_string(
+        hide_password=False
+    )
+
+
+def dagster_home(home: StateHome) -> Path:
+    return Path(os.environ.get("DAGSTER_HOME") or home.dagster)
+
+
+def mlflow_tracking(home: StateHome) -> MlflowTracking:
+    if postgres_url():
+        return MlflowTracking.on_postgres(database_url("mlflow"), home.mlflow / "artifacts")
+    return MlflowTracking.embedded(home.mlflow)
+
+
+def dagster_yaml() -> str:
+    lines = [GENERATED, "telemetry:", "  enabled: false"]
+    if postgres_url():
+        lines += ["storage:", "  postgres:", f"    postgres_url: {database_url('dagster')}"]
+    return "\n".join(lines) + "\n"
+
+
+def create_databases() -> None:
+    """The empty databases of the configured server (the provisioning a platform team does)."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    server = make_url(postgres_url()).set(database="postgres")
+    engine = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as db:
+            for role in ("dagster", "mlflow"):
+                name = make_url(database_url(role)).database
+                exists = db.execute(
+                    sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}
+                ).first()
+                if not exists:
+                    db.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+
+
+def _write_dagster_yaml(folder: Path) -> None:
+    path = folder / "dagster.yaml"
+    wanted = dagster_yaml()
+    if path.exists() and not path.read_text().startswith(GENERATED):
+        return  # the user's own
+    if not path.exists() or path.read_text() != wanted:
+        tmp = path.with_name(f".dagster.yaml.{os.getpid()}")
+        tmp.write_text(wanted)
+        os.replace(tmp, path)
+
+
+def prepare(home: StateHome | None = None) -> list[str]:
+    """Create every store once (see the module docstring); returns where each one is."""
+    import dagster as dg
+
+    home = home or StateHome.from_env()
+    folder = dagster_home(home)
+    with interprocess_lock(home.root / ".prepare.lock"):
+        for path in (folder, home.tables, home.landing, home.mlflow, home.logs,
+                     home.root / "bentoml" / "models", home.root / "bentoml" / "bentos",
+                     home.root / "online", home.root / "predictions"):  # fmt: skip
+            path.mkdir(parents=True, exist_ok=True)
+        if postgres_url():
+            create_databases()
+        _write_dagster_yaml(folder)
+        with dg.DagsterInstance.from_config(str(folder)) as instance:
+            instance.get_runs(limit=1)  # opening it creates or migrates its storage
+        tracking = mlflow_tracking(home)
+        tracking.experiment_id()
+    storage = database_url("dagster") if postgres_url() else f"SQLite under {folder}"
+    return [
+        f"state:    {home.root}",
+        f"dagster:  {storage}",
+        f"mlflow:   {tracking.tracking_uri} (artifacts {tracking.artifact_root})",
+    ]
+
+
+if __name__ == "__main__":
+    try:
+        print("\n".join(prepare()))
+    except Exception as error:  # a set-up step a person reads: one sentence, not a traceback
+        sys.exit(f"setting up the state failed: {type(error).__name__}: {error}")
