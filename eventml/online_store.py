@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
+from eventml.home import interprocess_lock
 from eventml.schema import DatasetSpec
 from eventml.sequences import _utc_us
 
@@ -83,19 +84,22 @@ class SQLiteOnlineStore:
         self.schema = spec.event_schema()
         self._empty = pl.DataFrame(schema=self.schema)
         self._local = threading.local()  # one connection per thread: sqlite3 objects are not shared
-        if not convert and self._has_event_rows(self._connect()):  # refused before any write
-            raise RuntimeError(
-                f"the online store {self.path} is in the row-per-event layout of eventml before "
-                "packed histories: materialize the online_store asset once to convert it"
-            )
-        with self._connect() as db:
-            # first_ts/last_ts (µs) find the entities a deletion touches; `events` counts for stats.
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS histories (entity_id TEXT PRIMARY KEY, "
-                "events INTEGER NOT NULL, first_ts INTEGER NOT NULL, last_ts INTEGER NOT NULL, "
-                "packed BLOB NOT NULL)"
-            )
-            db.execute("CREATE INDEX IF NOT EXISTS by_last_event ON histories (last_ts)")
+        # Switching a new file to WAL takes an exclusive lock that SQLite's busy timeout does not
+        # wait for: two processes opening a new store at once failed with "database is locked".
+        with interprocess_lock(self.path.with_name(self.path.name + ".lock")):
+            if not convert and self._has_event_rows(self._connect()):  # refused before any write
+                raise RuntimeError(
+                    f"the online store {self.path} is in the row-per-event layout of eventml "
+                    "before packed histories: materialize the online_store asset once to convert it"
+                )
+            with self._connect() as db:
+                # first_ts/last_ts (µs) find the entities a deletion touches; `events` counts.
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS histories (entity_id TEXT PRIMARY KEY, "
+                    "events INTEGER NOT NULL, first_ts INTEGER NOT NULL, last_ts INTEGER NOT NULL, "
+                    "packed BLOB NOT NULL)"
+                )
+                db.execute("CREATE INDEX IF NOT EXISTS by_last_event ON histories (last_ts)")
         if convert:
             self._migrate_event_rows()
 

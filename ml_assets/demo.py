@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -46,10 +45,6 @@ TRAIN = (
     "decisions", "training_splits", "sequence_encoder", "decision_embeddings", "baseline_scorer",
     "risk_scorer", "model_evaluation", "champion", "risk_service_bento",
 )  # fmt: skip
-# The CLI's event lines: "... - <run id> - <pid> - <step> - STEP_SUCCESS - ..."
-STEP_EVENT = re.compile(
-    r" - ([0-9a-f-]{36}) - \d+ - (\S+) - (STEP_START|STEP_SUCCESS|STEP_FAILURE) - "
-)
 
 
 class StageFailed(Exception):
@@ -66,16 +61,17 @@ def run_config_for(selection: tuple[str, ...], config: dict) -> dict:
             **({"ops": own} if own else {})}  # fmt: skip
 
 
-def materialize_command(selection: tuple[str, ...], n_days: int | None, config: dict) -> list[str]:
-    """The CLI call of one run: over the first `n_days` days (a single-run backfill) for daily
-    assets, or unpartitioned when `n_days` is None."""
+def materialize_command(
+    selection: tuple[str, ...], days: tuple[str, str] | None, config: dict
+) -> list[str]:
+    """The CLI call of one run: over the partition keys `days` (first, last) in a single run
+    for daily assets, or unpartitioned when `days` is None."""
     cmd = [
         str(Path(sys.executable).with_name("dagster")),  # the CLI of this same environment
         "asset", "materialize", "-m", "ml_assets.definitions", "--select", ",".join(selection),
     ]  # fmt: skip
-    if n_days is not None:
-        keys = daily.get_partition_keys()[:n_days]
-        cmd += ["--partition-range", f"{keys[0]}...{keys[-1]}"]
+    if days is not None:
+        cmd += ["--partition-range", f"{days[0]}...{days[1]}"]
     own = run_config_for(selection, config)
     if own:
         cmd += ["--config-json", json.dumps(own)]
@@ -103,37 +99,52 @@ def why_it_failed(run_id: str, step: str) -> str:
     return "no error was recorded (see the log)"
 
 
-def materialize(title: str, cmd: list[str], log) -> None:
-    """Run one materialization, echoing a line per finished step; raise StageFailed if it fails."""
-    print(f"{title}", flush=True)
-    log.write(f"\n$ {' '.join(cmd[1:])}\n")
-    log.flush()
-    started, failed, run_id = {}, [], None
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            found = STEP_EVENT.search(line)
-            if not found:
-                continue
-            run_id, step, event = found.groups()
-            if event == "STEP_START":
-                started[step] = time.perf_counter()
-                continue
-            seconds = time.perf_counter() - started.get(step, time.perf_counter())
-            if event == "STEP_SUCCESS":
-                print(f"  {step:<28} {seconds:6.0f} s", flush=True)
-            else:
-                failed.append(step)
-                print(f"  {step:<28} FAILED after {seconds:.0f} s", flush=True)
-    log.flush()
+def _step_events(instance, run_id: str) -> list:
+    kinds = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS,
+             dg.DagsterEventType.STEP_FAILURE}  # fmt: skip
+    return instance.all_logs(run_id, of_type=kinds)
+
+
+def materialize(title: str, cmd: list[str], log_path: Path) -> None:
+    """Run one materialization with its output in the log, echoing a line per finished step
+    from the run's event log (the CLI's own output loses lines of forked steps); raise
+    StageFailed if it fails."""
+    print(title, flush=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd[1:])}\n")
+    launched = datetime.now(UTC)
+    shown, run_id = set(), None
+    with dg.DagsterInstance.get() as instance, open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        while True:
+            done = proc.poll() is not None
+            if run_id is None:
+                found = instance.get_run_records(dg.RunsFilter(created_after=launched), limit=1)
+                run_id = found[0].dagster_run.run_id if found else None
+            if run_id is not None:
+                events = _step_events(instance, run_id)
+                begun = {e.step_key: e.timestamp for e in events
+                         if e.dagster_event.event_type == dg.DagsterEventType.STEP_START}  # fmt: skip
+                for e in events:
+                    if e.dagster_event.event_type == dg.DagsterEventType.STEP_START:
+                        continue
+                    if (e.step_key, e.dagster_event.event_type) not in shown:
+                        shown.add((e.step_key, e.dagster_event.event_type))
+                        seconds = e.timestamp - begun.get(e.step_key, e.timestamp)
+                        ok = e.dagster_event.event_type == dg.DagsterEventType.STEP_SUCCESS
+                        print(f"  {e.step_key:<28} {seconds:6.0f} s{'' if ok else '  FAILED'}",
+                              flush=True)  # fmt: skip
+            if done:
+                break
+            time.sleep(1)
     if proc.returncode == 0:
         return
-    if not failed:
-        raise StageFailed(f"{title.strip()} failed before any step ran")
+    failed = [step for step, kind in shown if kind == dg.DagsterEventType.STEP_FAILURE]
+    if not failed:  # the run itself did not start: the CLI's last words say why
+        lines = [x for x in log_path.read_text().splitlines() if x.strip()]
+        raise StageFailed(f"{title.rstrip(':')} failed: {(lines or ['no output'])[-1][:300]}")
     reasons = "; ".join(f"{step}: {why_it_failed(run_id, step)}" for step in failed)
-    raise StageFailed(f"{title.strip()} failed in {reasons}")
+    raise StageFailed(f"{title.rstrip(':')} failed in {reasons}")
 
 
 def summary() -> None:
@@ -205,14 +216,15 @@ def main() -> int:
         print(line)
     log_path = home.logs / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
     print(f"full log: {log_path}", flush=True)
-    with open(log_path, "w") as log:
-        try:
-            materialize(f"ingest and features, {args.days} days:",
-                        materialize_command(INGEST, args.days, config), log)  # fmt: skip
-            materialize("training:", materialize_command(TRAIN, None, config), log)
-        except StageFailed as failure:
-            print(f"demo failed: {failure}\nfull log: {log_path}", file=sys.stderr)
-            return 1
+    log_path.write_text("")
+    try:
+        keys = daily.get_partition_keys()[: args.days]
+        materialize(f"ingest and features, {keys[0]}..{keys[-1]}:",
+                    materialize_command(INGEST, (keys[0], keys[-1]), config), log_path)  # fmt: skip
+        materialize("training:", materialize_command(TRAIN, None, config), log_path)
+    except StageFailed as failure:
+        print(f"demo failed: {failure}\nfull log: {log_path}", file=sys.stderr)
+        return 1
     summary()
     print(f"demo finished in {time.perf_counter() - started:.0f} s (log: {log_path})")
     return 0

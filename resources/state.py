@@ -40,9 +40,10 @@ def database_url(role: str) -> str:
     from sqlalchemy.engine import make_url
 
     url = make_url(postgres_url())
-    return url.set(database=f"{url.database or 'eventml'}_{role}").render_as_string(
-        hide_password=False
-    )
+    url = url.set(database=f"{url.database or 'eventml'}_{role}")
+    if role == "dagster":  # its NOTIFY takes client-side parameters: psycopg2, not psycopg 3
+        url = url.set(drivername="postgresql+psycopg2")
+    return url.render_as_string(hide_password=False)
 
 
 def dagster_home(home: StateHome) -> Path:

@@ -49,14 +49,18 @@ def postgres_server() -> str:
     return server.render_as_string(hide_password=False)
 
 
-@pytest.fixture
-def postgres_url(postgres_server) -> str:
-    """A value for EVENTML_POSTGRES_URL whose databases (`<name>_dagster`, `<name>_mlflow`)
-    do not exist yet: an empty home on Postgres."""
+@pytest.fixture(scope="session")
+def new_postgres_url(postgres_server):
+    """Values for EVENTML_POSTGRES_URL whose databases (`<name>_dagster`, `<name>_mlflow`) do
+    not exist yet: each call, an empty home on Postgres."""
     import sqlalchemy
 
-    return (
-        sqlalchemy.engine.make_url(postgres_server)
-        .set(database=f"eventml_test_{uuid.uuid4().hex[:10]}")
-        .render_as_string(hide_password=False)
+    server = sqlalchemy.engine.make_url(postgres_server)
+    return lambda: server.set(database=f"eventml_test_{uuid.uuid4().hex[:10]}").render_as_string(
+        hide_password=False
     )
+
+
+@pytest.fixture
+def postgres_url(new_postgres_url) -> str:
+    return new_postgres_url()

@@ -85,10 +85,9 @@ def webserver(tmp_path_factory):
     """`dagster dev -w workspace.yaml` with a private EVENTML_HOME and DAGSTER_HOME; its URL once
     the code location has loaded."""
     home = tmp_path_factory.mktemp("ui-home")
-    dagster_home = home / "dagster"
-    dagster_home.mkdir()
-    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = {**os.environ, "EVENTML_HOME": str(home), "DAGSTER_HOME": str(dagster_home)}
+    env = {**os.environ, "EVENTML_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
+    # What `make ui` runs first: the set-up step that creates every store once.
+    subprocess.run([sys.executable, "-m", "resources.state"], cwd=REPO, env=env, check=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -207,7 +207,9 @@ def test_a_tiny_model_fits_a_tiny_training_set():
     fit = TrainConfig(
         epochs=50,
         batch_size=8,
-        lr=3e-3,
+        # 3e-3 left it on a plateau (one task unfit) in some processes and not others: the
+        # trajectory is chaotic at the last float; 1e-2 fits on every seed tried, far from it.
+        lr=1e-2,
         min_lr_ratio=1.0,
         warmup_steps=5,
         patience=50,
