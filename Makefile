@@ -66,7 +66,7 @@ advance: install
 
 # Postgres is started for its tests; where it cannot start they skip, saying why (CI fails).
 test: install
-	@scripts/services.sh start || echo "postgres did not start: its tests will skip"
+	@scripts/services.sh start || echo "postgres did not start: its tests skip (under CI they fail)"
 	EVENTML_TEST_POSTGRES_URL=$$(scripts/services.sh url) $(PY) -m pytest -q
 
 ui: setup

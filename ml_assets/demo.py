@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,14 +114,18 @@ def materialize(title: str, cmd: list[str], log_path: Path) -> None:
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd[1:])}\n")
     launched = datetime.now(UTC)
+    selection = cmd[cmd.index("--select") + 1].split(",")
+    wanted = {dg.AssetKey(name) for name in selection}
     shown, run_id = set(), None
     with dg.DagsterInstance.get() as instance, open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         while True:
             done = proc.poll() is not None
-            if run_id is None:
-                found = instance.get_run_records(dg.RunsFilter(created_after=launched), limit=1)
-                run_id = found[0].dagster_run.run_id if found else None
+            if run_id is None:  # this CLI's run: the first since launch of exactly these assets
+                found = [r.dagster_run for r in instance.get_run_records(
+                    dg.RunsFilter(created_after=launched), ascending=True)
+                    if r.dagster_run.asset_selection == wanted]  # fmt: skip
+                run_id = found[0].run_id if found else None
             if run_id is not None:
                 events = _step_events(instance, run_id)
                 begun = {e.step_key: e.timestamp for e in events
@@ -212,11 +217,18 @@ def main() -> int:
     started = time.perf_counter()
     home = StateHome.from_env()
     os.environ.setdefault("DAGSTER_HOME", str(dagster_home(home)))  # for the CLI's runs
-    for line in prepare(home):  # every store created once, before the runs' steps open them at once
-        print(line)
+    home.logs.mkdir(parents=True, exist_ok=True)
     log_path = home.logs / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
-    print(f"full log: {log_path}", flush=True)
     log_path.write_text("")
+    try:  # every store created once, before the runs' steps open them at once
+        lines = prepare(home)
+    except Exception as error:
+        log_path.write_text(traceback.format_exc())
+        print(f"demo failed: setting up the state in {home.root}: {type(error).__name__}: "
+              f"{error}\nfull log: {log_path}", file=sys.stderr)  # fmt: skip
+        return 1
+    print("\n".join(lines))
+    print(f"full log: {log_path}", flush=True)
     try:
         keys = daily.get_partition_keys()[: args.days]
         materialize(f"ingest and features, {keys[0]}..{keys[-1]}:",

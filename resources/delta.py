@@ -71,7 +71,11 @@ def write_days(
     overwrite_or_explain(
         f"{table} [{start:%Y-%m-%d}, {end:%Y-%m-%d})",
         lambda: write_deltalake(
-            uri, arrow, mode="overwrite", partition_by=[column], storage_options=storage_options,
+            uri,
+            arrow,
+            mode="overwrite",
+            partition_by=[column],
+            storage_options=storage_options,
             predicate=f"{column} >= '{start:%Y-%m-%d}' AND {column} < '{end:%Y-%m-%d}'",
         ),
     )

@@ -15,7 +15,7 @@ still carries the first line below: delete that line to keep a hand-edited one);
 storage (created or migrated by opening the instance); MLflow's store and experiment. Stores
 opened without it are safe too: MLflow prepares under its own lock (`resources.tracking`),
 Delta tables are created if absent before their first write (`resources.delta`), the online
-store creates its schema in a transaction that waits for the write lock.
+store creates itself under a file lock beside it (`eventml.online_store`).
 """
 
 from __future__ import annotations
@@ -78,7 +78,11 @@ def create_databases() -> None:
                     sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}
                 ).first()
                 if not exists:
-                    db.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+                    try:
+                        db.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+                    except sqlalchemy.exc.ProgrammingError as error:  # another host made it
+                        if "already exists" not in str(error):
+                            raise
     finally:
         engine.dispose()
 
