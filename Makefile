@@ -67,7 +67,7 @@ advance: install
 # Postgres is started for its tests; where it cannot start they skip, saying why (CI fails).
 test: install
 	@scripts/services.sh start || echo "postgres did not start: its tests skip (under CI they fail)"
-	EVENTML_TEST_POSTGRES_URL=$$(scripts/services.sh url) $(PY) -m pytest -q
+	EVENTML_TEST_POSTGRES_URL=$$(scripts/services.sh url) $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 ui: setup
 	$(BIN)/dagster dev -w workspace.yaml

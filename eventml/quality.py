@@ -116,6 +116,34 @@ def check_daily_volume(
     )
 
 
+def check_no_day_shrinks(
+    run_counts: dict[date, int], stored_counts: dict[date, int], allowed: bool = False
+) -> CheckOutcome:
+    """Rows in (clean + rejected) per day against what the table already holds for it. A day
+    that would lose rows means a source forgot what it delivered; it is replaced only when
+    the run says so (`allowed`)."""
+    shrunk = {
+        str(d): (n, run_counts.get(d, 0))
+        for d, n in sorted(stored_counts.items())
+        if run_counts.get(d, 0) < n
+    }
+    figures = {"days_compared": len(stored_counts), "shrunk_days": dict(list(shrunk.items())[:20])}
+    if not shrunk:
+        return CheckOutcome("no_day_shrinks", True, "no day has fewer rows than before", figures)
+    worst = ", ".join(f"{d}: {old:,} -> {new:,}" for d, (old, new) in list(shrunk.items())[:5])
+    if allowed:
+        return CheckOutcome(
+            "no_day_shrinks", True, f"{len(shrunk)} days replaced knowingly ({worst})", figures
+        )
+    return CheckOutcome(
+        "no_day_shrinks",
+        False,
+        f"{len(shrunk)} days would have fewer rows than the table holds ({worst}); nothing was "
+        "written. If the source really lost them, re-run with allow_shrinking_days: true",
+        figures,
+    )
+
+
 def check_events(
     clean: pl.DataFrame,
     rejects: pl.DataFrame,

@@ -8,7 +8,7 @@ reason each. Nothing is dropped: every input row is in exactly one of the two ou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TS_TYPE = pl.Datetime("us", "UTC")
+ISO_UTC = "%Y-%m-%dT%H:%M:%S%.6f+00:00"  # how a typed timestamp is kept as text
 
 # The columns every event table has, whatever the source. Attributes come after them.
 CORE_COLUMNS: dict[str, pl.DataType] = {
@@ -87,6 +88,10 @@ class DatasetSpec(BaseModel):
     ts_format: str | None = None
     # Naive timestamps in the source are read in this zone, then stored as UTC.
     timezone: str = "UTC"
+    # The contract's bounds, the same for ingest, the request models and `recent_events`
+    # (with `source_start` and "not in the future"): a value past them is a reject or a 4xx.
+    max_abs_value: float = Field(1e9, gt=0)  # `amount` and every numeric attribute
+    max_text_length: int = Field(256, gt=0)  # ids and categorical values, in characters
 
     @field_validator("source_start")
     @classmethod
@@ -220,13 +225,17 @@ def validate(
     spec: DatasetSpec,
     now: datetime | None = None,
     source: str | pl.Series = "unknown",
+    days: tuple[date, date] | None = None,
 ) -> Validated:
     """Split source rows into clean events and rejects with one reason each.
 
     Checks, first failure wins: a required field missing; a timestamp or number that does not
-    parse; an event type outside the vocabulary; a negative or non-finite amount; a timestamp
+    parse; an event type outside the vocabulary; a non-finite number or one past
+    `spec.max_abs_value`; text past `spec.max_text_length`; a negative amount; a timestamp
     before `spec.source_start` or after `now`; an event id already seen (the first copy is kept).
     `source` (one name, or one per row) is recorded on rejects so a user can find the bad file.
+    With `days` ([first, end) of the partitions), an otherwise clean event on a day outside them
+    is rejected as `outside_partitions`: there is no day to keep it on.
     """
     now = now or datetime.now(UTC)
     mapped = map_columns(raw, spec).with_columns(
@@ -262,10 +271,21 @@ def validate(
             for c in numeric_cols
         ],
         *[(~pl.col(f"__{c}").is_finite(), f"non_finite_{c}", c) for c in numeric_cols],
+        *[
+            (pl.col(f"__{c}").abs() > spec.max_abs_value, f"out_of_range_{c}", c)
+            for c in numeric_cols
+        ],
+        *[
+            (pl.col(c).cast(pl.String).str.len_chars() > spec.max_text_length, f"too_long_{c}", c)
+            for c in ("entity_id", "event_id", "event_type", *spec.categorical)
+        ],
         (pl.col("__amount") < 0, "negative_amount", "amount"),
         (pl.col("__ts") < spec.source_start, "ts_before_source_start", "ts"),
         (pl.col("__ts") > now, "ts_in_future", "ts"),
     ]
+    if days is not None:
+        day = pl.col("__ts").dt.date()
+        checks.append((~((day >= days[0]) & (day < days[1])), "outside_partitions", "ts"))
     reason = pl.lit(None, dtype=pl.String)
     field = pl.lit(None, dtype=pl.String)
     for cond, why, col in reversed(checks):  # the first check listed takes precedence

@@ -1,80 +1,27 @@
 """Where raw rows come from, and how a run's days are cut out of them.
 
 Two sources feed the same contract: the simulator (optionally with the faults a real feed has,
-so the rejects path is exercised every day) and a landing zone of Parquet/CSV files in the
-user's own columns, mapped by a `DatasetSpec`. `ingest_days` validates either and returns the
-clean events and the rejects of the requested days, each row tagged with its partition `day`.
+so the rejects path is exercised every day) and the landing zone's log of Parquet/CSV files in
+the user's own columns (`eventml.landing`), mapped by a `DatasetSpec`. `ingest_days` validates
+either and returns the clean events and the rejects of the requested days, each row tagged with
+the partition `day` it is counted on.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from eventml.schema import DatasetSpec, Validated, map_columns, parse_ts, validate
+from eventml.schema import DatasetSpec, Validated, parse_ts, validate
 
-LANDING_SUFFIXES = (".parquet", ".csv")
 DAY = "day"  # the partition column of raw_events and event_rejects (a UTC date)
 
 
 def midnight(day: date) -> datetime:
     """The instant a partition day starts (UTC): day d holds events in [midnight(d), midnight(d + 1))."""
     return datetime.combine(day, time(), UTC)
-
-
-# ---------------------------------------------------------------- landing zone
-
-
-def landing_files(folder: str | Path) -> list[Path]:
-    """Data files in the landing zone, oldest name first. Names starting with '.' or '_' are
-    files still being written (the usual convention for an atomic drop), so they wait."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in LANDING_SUFFIXES and p.name[0] not in "._"
-    )
-
-
-def read_landing_file(path: Path, spec: DatasetSpec) -> pl.DataFrame:
-    """One file's rows in canonical columns, all as text, so a value that will not parse is still
-    kept verbatim for the rejects table. Typed timestamps are rendered as ISO 8601 in UTC."""
-    if path.suffix.lower() == ".csv":
-        frame = pl.read_csv(path, infer_schema=False)
-    else:
-        frame = pl.read_parquet(path)
-    mapped = map_columns(frame, spec)
-    ts_type = mapped.schema["ts"]
-    if isinstance(ts_type, pl.Datetime | pl.Date):
-        mapped = mapped.with_columns(
-            parse_ts(pl.col("ts"), ts_type, spec)
-            .dt.strftime("%Y-%m-%dT%H:%M:%S%.6f+00:00")
-            .alias("ts")
-        )
-    return mapped.with_columns(pl.all().cast(pl.String), pl.lit(path.name).alias("source"))
-
-
-def read_landing(files: list[Path], spec: DatasetSpec) -> pl.DataFrame:
-    if not files:
-        return pl.DataFrame(schema={c: pl.String for c in [*spec.event_schema(), "source"]})
-    return pl.concat([read_landing_file(p, spec) for p in files], how="vertical")
-
-
-def file_days(path: Path, spec: DatasetSpec) -> list[date]:
-    """The UTC days a landing file has rows for (what the landing sensor asks to ingest)."""
-    rows = read_landing_file(path, spec)
-    days = (
-        rows.select(parse_ts(pl.col("ts"), pl.String(), spec).dt.date().alias(DAY))
-        .drop_nulls()
-        .unique()
-        .sort(DAY)
-    )
-    return days[DAY].to_list()
 
 
 # ---------------------------------------------------------------- a run's days
@@ -86,35 +33,48 @@ def ingest_days(
     start: date,
     end: date,
     now: datetime | None = None,
+    partitions: tuple[date, date] | None = None,
 ) -> Validated:
-    """Validate `raw` (canonical columns as text or typed, plus `source`) and keep the rows of
-    days [start, end), each with its `day`.
+    """Validate `raw` (canonical columns as text or typed, plus `source`) and keep the rows
+    placed on the days [start, end), each with its `day`.
 
-    All of `raw` is validated together so a duplicate is caught even across files. A rejected
-    row whose timestamp cannot be read has no day of its own: it goes with the first day its
-    file has rows for, so it is counted exactly once however the days are split into runs.
+    All of `raw` is validated together so a duplicate is caught even across files. Every row is
+    placed on exactly one day of `partitions` ([first, end) of all partition days), so it is
+    counted once however the days are split into runs: a clean row on its own day (one outside
+    the partitions is rejected as `outside_partitions`: there is no day to keep it on); a
+    rejected row on its own day when that is a partition day, else on the first partition day
+    its source has rows for (a timestamp that does not parse, or lies before the source's
+    start, has no day of its own).
     """
-    source = raw["source"] if "source" in raw.columns else "unknown"
-    checked = validate(raw.drop("source", strict=False), spec, now=now, source=source)
+    first, last = partitions or (date.min, date.max)
+    source = raw["source"] if "source" in raw.columns else pl.Series(["unknown"] * raw.height)
+    checked = validate(raw.drop("source", strict=False), spec, now, source, partitions)
+    inside = (pl.col(DAY) >= first) & (pl.col(DAY) < last)
     clean = checked.clean.with_columns(pl.col("ts").dt.date().alias(DAY))
     rejects = checked.rejects.with_columns(
         parse_ts(pl.col("ts"), pl.String(), spec).dt.date().alias(DAY)
     )
-    first_day = (
+    anchor = (
         raw.select(
-            pl.col("source") if "source" in raw.columns else pl.lit("unknown").alias("source"),
-            parse_ts(pl.col("ts"), raw.schema["ts"], spec).dt.date().alias("__first_day"),
+            source.alias("source"),
+            parse_ts(pl.col("ts"), raw.schema["ts"], spec).dt.date().alias("__anchor"),
         )
+        .filter((pl.col("__anchor") >= first) & (pl.col("__anchor") < last))
         .group_by("source")
-        .agg(pl.col("__first_day").min())
+        .agg(pl.col("__anchor").min())
     )
     rejects = (
-        rejects.join(first_day, on="source", how="left")
-        .with_columns(pl.coalesce(DAY, "__first_day", pl.lit(start)).alias(DAY))
-        .drop("__first_day")
+        rejects.join(anchor, on="source", how="left")
+        .with_columns(pl.when(inside).then(pl.col(DAY)).otherwise("__anchor").alias(DAY))
+        .drop("__anchor")
     )
-    in_range = (pl.col(DAY) >= start) & (pl.col(DAY) < end)
-    return Validated(clean=clean.filter(in_range), rejects=rejects.filter(in_range))
+    if unplaced := rejects.filter(pl.col(DAY).is_null())["source"].unique().to_list():
+        raise ValueError(
+            f"sources {unplaced[:5]} have no row inside the partitions {first}..{last}, so their "
+            "rejects have no day to be counted on (the landing zone quarantines such files)"
+        )
+    in_run = (pl.col(DAY) >= start) & (pl.col(DAY) < end)
+    return Validated(clean=clean.filter(in_run), rejects=rejects.filter(in_run))
 
 
 # ---------------------------------------------------------------- a realistic feed

@@ -1,15 +1,21 @@
-"""Group `ingest`: validated events per day, and every row that failed the contract."""
+"""Group `ingest`: validated events per day, and every row that failed the contract.
 
-from datetime import UTC, datetime, timedelta
+The two tables are written together (`DeltaTables.write_days_together`): readers see a run's
+days in both or in neither. A landing file that cannot be read is quarantined, not ingested,
+and named in the run's metadata and in the `landing_files` table.
+"""
+
+from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 import polars as pl
 
-from eventml.quality import check_events
+from eventml.landing import manifest
+from eventml.quality import check_events, check_no_day_shrinks
 from eventml.sources import DAY, ingest_days
 from ml_assets.metadata import check_result, counts_md, table_md
-from ml_assets.partitions import daily, run_days
-from resources.delta import DeltaTables
+from ml_assets.partitions import PARTITION_DAYS, daily, run_days
+from resources.delta import ConcurrentWriteError, DeltaTables
 from resources.sources import EventSource
 
 RAW_EVENT_CHECKS = (
@@ -18,22 +24,31 @@ RAW_EVENT_CHECKS = (
     "unique_event_ids",
     "daily_volume",
     "reject_rate",
+    "no_day_shrinks",
 )
 
 
+class IngestConfig(dg.Config):
+    # Replace days even where they would hold fewer rows than before (a source that really
+    # withdrew rows); by default such a run fails and writes nothing.
+    allow_shrinking_days: bool = False
+
+
 @dg.multi_asset(
-    outs={
-        "raw_events": dg.AssetOut(
+    specs=[
+        dg.AssetSpec(
+            "raw_events",
             group_name="ingest",
             description="Validated events of one day, one row per event (the event contract).",
             metadata={"partition_expr": DAY},
         ),
-        "event_rejects": dg.AssetOut(
+        dg.AssetSpec(
+            "event_rejects",
             group_name="ingest",
             description="Every row of the day that failed the contract, as delivered, with the reason.",
             metadata={"partition_expr": DAY},
         ),
-    },
+    ],
     partitions_def=daily,
     # A backfill of many days is one run: the simulator steps its world once, not once per day.
     backfill_policy=dg.BackfillPolicy.single_run(),
@@ -41,39 +56,84 @@ RAW_EVENT_CHECKS = (
         dg.AssetCheckSpec(name, asset="raw_events", blocking=True) for name in RAW_EVENT_CHECKS
     ],
 )
-def ingest(context: dg.AssetExecutionContext, event_source: EventSource, tables: DeltaTables):
+def ingest(
+    context: dg.AssetExecutionContext, config: IngestConfig, event_source: EventSource,
+    tables: DeltaTables,
+):  # fmt: skip
     start, end = run_days(context)
     spec = event_source.spec()
+    for arrival in event_source.admit(PARTITION_DAYS):
+        if arrival.status == "quarantined":
+            context.log.warning(f"quarantined {arrival.name}: {arrival.reason}")
     raw = event_source.raw_rows(start, end)
-    checked = ingest_days(raw, spec, start, end, now=datetime.now(UTC))
+    checked = ingest_days(raw, spec, start, end, now=datetime.now(UTC), partitions=PARTITION_DAYS)
     clean, rejects = checked.clean, checked.rejects
     context.log.info(
         f"{start}..{end - timedelta(days=1)}: {clean.height:,} clean rows, {rejects.height:,} rejected"
     )
+    shrinks = check_no_day_shrinks(
+        _rows_per_day(clean, rejects), _stored_rows_per_day(tables, start, end),
+        allowed=config.allow_shrinking_days,
+    )  # fmt: skip
+    if not shrinks.passed:
+        raise dg.Failure(description=shrinks.description, metadata=shrinks.figures)
+    versions = tables.write_days_together("raw_events", clean, "event_rejects", rejects, DAY,
+                                          start, end)  # fmt: skip
+    quarantined = _record_landing_files(context, event_source, tables)
 
-    yield dg.Output(
-        clean,
-        "raw_events",
-        metadata={
-            "dagster/row_count": clean.height,
-            "days": (end - start).days,
-            "entities": clean["entity_id"].n_unique(),
-            "event_type_mix": counts_md(clean, "event_type"),
-            "preview": table_md(clean),
-        },
-    )
-    yield dg.Output(
-        rejects,
-        "event_rejects",
+    yield dg.MaterializeResult(
+        asset_key="event_rejects",
         metadata={
             "dagster/row_count": rejects.height,
+            "delta_version": versions["event_rejects"],
             "rows_in": clean.height + rejects.height,
             "rejects_by_reason": counts_md(rejects, "reason"),
             "preview": table_md(rejects),
         },
     )
-    for outcome in check_events(clean, rejects, spec, _prior_daily_counts(tables, start)):
+    yield dg.MaterializeResult(
+        asset_key="raw_events",
+        metadata={
+            "dagster/row_count": clean.height,
+            "delta_version": versions["raw_events"],
+            "days": (end - start).days,
+            "entities": clean["entity_id"].n_unique(),
+            "event_type_mix": counts_md(clean, "event_type"),
+            "preview": table_md(clean),
+            **quarantined,
+        },
+    )
+    outcomes = check_events(clean, rejects, spec, _prior_daily_counts(tables, start))
+    for outcome in [*outcomes, shrinks]:
         yield check_result("raw_events", outcome)
+
+
+def _rows_per_day(*frames: pl.DataFrame) -> dict[date, int]:
+    counts = pl.concat([f.select(DAY) for f in frames]).group_by(DAY).len()
+    return dict(counts.iter_rows())
+
+
+def _stored_rows_per_day(tables: DeltaTables, start: date, end: date) -> dict[date, int]:
+    """Rows in (clean + rejected) the tables hold now for the days [start, end)."""
+    stored = [
+        lazy.filter((pl.col(DAY) >= start) & (pl.col(DAY) < end)).select(DAY).collect()
+        for lazy in (tables.scan("raw_events"), tables.scan("event_rejects"))
+        if lazy is not None
+    ]
+    return _rows_per_day(*stored) if stored else {}
+
+
+def _record_landing_files(context, event_source: EventSource, tables: DeltaTables) -> dict:
+    """The landing zone's arrivals as the `landing_files` table; its quarantine as metadata."""
+    if event_source.kind != "landing":
+        return {}
+    files = manifest(event_source.landing_path)
+    try:
+        tables.overwrite("landing_files", files)
+    except ConcurrentWriteError:  # another ingest wrote the same log's manifest at once
+        context.log.info("landing_files: another run rewrote it at the same moment")
+    quarantined = files.filter(pl.col("status") == "quarantined").select("name", "reason")
+    return {"quarantined_files": quarantined.height, "quarantine": table_md(quarantined, 50)}
 
 
 def _prior_daily_counts(tables: DeltaTables, before, window_days: int = 28) -> dict:

@@ -13,9 +13,10 @@ from eventml.simulate import WorldConfig
 
 START = date.fromisoformat(os.environ.get("EVENTML_START", WorldConfig.start))
 N_DAYS = int(os.environ.get("EVENTML_DAYS", WorldConfig.n_days))
+PARTITION_DAYS = (START, START + timedelta(days=N_DAYS))  # [first, end) of every partition day
 
 daily = dg.DailyPartitionsDefinition(
-    start_date=START.isoformat(), end_date=(START + timedelta(days=N_DAYS)).isoformat()
+    start_date=START.isoformat(), end_date=PARTITION_DAYS[1].isoformat()
 )
 
 

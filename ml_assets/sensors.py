@@ -1,4 +1,4 @@
-"""Sensors: new files in the landing zone become ingest runs for the days they hold; drift or
+"""Sensors: files landed in the landing zone become ingest runs for the days they hold; drift or
 live-performance decay past the `monitoring` thresholds becomes a retrain, once per champion."""
 
 import json
@@ -10,10 +10,10 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from eventml.sources import file_days, landing_files
+from eventml.landing import arrivals
 from ml_assets.jobs import ingest_job, retrain_job
 from ml_assets.models import REGISTERED_MODEL
-from ml_assets.partitions import daily
+from ml_assets.partitions import PARTITION_DAYS, daily
 from resources.monitoring import Monitoring
 from resources.sources import EventSource
 from resources.tracking import MlflowTracking
@@ -23,43 +23,43 @@ from resources.tracking import MlflowTracking
     job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING
 )
 def landing_zone_sensor(context: dg.SensorEvaluationContext, event_source: EventSource):
-    """One run per new (or rewritten) file, over the days the file has rows for.
+    """Admit new files into the landing log; one run per landed file, over the days its rows
+    are placed on. A file that cannot be read is quarantined and named here, and the others go
+    on.
 
-    A file is known by name, size and modification time: that is the run_key, so Dagster never
-    launches it twice, and the cursor remembers it so later ticks do not even reread it.
+    The run_key is the file's content hash and the days that exist yet, so Dagster never
+    launches a file twice, and a file with rows for a day still to come is run again when it
+    comes. The cursor holds the keys requested; a landed file whose key is not in it is
+    requested, so a tick that died after admitting a file still gets its run.
     """
     if event_source.kind != "landing":
         return dg.SkipReason(
             "event_source is the simulator; set EVENTML_SOURCE=landing to watch files"
         )
-    seen = set(json.loads(context.cursor)) if context.cursor else set()
-    spec = event_source.spec()
-    keys = set(daily.get_partition_keys())
+    for arrival in event_source.admit(PARTITION_DAYS):
+        if arrival.status == "quarantined":
+            context.log.warning(f"quarantined {arrival.name}: {arrival.reason}")
+    requested = set(json.loads(context.cursor)) if context.cursor else set()
+    existing = set(daily.get_partition_keys())
     requests = []
-    for path in landing_files(event_source.landing_path):
-        stat = path.stat()
-        file_key = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
-        if file_key in seen:
+    for arrival in arrivals(event_source.landing_path, include_quarantined=False):
+        days = [d for d in arrival.days if d in existing]
+        run_key = f"{arrival.sha256}:{days[-1]}" if days else None
+        if run_key is None or run_key in requested:
             continue
-        seen.add(file_key)
-        days = [d.isoformat() for d in file_days(path, spec) if d.isoformat() in keys]
-        if not days:
-            context.log.warning(
-                f"{path.name}: no rows inside the partitions {daily.start:%Y-%m-%d}..; skipped"
-            )
-            continue
+        requested.add(run_key)
         requests.append(
             dg.RunRequest(
-                run_key=file_key,
+                run_key=run_key,
                 tags={
                     ASSET_PARTITION_RANGE_START_TAG: days[0],
                     ASSET_PARTITION_RANGE_END_TAG: days[-1],
                     "eventml/trigger": "landing_file",
-                    "eventml/file": path.name,
+                    "eventml/file": arrival.name,
                 },
             )
         )
-    return dg.SensorResult(run_requests=requests, cursor=json.dumps(sorted(seen)))
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(sorted(requested)))
 
 
 def _judged(context: dg.SensorEvaluationContext, asset: str):

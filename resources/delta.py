@@ -17,7 +17,7 @@ other, which fails with `ConcurrentWriteError` saying so. Either way each row is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 
 import dagster as dg
 import polars as pl
@@ -27,7 +27,7 @@ from dagster_deltalake.handler import DeltaLakePyArrowTypeHandler
 from dagster_deltalake.io_manager import TableConnection
 from dagster_deltalake_polars import DeltaLakePolarsIOManager
 from dagster_deltalake_polars.deltalake_polars_type_handler import DeltaLakePolarsTypeHandler
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 
@@ -61,11 +61,12 @@ def overwrite_or_explain(table: str, write) -> None:
 
 
 def write_days(
-    uri: str, frame: pl.DataFrame, column: str, start: datetime, end: datetime,
-    storage_options=None, table: str = "table",
+    uri: str, frame: pl.DataFrame, column: str, start: date, end: date,
+    storage_options=None, table: str = "table", commit_metadata: dict[str, str] | None = None,
 ) -> None:  # fmt: skip
     """Replace the days [start, end) of a table partitioned by `column` with `frame`, in one
-    Delta commit, creating the table if it is absent (see the module docstring)."""
+    Delta commit (carrying `commit_metadata`), creating the table if it is absent (see the
+    module docstring)."""
     arrow = frame.to_arrow()
     create_if_absent(uri, arrow.schema, partition_by=[column], storage_options=storage_options)
     overwrite_or_explain(
@@ -77,6 +78,7 @@ def write_days(
             partition_by=[column],
             storage_options=storage_options,
             predicate=f"{column} >= '{start:%Y-%m-%d}' AND {column} < '{end:%Y-%m-%d}'",
+            commit_properties=CommitProperties(custom_metadata=commit_metadata or {}),
         ),
     )
 
@@ -161,6 +163,12 @@ def table_version(uri: str, storage_options: dict[str, str] | None = None) -> in
         return None
 
 
+# Tables written together, the companion first; the main table's commit names the companion's
+# version, and readers of the companion read that version (see `write_days_together`).
+COMPANION_OF = {"event_rejects": "raw_events"}
+NAMES_VERSION_OF = "eventml.version_of."
+
+
 class DeltaTables(dg.ConfigurableResource):
     """Where the Delta tables live, for the IO manager and for direct reads (history, versions)."""
 
@@ -171,10 +179,35 @@ class DeltaTables(dg.ConfigurableResource):
         return f"{self.root_uri.rstrip('/')}/{self.schema_name}/{table}"
 
     def scan(self, table: str) -> pl.LazyFrame | None:
-        """The table's current version, or None before its first write."""
-        return (
-            pl.scan_delta(self.uri(table)) if table_version(self.uri(table)) is not None else None
-        )
+        """The table's current version (for a companion, the version its main table names), or
+        None before its first write."""
+        if table_version(self.uri(table)) is None:
+            return None
+        return pl.scan_delta(self.uri(table), version=self.published_version(table))
+
+    def published_version(self, table: str) -> int | None:
+        """The version of a companion table that its main table's newest commit names (None:
+        the current one). A run killed between the two commits leaves it at the last pair."""
+        main = COMPANION_OF.get(table)
+        if main is None or table_version(self.uri(main)) is None:
+            return None
+        for commit in DeltaTable(self.uri(main)).history(limit=100):
+            if (named := commit.get(NAMES_VERSION_OF + table)) is not None:
+                return int(named)
+        return None
+
+    def write_days_together(
+        self, main: str, frame: pl.DataFrame, companion: str, companion_frame: pl.DataFrame,
+        column: str, start: date, end: date,
+    ) -> dict[str, int]:  # fmt: skip
+        """Replace the days [start, end) of `companion`, then of `main` in a commit that names
+        the companion's new version, so readers see both tables' new days or neither."""
+        write_days(self.uri(companion), _storable(companion_frame), column, start, end,
+                   table=companion)  # fmt: skip
+        version = self.version(companion)
+        write_days(self.uri(main), _storable(frame), column, start, end, table=main,
+                   commit_metadata={NAMES_VERSION_OF + companion: str(version)})  # fmt: skip
+        return {main: self.version(main), companion: version}
 
     def version(self, table: str) -> int | None:
         return table_version(self.uri(table))

@@ -1,8 +1,9 @@
 """The `event_source` resource: which feed `raw_events` ingests, as typed config.
 
 `kind="simulator"` (default) generates the synthetic lending world's days, with a small rate of
-the faults real feeds have; `kind="landing"` reads the Parquet/CSV files a user drops into the
-landing zone, mapped onto the event table by their dataset spec (YAML).
+the faults real feeds have; `kind="landing"` admits the Parquet/CSV files a user drops into the
+landing zone into its append-only log (`eventml.landing`) and reads the log, mapped onto the
+event table by their dataset spec (YAML).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import dagster as dg
 import polars as pl
 
 from eventml.home import StateHome
+from eventml.landing import Arrival, admit, read_landed
 from eventml.schema import DatasetSpec
 from eventml.simulate import LENDING_SPEC, WorldConfig, date_of, day_of, iter_days
-from eventml.sources import inject_faults, landing_files, read_landing
+from eventml.sources import inject_faults
 
 
 class EventSource(dg.ConfigurableResource):
@@ -60,11 +62,17 @@ class EventSource(dg.ConfigurableResource):
         path = Path(self.spec_path) if self.spec_path else self.landing_path / "spec.yaml"
         return DatasetSpec.from_yaml(path)
 
+    def admit(self, partitions: tuple[date, date]) -> list[Arrival]:
+        """Admit the landing zone's new files into its log; the new arrivals (none for the
+        simulator)."""
+        return admit(self.landing_path, self.spec(), partitions) if self.kind == "landing" else []
+
     def raw_rows(self, start: date, end: date) -> pl.DataFrame:
         """Rows of days [start, end) as delivered (text, plus a `source` column); the landing
-        zone returns every file, since rows are placed by their own timestamps downstream."""
+        zone returns every row that ever landed, since rows are placed by their own timestamps
+        downstream (call `admit` first for the files dropped since)."""
         if self.kind == "landing":
-            return read_landing(landing_files(self.landing_path), self.spec())
+            return read_landed(self.landing_path, self.spec())
         world = self.world()
         days = range(max(day_of(world, start), 0), min(day_of(world, end), world.n_days))
         # Faults are drawn per day, and each day is its own source ("simulator/2025-03-01"), so a

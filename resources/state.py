@@ -57,7 +57,9 @@ def mlflow_tracking(home: StateHome) -> MlflowTracking:
 
 
 def dagster_yaml() -> str:
-    lines = [GENERATED, "telemetry:", "  enabled: false"]
+    lines = [GENERATED, "telemetry:", "  enabled: false",
+             # the daemon fails runs that never start or outlive dagster/max_runtime
+             "run_monitoring:", "  enabled: true"]  # fmt: skip
     if postgres_url():
         lines += ["storage:", "  postgres:", f"    postgres_url: {database_url('dagster')}"]
     return "\n".join(lines) + "\n"
@@ -98,6 +100,39 @@ def _write_dagster_yaml(folder: Path) -> None:
         os.replace(tmp, path)
 
 
+def fail_killed_runs(instance) -> list[str]:
+    """Mark failed the runs still STARTED whose process on this machine is gone (SIGKILLed,
+    out of memory): left alone they stay "in progress" forever. Daemon-launched runs also have
+    Dagster's run monitoring (dagster.yaml); a run started by the CLI has no daemon to watch it.
+    Returns the run ids it marked."""
+    import dagster as dg
+
+    marked = []
+    for record in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        run = record.dagster_run
+        start = instance.get_records_for_run(
+            run.run_id, of_type=dg.DagsterEventType.RUN_START, limit=1
+        ).records
+        pid = start[0].event_log_entry.dagster_event.pid if start else None
+        if pid is None or _alive(pid):
+            continue
+        instance.report_run_failed(
+            run, f"the run's process (pid {pid}) is gone: it was killed before it finished"
+        )
+        marked.append(run.run_id)
+    return marked
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def prepare(home: StateHome | None = None) -> list[str]:
     """Create every store once (see the module docstring); returns where each one is."""
     import dagster as dg
@@ -113,11 +148,12 @@ def prepare(home: StateHome | None = None) -> list[str]:
             create_databases()
         _write_dagster_yaml(folder)
         with dg.DagsterInstance.from_config(str(folder)) as instance:
-            instance.get_runs(limit=1)  # opening it creates or migrates its storage
+            killed = fail_killed_runs(instance)  # opening it creates or migrates its storage
         tracking = mlflow_tracking(home)
         tracking.experiment_id()
     storage = database_url("dagster") if postgres_url() else f"SQLite under {folder}"
     return [
+        *[f"marked failed: run {run_id}, whose process was killed" for run_id in killed],
         f"state:    {home.root}",
         f"dagster:  {storage}",
         f"mlflow:   {tracking.tracking_uri} (artifacts {tracking.artifact_root})",

@@ -67,6 +67,10 @@ def test_a_valid_row_becomes_a_typed_event(spec):
         ({"amount": "-0.01"}, "negative_amount"),
         ({"amount": "inf"}, "non_finite_amount"),
         ({"amount": "NaN"}, "non_finite_amount"),
+        ({"amount": "1e308"}, "out_of_range_amount"),  # within float, past the contract's bound
+        ({"term": "-2e9"}, "out_of_range_term"),
+        ({"event_id": "x" * 1_000_000}, "too_long_event_id"),
+        ({"entity_id": "u" * 257}, "too_long_entity_id"),
         ({"term": "three"}, "unparseable_term"),
         ({"ts": "2024-12-31T23:59:59Z"}, "ts_before_source_start"),
         ({"ts": "2027-01-01T00:00:00Z"}, "ts_in_future"),

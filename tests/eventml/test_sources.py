@@ -5,31 +5,16 @@ from datetime import UTC, date, datetime
 import polars as pl
 import pytest
 
+from eventml.landing import admit, read_landed
 from eventml.schema import DatasetSpec
-from eventml.sources import (
-    FAULTS,
-    file_days,
-    ingest_days,
-    inject_faults,
-    landing_files,
-    read_landing,
-)
+from eventml.sources import FAULTS, ingest_days, inject_faults
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture
-def spec() -> DatasetSpec:
-    return DatasetSpec.from_dict(
-        {
-            "name": "bank",
-            "source_start": "2025-01-01",
-            "event_types": ["login", "transfer"],
-            "categorical": ["channel"],
-            "decision_event_types": ["transfer"],
-            "columns": {"entity_id": "customer", "event_id": "id", "ts": "time", "event_type": "what", "amount": "eur"},
-        }
-    )
+def spec(bank_spec) -> DatasetSpec:
+    return bank_spec
 
 
 @pytest.fixture
@@ -59,36 +44,60 @@ def zone(tmp_path):
     return tmp_path
 
 
-def test_landing_zone_lists_finished_data_files_only(zone):
-    assert [p.name for p in landing_files(zone)] == ["a.csv", "b.parquet"]
-    assert landing_files(zone / "missing") == []
+PARTITIONS = (date(2025, 1, 1), date(2025, 2, 1))
 
 
-def test_a_file_knows_its_days(zone, spec):
-    assert file_days(zone / "a.csv", spec) == [date(2025, 1, 2), date(2025, 1, 3)]
-    assert file_days(zone / "b.parquet", spec) == [date(2025, 1, 4)]
+def landed(zone, spec):
+    admit(zone, spec, PARTITIONS)
+    return read_landed(zone, spec)
 
 
 def test_landing_files_in_foreign_columns_ingest_by_day(zone, spec):
-    raw = read_landing(landing_files(zone), spec)
-    whole = ingest_days(raw, spec, date(2025, 1, 1), date(2025, 2, 1), now=NOW)
+    raw = landed(zone, spec)
+    whole = ingest_days(raw, spec, *PARTITIONS, now=NOW, partitions=PARTITIONS)
     assert whole.clean["event_id"].to_list() == ["1", "3", "5"]
     assert whole.clean.filter(pl.col("event_id") == "5")["amount"].to_list() == [20.0]
     assert whole.reject_counts() == {"duplicate_event_id": 1, "unknown_event_type": 1, "unparseable_ts": 1}
-    assert dict(zip(whole.rejects["event_id"], whole.rejects["source"])) == {"1": "b.parquet", "2": "a.csv", "4": "a.csv"}
+    assert {e: s.split("-", 1)[1] for e, s in zip(whole.rejects["event_id"], whole.rejects["source"])} == {"1": "b.parquet", "2": "a.csv", "4": "a.csv"}
 
 
 def test_every_row_lands_in_exactly_one_day_however_runs_split_the_days(zone, spec):
-    raw = read_landing(landing_files(zone), spec)
+    raw = landed(zone, spec)
     days = [date(2025, 1, d) for d in range(1, 6)]
-    per_day = [ingest_days(raw, spec, d0, d1, now=NOW) for d0, d1 in zip(days, days[1:])]
+    per_day = [ingest_days(raw, spec, d0, d1, now=NOW, partitions=PARTITIONS) for d0, d1 in zip(days, days[1:])]
     clean = pl.concat([v.clean for v in per_day])
     rejects = pl.concat([v.rejects for v in per_day])
     assert clean.height + rejects.height == raw.height
-    whole = ingest_days(raw, spec, days[0], days[-1], now=NOW)
+    whole = ingest_days(raw, spec, days[0], days[-1], now=NOW, partitions=PARTITIONS)
     assert clean.equals(whole.clean) and rejects.sort("event_id").equals(whole.rejects.sort("event_id"))
     # the unparseable row travels with its file's first day
     assert rejects.filter(pl.col("reason") == "unparseable_ts")["day"].to_list() == [date(2025, 1, 2)]
+
+
+def test_rejects_without_a_day_of_their_own_are_counted_once_on_their_files_first_day(tmp_path, spec):
+    """Rows from the future, from before the source's start, with no readable time, or on a day
+    outside the partitions: each is counted exactly once, on a day a run covers, however often
+    and in whatever ranges the days are run."""
+    (tmp_path / "odd.csv").write_text(
+        "customer,id,time,what,eur,channel\n"
+        "c1,1,2025-01-10T08:00:00Z,login,,app\n"  # clean: the file's first day is Jan 10
+        "c1,2,2030-01-01T00:00:00Z,login,,app\n"  # the future
+        "c1,3,2019-06-01T00:00:00Z,login,,app\n"  # before source_start
+        "c1,4,yesterday,login,,app\n"  # unreadable
+        "c1,5,2025-03-01T00:00:00Z,login,,app\n"  # clean, but after the partitions end
+        "c1,6,2025-01-20T00:00:00Z,login,,app\n"
+    )
+    raw = landed(tmp_path, spec)
+    weeks = [date(2025, 1, 1) + (date(2025, 1, 8) - date(2025, 1, 1)) * i for i in range(6)]
+    for _ in range(3):  # repeated runs over every week re-place the same rows
+        per_week = [ingest_days(raw, spec, a, b, now=NOW, partitions=PARTITIONS) for a, b in zip(weeks, weeks[1:])]
+    clean = pl.concat([w.clean for w in per_week])
+    rejects = pl.concat([w.rejects for w in per_week])
+    assert clean.height + rejects.height == raw.height == 6
+    assert sorted(clean["event_id"]) == ["1", "6"]
+    assert dict(zip(rejects["event_id"], rejects["reason"])) == {
+        "2": "ts_in_future", "3": "ts_before_source_start", "4": "unparseable_ts", "5": "outside_partitions"}
+    assert set(rejects["day"]) == {date(2025, 1, 10)}
 
 
 def test_faults_break_about_the_asked_share_of_rows_deterministically():

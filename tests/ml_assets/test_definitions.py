@@ -27,6 +27,7 @@ def test_the_lineage_starts_with_ingest():
         "unique_event_ids",
         "daily_volume",
         "reject_rate",
+        "no_day_shrinks",
     }
 
 

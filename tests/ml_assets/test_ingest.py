@@ -6,13 +6,15 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from ml_assets.ingest import ingest
+from resources.delta import write_days
 from resources.sources import EventSource
 
 
-def run(assets_resources, instance, *, partition=None, tags=None, raise_on_error=True):
+def run(assets_resources, instance, *, partition=None, tags=None, raise_on_error=True, config=None):
     return dg.materialize(
         [ingest],
         resources=assets_resources,
+        run_config={"ops": {"ingest": {"config": config}}} if config else None,
         partition_key=partition,
         tags=tags or {},
         instance=instance,
@@ -41,7 +43,7 @@ def test_a_range_of_days_is_ingested_in_one_run_with_every_row_accounted_for(ing
     meta = {m.asset_key.to_user_string(): m.metadata for m in mat}
     assert meta["event_rejects"]["rows_in"].value == events.height + rejects.height
     checks = {c.check_name: c.passed for c in ingested.get_asset_check_evaluations()}
-    assert checks == dict.fromkeys(checks, True) and len(checks) == 5
+    assert checks == dict.fromkeys(checks, True) and len(checks) == 6
     volume = next(
         c for c in ingested.get_asset_check_evaluations() if c.check_name == "daily_volume"
     )
@@ -88,6 +90,45 @@ def test_a_failed_run_leaves_the_previous_version_readable(
     assert not result.success
     assert tables.version("raw_events") == version
     assert read(tables, "raw_events").equals(before)
+
+
+def test_a_day_that_would_lose_rows_is_refused_unless_the_run_says_so(
+    ingested, tables, small_world, instance, resources_for
+):
+    before = read(tables, "raw_events"), read(tables, "event_rejects")
+    smaller = EventSource(**{**small_world.model_dump(), "n_users": small_world.n_users // 4})
+    refused = run(resources_for(tables, smaller), instance, partition="2025-01-05", raise_on_error=False)
+    assert not refused.success
+    failure = next(e for e in refused.all_events if e.is_step_failure)
+    assert "fewer rows than the table holds (2025-01-05: " in failure.step_failure_data.error.message
+    assert read(tables, "raw_events").equals(before[0]) and read(tables, "event_rejects").equals(before[1])
+
+    knowingly = run(resources_for(tables, smaller), instance, partition="2025-01-05",
+                    config={"allow_shrinking_days": True})  # fmt: skip
+    shrinks = next(c for c in knowingly.get_asset_check_evaluations() if c.check_name == "no_day_shrinks")
+    assert shrinks.passed and "replaced knowingly" in shrinks.description
+    assert read(tables, "raw_events").height < before[0].height
+    run(resources_for(tables, small_world), instance, partition="2025-01-05")  # as it was
+    assert read(tables, "raw_events").equals(before[0])
+
+
+def test_a_run_killed_between_the_two_commits_leaves_readers_the_previous_pair(ingested, tables):
+    """The rejects are committed first and raw_events' commit names their version: a run that
+    died after the first commit is invisible in both tables; once both are in, both show."""
+    from datetime import timedelta
+
+    raw, rejected = read(tables, "raw_events"), read(tables, "event_rejects")
+    day = rejected["day"].sort()[0]
+    new_rejects = rejected.filter(pl.col("day") == day).with_columns(pl.lit("replayed").alias("reason"))
+    write_days(tables.uri("event_rejects"), new_rejects, "day", day, day + timedelta(days=1))  # then killed
+    assert read(tables, "event_rejects").equals(rejected)
+    assert read(tables, "raw_events").equals(raw)
+
+    tables.write_days_together("raw_events", raw.filter(pl.col("day") == day), "event_rejects",
+                               new_rejects, "day", day, day + timedelta(days=1))  # fmt: skip
+    after = read(tables, "event_rejects")
+    assert after.filter(pl.col("day") == day)["reason"].unique().to_list() == ["replayed"]
+    assert after.filter(pl.col("day") != day).equals(rejected.filter(pl.col("day") != day))
 
 
 def test_a_write_that_dies_midway_commits_nothing(tmp_path):

@@ -5,6 +5,7 @@ import os
 import dagster as dg
 import pytest
 
+from eventml.landing import arrivals
 from ml_assets.ingest import ingest
 from ml_assets.sensors import landing_zone_sensor
 from resources.sources import EventSource
@@ -103,3 +104,19 @@ def test_the_requested_run_ingests_the_mapped_file(zone, instance, tables, resou
     # Half the file was bad: the rows are kept, and the blocking check stops anything downstream.
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["reject_rate"] is False and not result.success
+
+
+def test_an_unreadable_file_is_quarantined_and_a_good_file_after_it_still_runs(zone, instance):
+    source = EventSource(kind="landing", landing_dir=str(zone))
+    (zone / "a_empty.csv").write_bytes(b"")
+    (zone / "b_latin1.csv").write_bytes("customer_no,uid\nM\xfcller,1\n".encode("latin-1"))
+    first = evaluate(source, instance)
+    assert [r.tags["eventml/file"] for r in first.run_requests] == ["day1.csv"]
+    (zone / "day3.csv").write_text(
+        "customer_no,uid,happened_at,action,total,shop\nc8,8,2025-01-06T00:00:00Z,visit,,east\n"
+    )
+    later = evaluate(source, instance, cursor=first.cursor)
+    assert [r.tags["eventml/file"] for r in later.run_requests] == ["day3.csv"]
+    quarantined = {a.name: a.reason for a in arrivals(zone) if a.status == "quarantined"}
+    assert quarantined.keys() == {"a_empty.csv", "b_latin1.csv"}
+    assert "not UTF-8" in quarantined["b_latin1.csv"] and "empty" in quarantined["a_empty.csv"]
