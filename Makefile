@@ -13,7 +13,7 @@ export EVENTML_HOME := $(abspath $(EVENTML_HOME))
 export DAGSTER_HOME ?= $(EVENTML_HOME)/dagster
 LOGS := $(EVENTML_HOME)/logs
 
-.PHONY: install setup services services-stop lock demo advance test ui mlflow serve bench lint clean
+.PHONY: install setup services services-stop lock demo advance test ui mlflow serve bench fuzz lint clean
 
 # Quiet on success; on failure the log's tail and its path.
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -83,6 +83,12 @@ bench: install
 	$(PY) bench/simulate.py
 	$(PY) bench/features.py
 	$(PY) bench/encoder.py
+
+# The full fuzzing counts (make test runs fewer): 1,000 landing-zone files, 5,000 generated
+# requests per scoring operation against a served Bento (docs/reliability.md).
+fuzz: install
+	EVENTML_FUZZ_EXAMPLES=1000 $(PY) -m pytest -q tests/eventml/test_landing.py
+	EVENTML_FUZZ_EXAMPLES_HTTP=5000 $(PY) -m pytest -q -s tests/e2e/test_bento.py -k "fuzz or no_input"
 
 lint: install
 	$(BIN)/ruff check eventml ml_assets resources tests bench

@@ -115,13 +115,14 @@ def bare(model: RiskModel, serving: Serving, requests: list[dict]) -> dict:
     """In-process cost of the same decisions: the model alone, and with the store read."""
     import torch
 
-    from eventml.service import ScoreRequest, decision_of
+    from eventml.score_api import decision_of, request_models
 
     torch.set_num_threads(1)
     for b in model.scorer.boosters.values():
         b.set_param({"nthread": 1})
     store = serving.store(LENDING_SPEC)
-    parsed = [ScoreRequest.model_validate(r) for r in requests]
+    score_request, _ = request_models(LENDING_SPEC)
+    parsed = [score_request.model_validate(r) for r in requests]
     histories = [store.history(r.entity_id, before=r.ts) for r in parsed]
     decisions = [decision_of(r) for r in parsed]
     for h, d in zip(histories[:20], decisions[:20]):
@@ -150,7 +151,7 @@ def parity(url: str, model: RiskModel, events, sample: pl.DataFrame, features) -
 
     offline = model.score_tables(features, model.embed_decisions(events, sample))
     offline = {r["decision_id"]: r for r in offline.iter_rows(named=True)}
-    requests = score_requests(sample)
+    requests = score_requests(sample, LENDING_SPEC)
     with httpx.Client(base_url=url, timeout=120) as c:
         single = [c.post("/score", json={"request": r}).json() for r in requests[:100]]
         batch = c.post("/score_batch", json={"requests": requests[:256]}).json()
@@ -239,7 +240,7 @@ def main() -> None:
     cache = StateHome.from_env().root / "bench" / "serve"
     events, splits, features = world(cache, args.users)
     test = splits.filter(pl.col("split") == "test").sample(args.sample, seed=0)
-    requests = score_requests(test)
+    requests = score_requests(test, LENDING_SPEC)
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "load_average_at_start": os.getloadavg()[0], "users": args.users, "events": events.height}  # fmt: skip
     for name in args.configs.split(","):

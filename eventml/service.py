@@ -6,12 +6,16 @@ online store, adds the `recent_events` the caller knows and the store has not se
 functions as training. `POST /score_batch` scores many decisions per call (adaptive batching
 merges concurrent calls). Built in: `/readyz`, `/livez`, `/metrics`, OpenAPI at `/docs.json`.
 
-Bodies are `{"request": {...}}` for /score and `{"requests": [...]}` for /score_batch. Every
-bad request is a 400 whose `detail[].loc` names the field; a non-JSON body is a 415.
+Bodies are `{"request": {...}}` for /score and `{"requests": [...]}` for /score_batch. The
+request models are made from the served model's own event contract (`eventml.score_api`), with
+its bounds, categories and event types. Every bad request is a 400 whose `detail[].loc` names the
+field; a non-JSON body is a 415; a worker at its limit of calls in flight answers 429 and is not
+ready until it has spare capacity again (`eventml.serving_http`).
 
 Configuration (environment, read once per worker):
 - `EVENTML_ONLINE_STORE`: the SQLite online store (required; `ml_assets.serving` publishes it).
 - `EVENTML_PREDICTION_LOG`: the prediction-log folder (required).
+- `EVENTML_MAX_IN_FLIGHT`: scoring calls a worker holds at once (default 64).
 
 Prediction log: every scored decision appends one JSON line under `$EVENTML_PREDICTION_LOG`
 (format: `eventml.prediction_log`), which the `served_predictions` asset ingests.
@@ -25,16 +29,13 @@ import gc
 import logging
 import os
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import bentoml
 import polars as pl
 import torch
-from bentoml.exceptions import BentoMLException
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
+from pydantic import BaseModel, Field
 from threadpoolctl import threadpool_limits
 
 from eventml.features import compute_features
@@ -42,150 +43,32 @@ from eventml.online_store import SQLiteOnlineStore
 from eventml.prediction_log import PredictionLog
 from eventml.risk_model import RiskModel
 from eventml.schema import TS_TYPE, DatasetSpec
+from eventml.score_api import (
+    MAX_BATCH,
+    MODEL_NAME,
+    SPEC_FILE,
+    ModelVersions,
+    Reason,
+    ScoreResponse,
+    decision_of,
+    request_models,
+)
 from eventml.scorer import to_matrix
+from eventml.serving_http import (
+    Admission,
+    AdmissionControl,
+    JSONBodyOnly,
+    OpenAPIDocument,
+    QuietClientErrors,
+)
 
 logger = logging.getLogger("bentoml.service.eventml")  # "bentoml.*" loggers reach the serve output
 
-MODEL_NAME = "eventml-risk"  # the BentoML model store name (the MLflow registered model's)
-SPEC_FILE = "dataset_spec.json"  # the event contract, saved next to the RiskModel bundle
-MAX_RECENT_EVENTS = 64
-MAX_BATCH = 256
 # The feature set has all-history windows, so the whole history is read; this bounds one
 # request's work (the simulated world's busiest entity has a few hundred events).
 MAX_HISTORY = 20_000
-MAX_AMOUNT = 10_000_000.0
-ID = r"^[A-Za-z0-9_.:\-]+$"
-
-# What the request models validate categories and event types against: the served model's own
-# event contract, set once per worker when the model loads (field validators run per request,
-# before adaptive batching, so one bad item never fails a merged batch).
-_contract: dict = {}
-
-
-def field_error(loc: tuple, kind: str, msg: str, value: object = None) -> ValidationError:
-    """A 400 naming `loc` from inside a handler: BentoML answers a pydantic ValidationError raised
-    there exactly like a request-parsing error."""
-    return ValidationError.from_exception_data(
-        "Input", [InitErrorDetails(type=PydanticCustomError(kind, msg), loc=loc, input=value)]
-    )
-
-
-def _check_category(column: str, value: str | None) -> str | None:
-    allowed = _contract.get("categories", {}).get(column)
-    if value is not None and allowed is not None and value not in allowed:
-        raise ValueError(f"{column} {value!r} is not one of {list(allowed)}")
-    return value
-
-
-Name = Annotated[str, Field(min_length=1, max_length=64)]
-Num = Annotated[float, Field(ge=-MAX_AMOUNT, le=MAX_AMOUNT, allow_inf_nan=False)]
-
-
-class RecentEvent(BaseModel):
-    """An event of the entity that the online store may not have yet (the event contract)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    event_id: str = Field(min_length=1, max_length=64, pattern=ID)
-    event_type: Name
-    ts: AwareDatetime
-    amount: Num | None = None
-    channel: Name | None = None
-    device_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=ID)
-    merchant_category: Name | None = None
-    policy_decision: Name | None = None
-    profile_field: Name | None = None
-    region: Name | None = None
-    age_band: Name | None = None
-    income_band: Name | None = None
-    term_months: Num | None = None
-    days_late: Num | None = None
-
-    @field_validator("event_type")
-    @classmethod
-    def _known_type(cls, v: str) -> str:
-        types = _contract.get("event_types")
-        if types is not None and v not in types:
-            raise ValueError(f"event_type {v!r} is not one of {list(types)}")
-        return v
-
-    @field_validator(
-        "channel",
-        "merchant_category",
-        "policy_decision",
-        "profile_field",
-        "region",
-        "age_band",
-        "income_band",
-    )
-    @classmethod
-    def _known_category(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return _check_category(info.field_name, v)
-
-
-class ScoreRequest(BaseModel):
-    """One decision: the entity, the application event itself, and optionally events the store
-    has not seen yet (each strictly before the decision)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    entity_id: str = Field(min_length=1, max_length=64, pattern=ID)
-    ts: AwareDatetime
-    amount: float = Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)
-    merchant_category: Name
-    term_months: int | None = Field(default=None, ge=1, le=120)
-    channel: Name
-    device_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=ID)
-    decision_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=ID)
-    recent_events: list[RecentEvent] = Field(default_factory=list, max_length=MAX_RECENT_EVENTS)
-
-    @field_validator("merchant_category", "channel")
-    @classmethod
-    def _known_category(cls, v: str, info: ValidationInfo) -> str:
-        return _check_category(info.field_name, v)
-
-    @field_validator("recent_events")
-    @classmethod
-    def _before_decision(cls, v: list[RecentEvent], info: ValidationInfo) -> list[RecentEvent]:
-        ts = info.data.get("ts")  # absent when ts itself was invalid
-        for i, event in enumerate(v):
-            if ts is not None and event.ts >= ts:
-                raise ValueError(f"recent_events[{i}].ts must be strictly before the decision ts")
-        return v
-
-
-def decision_of(request: ScoreRequest) -> dict:
-    """The decision event's columns, as features and sequences read them."""
-    return {
-        "entity_id": request.entity_id,
-        "ts": request.ts.astimezone(UTC),
-        "amount": request.amount,
-        "term_months": None if request.term_months is None else float(request.term_months),
-        "merchant_category": request.merchant_category,
-        "channel": request.channel,
-        "device_id": request.device_id,
-    }
-
-
-class Reason(BaseModel):
-    reason: str
-    contribution: float
-
-
-class ModelVersions(BaseModel):
-    bento_model: str
-    mlflow_version: str
-
-
-class ScoreResponse(BaseModel):
-    request_id: str
-    entity_id: str
-    decision_id: str | None
-    probabilities: dict[str, float]
-    decision: str
-    reasons: dict[str, list[Reason]]
-    model_versions: ModelVersions
-    history_events: int
+# Scoring calls one worker holds at once; the next caller gets a 429 (see `Admission`).
+MAX_IN_FLIGHT = int(os.environ.get("EVENTML_MAX_IN_FLIGHT", "64"))
 
 
 class BentoArgs(BaseModel):
@@ -196,18 +79,41 @@ class BentoArgs(BaseModel):
 
 
 ARGS = bentoml.use_arguments(BentoArgs)
+MODEL = bentoml.models.BentoModel(ARGS.model)
+
+
+def served_spec(model: bentoml.models.BentoModel) -> DatasetSpec:
+    """The event contract saved with the served model: the request models are made from it when
+    this module is imported (by `bentoml build` and by every worker), so the OpenAPI document
+    lists the model's own columns, categories and event types."""
+    stored = model.stored
+    if stored is None:
+        raise RuntimeError(
+            f"no model {model.tag} in the BentoML store under {os.environ.get('BENTOML_HOME')}: "
+            "serve a Bento built by the risk_service_bento asset (it imports the champion)"
+        )
+    return DatasetSpec.model_validate_json(Path(stored.path_of(SPEC_FILE)).read_text())
+
+
+SPEC = served_spec(MODEL)
+ScoreRequest, RecentEvent = request_models(SPEC)
+
+
+ADMISSION = Admission(MAX_IN_FLIGHT)
 
 
 @bentoml.service(
     name="eventml_risk",
-    traffic={"timeout": 10, "max_concurrency": 64},
+    # No BentoML concurrency limit: `Admission` is the one, per worker (BentoML's would divide a
+    # service-wide figure by the workers and answer its 429s before any middleware sees them).
+    traffic={"timeout": 10},
     workers=1,
     envs=[{"name": "EVENTML_ONLINE_STORE"}, {"name": "EVENTML_PREDICTION_LOG"}],
     labels={"owner": "eventml"},
 )
 class RiskService:
     # Declared at class level, so the build records it in the Bento and export packs it.
-    model_ref = bentoml.models.BentoModel(ARGS.model)
+    model_ref = MODEL
 
     def __init__(self) -> None:
         torch.set_num_threads(1)  # one request is one row: threads only add contention
@@ -218,13 +124,7 @@ class RiskService:
         self.model = RiskModel.load(ref.path)
         for booster in self.model.scorer.boosters.values():
             booster.set_param({"nthread": 1})
-        self.spec = DatasetSpec.model_validate_json(Path(ref.path_of(SPEC_FILE)).read_text())
-        _contract.update(
-            event_types=tuple(self.spec.event_types), categories=dict(self.spec.categories)
-        )
-        carried = set(RecentEvent.model_fields)
-        if missing := set(self.spec.event_schema()) - carried - {"entity_id", *self.spec.oracle}:
-            raise RuntimeError(f"the request model cannot carry event columns {sorted(missing)}")
+        self.spec = SPEC
         self.event_schema = self.spec.event_schema()
         self.decision_schema = {**self.event_schema, "ts": TS_TYPE}
         self.decision_type = self.spec.decision_event_types[0]
@@ -251,7 +151,8 @@ class RiskService:
         self._ready = True
 
     def __is_ready__(self) -> bool:
-        return self._ready
+        """Warmed up, and not turning callers away (`Admission`)."""
+        return self._ready and not ADMISSION.saturated()
 
     # ------------------------------------------------------------ scoring
 
@@ -358,7 +259,7 @@ class RiskService:
                 {
                     "request_id": s.request_id,
                     "entity_id": s.entity_id,
-                    "decision_ts": r.ts.astimezone(UTC).isoformat(),
+                    "decision_ts": r.ts.isoformat(),  # in UTC since parsed
                     "decision_id": s.decision_id,
                     "probabilities": s.probabilities,
                     "decision": s.decision,
@@ -389,56 +290,14 @@ class RiskService:
 
 
 def example_request() -> ScoreRequest:
-    return ScoreRequest(
-        entity_id="warmup", ts=datetime(2025, 6, 1, 12, tzinfo=UTC), amount=100.0,
-        merchant_category=_contract.get("categories", {}).get("merchant_category", ("x",))[0],
-        term_months=12, channel=_contract.get("categories", {}).get("channel", ("x",))[0],
-    )  # fmt: skip
+    """A decision of an entity the store has never seen: the warm-up's request."""
+    return ScoreRequest(entity_id="warmup", ts=SPEC.source_start, amount=100.0)
 
 
 # ---------------------------------------------------------------- hardening
 
 
-class JSONBodyOnly:
-    """Pure-ASGI middleware: POSTs to the APIs must be JSON. BentoML otherwise dispatches on
-    Content-Type to its multipart/form serdes, and a multipart type without a boundary is a 500
-    (found by schemathesis). A missing Content-Type is JSON, as BentoML treats it."""
-
-    def __init__(self, app, paths: tuple[str, ...] = ("/score", "/score_batch")) -> None:
-        self.app, self.paths = app, frozenset(paths)
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
-            ctype = dict(scope["headers"]).get(b"content-type", b"application/json")
-            if ctype.split(b";")[0].strip().lower() != b"application/json":
-                body = b'{"error":"Content-Type must be application/json"}'
-                headers = [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ]
-                await send({"type": "http.response.start", "status": 415, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
-
-
+RiskService.add_asgi_middleware(OpenAPIDocument, document=lambda: RiskService.openapi_spec.asdict())
 RiskService.add_asgi_middleware(JSONBodyOnly)
-
-
-class _QuietClientErrors(logging.Filter):
-    """BentoML logs every 4xx at ERROR with a traceback; keep 5xx tracebacks, make client errors
-    one WARNING line (a fuzzing run would otherwise write thousands of lines)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, ValidationError) or (
-            isinstance(exc, BentoMLException) and exc.error_code.value < 500
-        ):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg = f"{record.msg} -> {type(exc).__name__}: %s"
-            record.args = (*(record.args or ()), str(exc).splitlines()[0][:200])
-            record.exc_info = record.exc_text = None
-        return True
-
-
-logging.getLogger("bentoml._internal.server.http_app").addFilter(_QuietClientErrors())
+RiskService.add_asgi_middleware(AdmissionControl, admission=ADMISSION)
+logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietClientErrors())

@@ -12,24 +12,21 @@ from collections.abc import Iterator
 
 import polars as pl
 
+from eventml.schema import ISO_UTC, DatasetSpec
 
-def score_requests(decisions: pl.DataFrame) -> list[dict]:
+
+def score_requests(decisions: pl.DataFrame, spec: DatasetSpec) -> list[dict]:
     """`POST /score` bodies (the `request` field) for decision events: `decision_id` (or
-    `event_id`), `entity_id`, `ts` and the decision's own attributes."""
+    `event_id`), `entity_id`, `ts`, `amount` and the decision's own attributes (the request
+    fields `eventml.score_api` makes from `spec`)."""
     id_column = "decision_id" if "decision_id" in decisions.columns else "event_id"
-    return [
-        {
-            "entity_id": d["entity_id"],
-            "ts": d["ts"].isoformat(),
-            "amount": d["amount"],
-            "merchant_category": d["merchant_category"],
-            "term_months": None if d["term_months"] is None else int(d["term_months"]),
-            "channel": d["channel"],
-            "device_id": d["device_id"],
-            "decision_id": d[id_column],
-        }
-        for d in decisions.iter_rows(named=True)
-    ]
+    labels = {label.column for label in spec.labels if label.kind == "column"}
+    attributes = [c for c in (*spec.categorical, *spec.numeric) if c not in labels]
+    rows = decisions.select(
+        "entity_id", pl.col("ts").dt.to_string(ISO_UTC), "amount",
+        *attributes, pl.col(id_column).alias("decision_id"),
+    )  # fmt: skip
+    return [{k: v for k, v in row.items() if v is not None} for row in rows.iter_rows(named=True)]
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -37,12 +34,18 @@ def batches(items: list, size: int) -> Iterator[list]:
         yield items[i : i + size]
 
 
-def replay(url: str, decisions: pl.DataFrame, batch_size: int = 128, timeout: float = 120) -> dict:
+def replay(
+    url: str,
+    decisions: pl.DataFrame,
+    spec: DatasetSpec,
+    batch_size: int = 128,
+    timeout: float = 120,
+) -> dict:
     """Send `decisions` (in time order) to the service at `url` through `/score_batch`; the
     service logs each one. Returns counts: sent, approved, declined."""
     import bentoml  # the client only; imported here so eventml's batch code does not need it
 
-    requests = score_requests(decisions.sort("ts"))
+    requests = score_requests(decisions.sort("ts"), spec)
     approved = 0
     with bentoml.SyncHTTPClient(url, timeout=timeout) as client:
         for chunk in batches(requests, batch_size):

@@ -90,14 +90,14 @@ def prediction_log(
         .collect()
     )
     if config.url:
-        counts, served_by = replay(config.url, decisions), config.url
+        counts, served_by = replay(config.url, decisions, spec), config.url
     else:
         version, _ = _champion(mlflow_tracking)
         bento = serving.bento_for(version)
         if bento is None:
             raise dg.Failure(f"no Bento serves champion v{version}: materialize risk_service_bento")
         with serving.serve(bento["tag"]) as url:
-            counts, served_by = replay(url, decisions), bento["tag"]
+            counts, served_by = replay(url, decisions, spec), bento["tag"]
     context.log.info(f"{start}..{end}: {counts['sent']:,} applications scored by {served_by}")
     return dg.MaterializeResult(
         metadata={**counts, "served_by": served_by, "log": serving.prediction_log}

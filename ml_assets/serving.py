@@ -76,7 +76,7 @@ def served_vs_offline(serving: Serving, bento_tag: str, model: RiskModel, events
             bento_tag, online_store=str(store.path), prediction_log=f"{tmp}/predictions"
         ) as url:
             with bentoml.SyncHTTPClient(url, timeout=60) as client:
-                served = [client.score(request=r) for r in score_requests(decisions)]
+                served = [client.score(request=r) for r in score_requests(decisions, spec)]
     rows = [
         {
             "decision_id": s["decision_id"],

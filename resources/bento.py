@@ -30,11 +30,11 @@ import yaml
 
 from eventml.online_store import SQLiteOnlineStore
 from eventml.schema import DatasetSpec
+from eventml.score_api import MODEL_NAME, SPEC_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "eventml.service:RiskService"
 SERVICE_NAME = "eventml_risk"
-MODEL_NAME = "eventml-risk"
 # What the Bento's code imports (bentoml itself is added by the build).
 RUNTIME_PACKAGES = (
     "numpy", "numba", "polars", "pydantic", "pyyaml", "threadpoolctl", "xgboost", "torch",
@@ -124,6 +124,7 @@ class Serving(dg.ConfigurableResource):
         prediction_log: str | None = None,
         port: int | None = None,
         workers: int = 1,
+        max_in_flight: int | None = None,
         log_path: Path | None = None,
         ready_timeout: float = 180.0,
     ) -> Iterator[str]:
@@ -137,6 +138,7 @@ class Serving(dg.ConfigurableResource):
             EVENTML_PREDICTION_LOG=str(prediction_log or self.prediction_log),
             # `--api-workers` is ignored for @bentoml.service classes; the config override is not.
             BENTOML_CONFIG_OPTIONS=f"services.{SERVICE_NAME}.workers={workers}",
+            **({"EVENTML_MAX_IN_FLIGHT": str(max_in_flight)} if max_in_flight else {}),
         )
         log = open(log_path, "w") if log_path else subprocess.DEVNULL
         proc = subprocess.Popen(
@@ -144,6 +146,7 @@ class Serving(dg.ConfigurableResource):
             cwd=Path(self.home), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
+        _ARBITERS[url] = proc.pid
         try:
             deadline = time.monotonic() + ready_timeout
             while True:
@@ -163,9 +166,19 @@ class Serving(dg.ConfigurableResource):
                 time.sleep(0.2)
             yield url
         finally:
+            _ARBITERS.pop(url, None)
             _stop(proc)
             if log is not subprocess.DEVNULL:
                 log.close()
+
+
+_ARBITERS: dict[str, int] = {}  # url -> pid of the `bentoml serve` serving it
+
+
+def worker_pids(url: str) -> list[int]:
+    """The pids of the service workers behind `url` (served by `Serving.serve`): what an
+    operator's kill, or the kernel's OOM killer, would hit."""
+    return sorted(_children(_ARBITERS[url]))
 
 
 def _children(pid: int) -> list[int]:
@@ -206,7 +219,6 @@ def _publish(model_dir: str, spec_path: str, mlflow_version: str) -> dict:
     import bentoml
 
     from eventml.risk_model import RiskModel
-    from eventml.service import SPEC_FILE
 
     model = RiskModel.load(model_dir)  # loads and validates the bundle before it is stored
     with bentoml.models.create(

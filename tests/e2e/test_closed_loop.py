@@ -201,7 +201,7 @@ def _a_request(world: Loop) -> dict:
     from eventml.traffic import score_requests
 
     events = world.tables.scan("raw_events").filter(pl.col("event_type") == "application")
-    return score_requests(events.sort("ts").tail(1).collect())[0]
+    return score_requests(events.sort("ts").tail(1).collect(), SOURCE.spec())[0]
 
 
 def _post_shift_auc(world: Loop, versions: list[str]) -> dict[str, float]:
