@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def capacity(url: str, requests: list[dict], rates: list[float], duration: float
         row["within_capacity"] = row["refused_429"] == 0 and row["p99_ms"] < p99_ms
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if not row["within_capacity"]:
+        if row["refused_429"]:  # clearly past it; a p99 miss alone may be a passing stall
             break
     fit = [r["rate"] for r in rows if r["within_capacity"]]
     return {"rates": rows, "capacity_per_worker_rps": max(fit) if fit else None}
@@ -131,6 +132,7 @@ def recovery(url: str, requests: list[dict], rate: float, duration: float, kill_
                         "p99_ms": round(pct(latency_ms(window), 99), 1) if window else None,
                         "readyz": next((code for t, code in ready if t == s), None)})  # fmt: skip
     lat = latency_ms(calls)
+    tail = [c for c in calls if c[1] > duration - 10]
     return {
         "rate": rate, "killed_at_s": kill, "calls": len(calls),
         "all_answered_200": all(c[2] == 200 for c in calls),
@@ -139,6 +141,10 @@ def recovery(url: str, requests: list[dict], rate: float, duration: float, kill_
         "replacement_answered_after_s": round(min(by_new) - kill, 1) if by_new else None,
         "last_429_after_kill_s": round(max(refusals) - kill, 1) if refusals else None,
         "readyz_503_seconds": sum(code == 503 for _, code in ready),
+        # Whether the load is spread again: each worker's share of the last 10 s's answers.
+        "last_10_s_share_by_worker": {
+            w: round(n / max(1, len(tail)), 2) for w, n in Counter(c[5] for c in tail).items()
+        },
         "per_second": seconds,
     }  # fmt: skip
 

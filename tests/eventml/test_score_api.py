@@ -7,6 +7,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
@@ -216,3 +217,14 @@ def test_what_the_service_imports_has_no_orchestration():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert "'dagster'" not in loaded and "'mlflow'" not in loaded
+
+
+def test_a_worker_that_turned_a_caller_away_is_saturated_for_its_cool_down():
+    from eventml.serving_http import Admission
+
+    a = Admission(limit=4, cool_down_s=0.2)
+    assert not a.saturated()
+    a.last_refusal = time.monotonic()
+    assert a.saturated()
+    time.sleep(0.25)
+    assert not a.saturated()
