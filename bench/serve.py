@@ -111,6 +111,21 @@ def trained(cache: Path, name: str, events, splits, features) -> tuple[RiskModel
     return model, quality
 
 
+def published(cache: Path, name: str, events: pl.DataFrame) -> tuple[Serving, str]:
+    """The serving folder of a trained configuration (its online store written once) and the tag
+    of a Bento of the working tree's `eventml` serving it."""
+    serving = Serving.under(cache / name)
+    if not Path(serving.online_store).exists():
+        serving.store(LENDING_SPEC).write(events)
+    # A Bento serves the copy of `eventml` it was built with, so one is reused only while that
+    # code is unchanged: otherwise the figures would be of an older service.
+    label = f"bench-{name}-{source_digest()}"
+    built = serving.bento_for(label) or serving.publish(
+        cache / name / "model", LENDING_SPEC.model_dump_json(), label
+    )
+    return serving, built.get("bento_tag") or built["tag"]
+
+
 def bare(model: RiskModel, serving: Serving, requests: list[dict]) -> dict:
     """In-process cost of the same decisions: the model alone, and with the store read."""
     import torch
@@ -245,16 +260,7 @@ def main() -> None:
                "load_average_at_start": os.getloadavg()[0], "users": args.users, "events": events.height}  # fmt: skip
     for name in args.configs.split(","):
         model, quality = trained(cache, name, events, splits, features)
-        serving = Serving.under(cache / name)
-        if not Path(serving.online_store).exists():
-            serving.store(LENDING_SPEC).write(events)
-        # A Bento serves the copy of `eventml` it was built with, so one is reused only while
-        # that code is unchanged: otherwise the figures would be of an older service.
-        label = f"bench-{name}-{source_digest()}"
-        built = serving.bento_for(label) or serving.publish(
-            cache / name / "model", LENDING_SPEC.model_dump_json(), label
-        )
-        tag = built.get("bento_tag") or built["tag"]
+        serving, tag = published(cache, name, events)
         row = {"quality": quality, "bare": bare(model, serving, requests)}
         for workers in map(int, args.workers.split(",")):
             with serving.serve(tag, workers=workers, log_path=cache / name / "serve.log") as url:

@@ -230,6 +230,7 @@ def train_sequence_model(
             dropout=config.dropout,
             emb_dim=config.emb_dim,
             tasks=tasks,
+            task_weights=(1.0,) * len(tasks),  # every label of the pack counts alike
             aux_task=config.aux_task,
             aux_weight=config.aux_weight,
             outlook=outlook,

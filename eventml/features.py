@@ -287,7 +287,7 @@ def build_feature_set(
             raise ValueError(f"{col!r} is not a categorical column of spec {spec.name!r}")
     types = config.count_event_types or spec.event_types
     amount_types = config.amount_event_types or spec.decision_event_types
-    decision_cols = config.decision_columns or ("amount", *spec.numeric)
+    decision_cols = config.decision_columns or ("amount", *spec.input_numeric)
     feats: list[Feature] = []
     for w in (*config.velocity_windows, *config.windows):
         feats.append(
@@ -381,7 +381,7 @@ def feature_set_for(spec: DatasetSpec, config: FeatureConfig | None = None) -> F
     """The feature set of a source, coding categoricals with the vocabularies its spec declares
     (`categories`), so every day's partition and every live request use the same codes."""
     config = config or FEATURE_CONFIGS.get(spec.name, FeatureConfig())
-    decision_cols = config.decision_columns or ("amount", *spec.numeric)
+    decision_cols = config.decision_columns or ("amount", *spec.input_numeric)
     coded = [*config.static_columns, *(c for c in decision_cols if c in spec.categorical)]
     missing = [c for c in coded if c not in spec.categories]
     if missing:

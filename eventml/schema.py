@@ -104,6 +104,18 @@ class DatasetSpec(BaseModel):
         attrs = set(self.categorical) | set(self.numeric) | set(self.oracle)
         if clash := attrs & set(CORE_COLUMNS):
             raise ValueError(f"attribute columns {sorted(clash)} shadow core columns; rename them")
+        # The scoring API's request fields are the attribute columns beside these.
+        reserved = {"decision_id", "recent_events"}
+        if bad := sorted(
+            c
+            for c in attrs
+            if c in reserved or not c.isidentifier() or c.startswith("_") or c.startswith("model_")
+        ):
+            raise ValueError(
+                f"attribute columns {bad} cannot be request fields: use names that are Python "
+                "identifiers, not starting with '_' or 'model_', other than decision_id and "
+                "recent_events (map the source's names with `columns`)"
+            )
         for t in self.decision_event_types:
             if t not in known:
                 raise ValueError(f"decision_event_types: {t!r} is not in event_types")
@@ -127,6 +139,19 @@ class DatasetSpec(BaseModel):
         if unknown:
             raise ValueError(f"columns: {sorted(unknown)} are not canonical or declared columns")
         return self
+
+    @property
+    def label_columns(self) -> frozenset[str]:
+        """Columns holding a label: never an input (a feature, an encoder input, a request field)."""
+        return frozenset(label.column for label in self.labels if label.kind == "column")
+
+    @property
+    def input_categorical(self) -> tuple[str, ...]:
+        return tuple(c for c in self.categorical if c not in self.label_columns)
+
+    @property
+    def input_numeric(self) -> tuple[str, ...]:
+        return tuple(c for c in self.numeric if c not in self.label_columns)
 
     def event_schema(self) -> dict[str, pl.DataType]:
         """The clean event table's columns and types, in order."""
@@ -230,7 +255,8 @@ def validate(
     """Split source rows into clean events and rejects with one reason each.
 
     Checks, first failure wins: a required field missing; a timestamp or number that does not
-    parse; an event type outside the vocabulary; a non-finite number or one past
+    parse; an event type outside the vocabulary; a categorical value outside its declared
+    `categories`; a non-finite number or one past
     `spec.max_abs_value`; text past `spec.max_text_length`; a negative amount; a timestamp
     before `spec.source_start` or after `now`; an event id already seen (the first copy is kept).
     `source` (one name, or one per row) is recorded on rejects so a user can find the bad file.
@@ -253,6 +279,11 @@ def validate(
             pl.col(c).cast(pl.String).str.strip_chars().alias(f"__{c}")
             for c in ("entity_id", "event_id", "event_type")
         ],
+        # Categorical values as the request models read them: stripped, and blank is missing.
+        *[
+            pl.col(c).cast(pl.String).str.strip_chars().replace("", None).alias(f"__{c}")
+            for c in spec.categorical
+        ],
     )
 
     def blank(c: str) -> pl.Expr:
@@ -267,6 +298,14 @@ def validate(
         (pl.col("__ts").is_null(), "unparseable_ts", "ts"),
         (~pl.col("__event_type").is_in(list(spec.event_types)), "unknown_event_type", "event_type"),
         *[
+            (
+                ~pl.col(f"__{c}").is_in(list(values)) & pl.col(f"__{c}").is_not_null(),
+                f"unknown_{c}",
+                c,
+            )
+            for c, values in spec.categories.items()
+        ],
+        *[
             (pl.col(c).is_not_null() & pl.col(f"__{c}").is_null(), f"unparseable_{c}", c)
             for c in numeric_cols
         ],
@@ -276,7 +315,7 @@ def validate(
             for c in numeric_cols
         ],
         *[
-            (pl.col(c).cast(pl.String).str.len_chars() > spec.max_text_length, f"too_long_{c}", c)
+            (pl.col(f"__{c}").str.len_chars() > spec.max_text_length, f"too_long_{c}", c)
             for c in ("entity_id", "event_id", "event_type", *spec.categorical)
         ],
         (pl.col("__amount") < 0, "negative_amount", "amount"),

@@ -151,7 +151,7 @@ class SequenceSpec:
         if high_cardinality == "first_seen" and first_seen < 1:
             raise ValueError(f"first_seen={first_seen}: the cap on first-seen ids must be >= 1")
         codings = []
-        for name in spec.categorical:
+        for name in spec.input_categorical:
             if name in spec.categories:
                 codings.append(CategoricalCoding(name, vocabulary=tuple(spec.categories[name])))
                 continue
@@ -171,7 +171,7 @@ class SequenceSpec:
         return cls(
             event_types=tuple(spec.event_types),
             categorical=tuple(codings),
-            numeric=tuple(spec.numeric),
+            numeric=spec.input_numeric,  # a label column is never an encoder input
         )
 
     # The encoder's input sizes; pass them on as EncoderConfig(**seq_spec.encoder_dims(), ...).

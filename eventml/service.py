@@ -9,8 +9,8 @@ merges concurrent calls). Built in: `/readyz`, `/livez`, `/metrics`, OpenAPI at 
 Bodies are `{"request": {...}}` for /score and `{"requests": [...]}` for /score_batch. The
 request models are made from the served model's own event contract (`eventml.score_api`), with
 its bounds, categories and event types. Every bad request is a 400 whose `detail[].loc` names the
-field; a non-JSON body is a 415; a worker at its limit of calls in flight answers 429 and is not
-ready until it has spare capacity again (`eventml.serving_http`).
+field; a non-JSON body is a 415; a worker at its limit of calls in flight answers 429, and for a
+second after each 429 its `/readyz` answers 503 (`eventml.serving_http`).
 
 Configuration (environment, read once per worker):
 - `EVENTML_ONLINE_STORE`: the SQLite online store (required; `ml_assets.serving` publishes it).
@@ -151,7 +151,7 @@ class RiskService:
         self._ready = True
 
     def __is_ready__(self) -> bool:
-        """Warmed up, and not turning callers away (`Admission`)."""
+        """Warmed up, and no caller turned away in the last second (`Admission`)."""
         return self._ready and not ADMISSION.saturated()
 
     # ------------------------------------------------------------ scoring

@@ -81,7 +81,7 @@ class AdmissionControl:
         async def closing_send(message) -> None:
             if message["type"] == "http.response.start":
                 # Which worker answered: what an operator correlates with a worker's log.
-                headers = [*message["headers"], (b"x-eventml-worker", WORKER)]
+                headers = [*message.get("headers", ()), (b"x-eventml-worker", WORKER)]
                 if a.saturated():
                     headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
@@ -104,8 +104,9 @@ class JSONBodyOnly:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in API_PATHS:
-            ctype = dict(scope["headers"]).get(b"content-type", b"application/json")
-            if ctype.split(b";")[0].strip().lower() != b"application/json":
+            # Every Content-Type header, not one: BentoML reads the first, a dict keeps the last.
+            types = [v for k, v in scope["headers"] if k.lower() == b"content-type"]
+            if any(v.split(b";")[0].strip().lower() != b"application/json" for v in types):
                 return await _answer(send, 415, {"error": "Content-Type must be application/json"})
         await self.app(scope, receive, send)
 

@@ -20,8 +20,7 @@ def score_requests(decisions: pl.DataFrame, spec: DatasetSpec) -> list[dict]:
     `event_id`), `entity_id`, `ts`, `amount` and the decision's own attributes (the request
     fields `eventml.score_api` makes from `spec`)."""
     id_column = "decision_id" if "decision_id" in decisions.columns else "event_id"
-    labels = {label.column for label in spec.labels if label.kind == "column"}
-    attributes = [c for c in (*spec.categorical, *spec.numeric) if c not in labels]
+    attributes = [*spec.input_categorical, *spec.input_numeric]
     rows = decisions.select(
         "entity_id", pl.col("ts").dt.to_string(ISO_UTC), "amount",
         *attributes, pl.col(id_column).alias("decision_id"),

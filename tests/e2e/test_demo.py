@@ -226,12 +226,19 @@ def test_a_run_killed_while_writing_the_online_store_leaves_it_as_it_was(demo, b
 def test_the_set_up_step_marks_the_killed_runs_failed(demo, before_kills):
     home, _ = demo
     with dg.DagsterInstance.from_config(str(home.root / "dagster")) as instance:
-        started = {r.run_id for r in instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))}
+        started = {
+            r.run_id
+            for r in instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+        }
     assert len(started) >= 3  # the three kills above, left "in progress" by their dead process
     done = subprocess.run([sys.executable, "-m", "resources.state"], cwd=REPO, env=home.env,
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert {line.split()[3].rstrip(",") for line in done.stdout.splitlines() if line.startswith("marked failed")} == started
+    assert {
+        line.split()[3].rstrip(",")
+        for line in done.stdout.splitlines()
+        if line.startswith("marked failed")
+    } == started
     with dg.DagsterInstance.from_config(str(home.root / "dagster")) as instance:
         for run_id in started:
             assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE

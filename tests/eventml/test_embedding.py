@@ -90,3 +90,23 @@ def test_a_saved_model_refuses_a_spec_that_codes_ids_differently_from_its_encode
     (tmp_path / "sequence_spec.json").write_text(hashed.to_json())
     with pytest.raises(ValueError, match="different trainings"):
         SequenceModel.load(tmp_path)
+
+
+
+@pytest.mark.parametrize("n_labels", [1, 3])
+def test_the_encoder_learns_every_label_of_the_spec_however_many(world, n_labels):
+    from eventml.schema import Label
+
+    events, _ = world
+    third = Label(name="missed_30d", kind="event_within", event_type="payment_missed",
+                  horizon_days=30)  # fmt: skip
+    labels = (*LENDING_SPEC.labels, third)[:n_labels]
+    spec = LENDING_SPEC.model_copy(update={"labels": labels})
+    splits = with_stacking_stages(split_decisions(build_decisions(events, spec), spec))
+    config = SequenceModelConfig(epochs=1, d_model=16, n_layers=1, max_len=16, emb_dim=4)
+    model, _ = train_sequence_model(events, splits, spec, config, log=lambda line: None)
+    assert model.tasks == tuple(label.name for label in labels)
+    columns = model.output_columns(model.arrays(events, splits.head(5)))
+    probabilities = list(columns.values())[config.emb_dim :]
+    assert len(probabilities) == n_labels
+    assert all(((p >= 0) & (p <= 1)).all() for p in probabilities)

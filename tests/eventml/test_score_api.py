@@ -7,7 +7,6 @@ import logging
 import re
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
@@ -91,12 +90,13 @@ def test_each_invalid_field_is_named(change, field):
     assert field in _locs({**GOOD, **change})
 
 
-def test_the_documented_ts_pattern_spans_the_source_start_to_the_last_whole_month():
+def test_the_documented_ts_pattern_spans_the_source_start_to_the_month_after_now():
     pattern = re.compile(
         ts_pattern(datetime(2025, 1, 1, tzinfo=UTC), datetime(2026, 12, 2, tzinfo=UTC))
     )
     assert pattern.match("2025-01-01T00:00:00Z") and pattern.match("2026-11-30T23:59:59.5+01:00")
-    assert not pattern.match("2024-12-31T23:59:59Z") and not pattern.match("2026-12-01T00:00:00Z")
+    assert pattern.match("2027-01-31T00:00:00Z")  # a month past the worker's start
+    assert not pattern.match("2024-12-31T23:59:59Z") and not pattern.match("2027-02-01T00:00:00Z")
     assert not pattern.match("0001-01-01T00:00:00+03:00")
 
 
@@ -104,16 +104,48 @@ def test_a_missing_required_field_is_named():
     assert _locs({k: v for k, v in GOOD.items() if k != "ts"}) == ["ts"]
 
 
-def test_recent_events_and_ingest_reject_the_same_rows():
-    """One set of bounds: each of these events is a reject in ingest and a 400 in a request."""
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"amount": -9_999_999.0}, "amount"),
+        ({"amount": 2e9}, "amount"),
+        ({"ts": "1900-01-01T00:00:00Z"}, "ts"),
+        ({"event_id": "e" * 300}, "event_id"),
+        ({"channel": "fax"}, "channel"),
+        ({"device_id": "d" * 300}, "device_id"),
+    ],
+)
+def test_recent_events_and_ingest_reject_the_same_rows(change, field):
+    """One set of bounds: each of these events is a reject in ingest and a 400 naming the same
+    field in a request."""
+    event = _event(**change)
+    raw = pl.DataFrame([{"entity_id": "u1", "amount": None, **event}])
+    rejects = validate(raw, LENDING_SPEC).rejects
+    assert rejects["field"].to_list() == [field]
+    assert f"recent_events.0.{field}" in _locs({**GOOD, "recent_events": [event]})
+
+
+def test_an_event_may_not_lead_the_clock_though_a_decision_may_by_a_little():
     now = datetime.now(UTC)
-    bad = [{"amount": -9_999_999.0}, {"amount": 2e9}, {"ts": "1900-01-01T00:00:00Z"},
-           {"ts": (now + timedelta(days=1)).isoformat()}, {"event_id": "e" * 300}]  # fmt: skip
-    for change in bad:
-        event = _event(**change)
-        raw = pl.DataFrame([{"entity_id": "u1", "amount": None, **event}])
-        assert validate(raw, LENDING_SPEC, now=now).rejects.height == 1, change
-        assert _locs({**GOOD, "ts": now.isoformat(), "recent_events": [event]}), change
+    soon = (now + timedelta(minutes=2)).isoformat()
+    assert ScoreRequest.model_validate({**GOOD, "ts": soon}).ts > now
+    later = (now + timedelta(minutes=3)).isoformat()
+    assert "recent_events.0.ts" in _locs({**GOOD, "ts": later, "recent_events": [_event(ts=soon)]})
+    raw = pl.DataFrame([{"entity_id": "u1", "amount": None, **_event(ts=soon)}])
+    assert validate(raw, LENDING_SPEC, now=now).rejects["reason"].to_list() == ["ts_in_future"]
+
+
+def test_what_ingest_keeps_a_request_accepts():
+    """The other direction: clean rows, categoricals as ingest stores them (stripped; blank is
+    missing), make valid requests."""
+    raw = pl.DataFrame([{"entity_id": "u1", "amount": 5.0, "merchant_category": " travel ",
+                         "device_id": "", **_event(event_type="application")}])  # fmt: skip
+    clean = validate(raw, LENDING_SPEC).clean
+    assert clean["merchant_category"].to_list() == ["travel"] and clean["device_id"].to_list() == [
+        None
+    ]
+    (body,) = score_requests(clean, LENDING_SPEC)
+    assert ScoreRequest.model_validate(body).merchant_category == "travel"
 
 
 def test_a_pack_of_another_shape_gets_its_own_fields(bank_spec):
@@ -133,7 +165,7 @@ def test_a_pack_of_another_shape_gets_its_own_fields(bank_spec):
     assert "channel" in _locs({"entity_id": "c1", "ts": TS, "channel": "app"}, request)
 
 
-def test_a_label_column_is_never_a_request_field():
+def test_a_label_column_is_never_a_request_field_a_feature_or_an_encoder_input():
     spec = DatasetSpec.from_dict({
         "name": "cards", "source_start": "2025-01-01", "event_types": ["payment"],
         "numeric": ["is_fraud"], "decision_event_types": ["payment"],
@@ -145,6 +177,12 @@ def test_a_label_column_is_never_a_request_field():
                               "ts": [datetime(2025, 2, 1, tzinfo=UTC)], "is_fraud": [1.0]})  # fmt: skip
     (body,) = score_requests(decisions, spec)
     assert request.model_validate(body).entity_id == "c1" and "is_fraud" not in body
+    # Nor a decision feature, nor an encoder input.
+    from eventml.features import feature_set_for
+    from eventml.sequences import SequenceSpec
+
+    assert not any("is_fraud" in name for name in feature_set_for(spec).names)
+    assert SequenceSpec.fit(spec).numeric == ()
 
 
 def test_the_simulated_decisions_make_valid_requests():
@@ -210,21 +248,83 @@ def test_client_errors_are_logged_as_one_line_and_server_errors_keep_their_trace
 
 
 def test_what_the_service_imports_has_no_orchestration():
-    code = ("import sys, eventml.score_api, eventml.serving_http, eventml.risk_model, "
-            "eventml.online_store, eventml.prediction_log, eventml.features; "
-            "print(sorted({m.split('.')[0] for m in sys.modules}))")  # fmt: skip
+    """The Bento ships `eventml` alone: the service module (its imports read from its source,
+    since importing it needs a served model) and every eventml module it imports load without
+    dagster or mlflow."""
+    import ast
+    from pathlib import Path
+
+    source = Path(__file__).parents[2] / "eventml" / "service.py"
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    assert not {m.split(".")[0] for m in imported} & {"dagster", "mlflow", "ml_assets", "resources"}
+    ours = sorted(m for m in imported if m.startswith("eventml."))
+    code = f"import sys, {', '.join(ours)}; print(sorted({{m.split('.')[0] for m in sys.modules}}))"
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert "'dagster'" not in loaded and "'mlflow'" not in loaded
 
 
-def test_a_worker_that_turned_a_caller_away_is_saturated_for_its_cool_down():
-    from eventml.serving_http import Admission
+async def _call(middleware, path="/score", headers=(), app_status=200, in_app=None):
+    """One request through `middleware` around an app answering `app_status`; what was sent."""
+    sent = []
 
-    a = Admission(limit=4, cool_down_s=0.2)
-    assert not a.saturated()
-    a.last_refusal = time.monotonic()
-    assert a.saturated()
-    time.sleep(0.25)
-    assert not a.saturated()
+    async def app(scope, receive, send):
+        if in_app:
+            in_app()
+        await send({"type": "http.response.start", "status": app_status, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers),
+             "client": ("127.0.0.1", 5000)}  # fmt: skip
+    await middleware(app)(scope, None, send)
+    return sent[0]["status"], dict(sent[0]["headers"])
+
+
+def test_admission_refuses_past_the_limit_with_retry_after_and_closes_while_saturated():
+    import asyncio
+
+    from eventml.serving_http import Admission, AdmissionControl
+
+    a = Admission(limit=1)
+    full = lambda: asyncio.run(_call(lambda app: AdmissionControl(app, a)))  # noqa: E731
+    status, headers = full()
+    assert status == 200 and b"connection" not in headers and headers[b"x-eventml-worker"]
+    a.in_flight = 1  # another call holds the only slot
+    status, headers = full()
+    assert status == 429 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+    assert a.refused == 1 and a.saturated()
+    a.in_flight = 0
+    status, headers = full()  # served, but its connection closes while the worker is saturated
+    assert status == 200 and headers[b"connection"] == b"close" and a.in_flight == 0
+
+
+def test_a_body_that_is_not_only_json_is_a_415_however_the_header_is_repeated():
+    import asyncio
+
+    from eventml.serving_http import JSONBodyOnly
+
+    json_type = (b"content-type", b"application/json")
+    form_type = (b"content-type", b"multipart/form-data")
+    assert asyncio.run(_call(JSONBodyOnly, headers=[json_type]))[0] == 200
+    assert asyncio.run(_call(JSONBodyOnly, headers=[]))[0] == 200  # none: JSON, as BentoML reads it
+    assert asyncio.run(_call(JSONBodyOnly, headers=[form_type, json_type]))[0] == 415
+    assert asyncio.run(_call(JSONBodyOnly, headers=[json_type, form_type]))[0] == 415
+
+
+def test_attribute_names_that_cannot_be_request_fields_are_refused_when_the_spec_loads():
+    from eventml.schema import SpecError
+
+    base = {"name": "x", "source_start": "2025-01-01", "event_types": ["a"],
+            "decision_event_types": ["a"]}  # fmt: skip
+    for bad in ("decision_id", "recent_events", "_src", "model_config", "two words"):
+        with pytest.raises(SpecError, match="cannot be request fields"):
+            DatasetSpec.from_dict({**base, "numeric": [bad]})
