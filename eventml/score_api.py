@@ -28,7 +28,7 @@ from pydantic import (
     create_model,
     field_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
+from pydantic_core import PydanticCustomError
 
 from eventml.schema import DatasetSpec
 
@@ -39,14 +39,6 @@ MAX_BATCH = 256
 # A decision happens "now" by the caller's clock, which may run a little ahead of the server's;
 # events in a batch file arrive after they happened, so ingest allows no lead at all.
 CLOCK_SKEW = timedelta(minutes=5)
-
-
-def field_error(loc: tuple, kind: str, msg: str, value: object = None) -> ValidationError:
-    """A 400 naming `loc` from inside a handler: BentoML answers a pydantic ValidationError raised
-    there exactly like a request-parsing error."""
-    return ValidationError.from_exception_data(
-        "Input", [InitErrorDetails(type=PydanticCustomError(kind, msg), loc=loc, input=value)]
-    )
 
 
 def _time_check(spec: DatasetSpec, lead: timedelta):
