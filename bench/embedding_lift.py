@@ -47,14 +47,15 @@ import xgboost as xgb
 from sklearn.metrics import r2_score, roc_auc_score
 
 from eventml.embedding import SequenceModelConfig, embedding_table, train_sequence_model
-from eventml.features import feature_set_for
 from eventml.home import StateHome
 from eventml.labels import build_decisions
 from eventml.risk_model import embedding_columns, model_table
 from eventml.scorer import Scorer, ScorerConfig
-from eventml.simulate import LENDING_SPEC, WorldConfig
 from eventml.splits import split_decisions, with_stacking_stages
-from ml_assets.models import MONOTONE
+from eventml.worlds.lending import PACK as LENDING_PACK
+from eventml.worlds.lending import WorldConfig
+
+TASK = LENDING_PACK.promotion_rules.task  # the label promotion decides on
 
 RECIPES = (
     "person-split",
@@ -64,7 +65,7 @@ RECIPES = (
     "outlook-only",
     "self-supervised",
 )
-ORACLE = {"default_90d": "true_p_default", "fraud_60d": "true_p_fraud"}
+ORACLE = LENDING_PACK.oracle
 
 
 def load(days: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
@@ -77,7 +78,7 @@ def load(days: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
         .drop("day")
         .collect()
     )
-    decisions = build_decisions(events, LENDING_SPEC)
+    decisions = build_decisions(events, LENDING_PACK)
     features = (
         pl.scan_delta(str(tables / "decision_features"))
         .join(decisions.lazy().select("decision_id"), on="decision_id", how="semi")
@@ -105,7 +106,12 @@ def out_of_time_aucs(table: pl.DataFrame, columns: list[str], tasks: list[str]) 
     fit_rows = table.filter((pl.col("split") == "train") & (pl.col("stage") == "scorer"))
     valid, test = table.filter(pl.col("split") == "valid"), table.filter(pl.col("split") == "test")
     scorer = Scorer.fit(
-        fit_rows, valid, columns, tasks, ScorerConfig(monotone=MONOTONE), log=lambda line: None
+        fit_rows,
+        valid,
+        columns,
+        tasks,
+        ScorerConfig(monotone=LENDING_PACK.monotone),
+        log=lambda line: None,
     )
     predicted = scorer.predict(test)
     aucs = {}
@@ -138,11 +144,11 @@ def run(recipe, seed, events, splits, features, tasks, args) -> tuple[dict, pl.D
     )
     start = time.perf_counter()
     model, _ = train_sequence_model(
-        events, encoder_rows, LENDING_SPEC, config, log=lambda line: None
+        events, encoder_rows, LENDING_PACK, config, log=lambda line: None
     )
     seconds = time.perf_counter() - start
     table = model_table(splits, features, embedding_table(model, events, splits))
-    names = feature_set_for(LENDING_SPEC).names
+    names = LENDING_PACK.feature_set().names
     emb = embedding_columns(model.encoder.config.emb_dim)
     # Not shipped, measured beside it: the encoder's own probabilities as inputs too.
     scores = [f"encoder_{task}" for task in tasks]
@@ -175,7 +181,7 @@ def run(recipe, seed, events, splits, features, tasks, args) -> tuple[dict, pl.D
     return row, table
 
 
-def staleness(table: pl.DataFrame, events: pl.DataFrame, task: str = "default_90d") -> pl.DataFrame:
+def staleness(table: pl.DataFrame, events: pl.DataFrame, task: str = TASK) -> pl.DataFrame:
     """The encoder's own AUC on each split and stage, with how old the people scored are."""
     first = events.group_by("entity_id").agg(pl.col("ts").min().alias("first_event"))
     scored = table.filter(pl.col(f"{task}_matured") & pl.col(task).is_not_null()).join(
@@ -204,25 +210,23 @@ def oracle_edge(table: pl.DataFrame) -> dict:
     """Test defaults the simulator had already drawn (true p = 1) and whether a missed payment
     shows them, and the oracle's AUC without them."""
     test = table.filter(
-        (pl.col("split") == "test")
-        & pl.col("default_90d_matured")
-        & pl.col("default_90d").is_not_null()
+        (pl.col("split") == "test") & pl.col(f"{TASK}_matured") & pl.col(TASK).is_not_null()
     )
     drawn = test.filter(pl.col("true_p_default") >= 0.999)
     rest = test.filter(pl.col("true_p_default") < 0.999)
     return {
-        "test positives": int(test["default_90d"].sum()),
-        "already drawn (true p = 1)": int(drawn["default_90d"].sum()),
+        "test positives": int(test[TASK].sum()),
+        "already drawn (true p = 1)": int(drawn[TASK].sum()),
         "of those, a missed payment in the history": int((drawn["n_payment_missed_90d"] > 0).sum()),
         "oracle AUC without them": round(
-            roc_auc_score(rest["default_90d"], rest["true_p_default"]), 4
+            roc_auc_score(rest[TASK], rest[LENDING_PACK.oracle[TASK]]), 4
         ),
     }
 
 
 def days_late_gap(table: pl.DataFrame, events: pl.DataFrame) -> dict:
     """The days late of each person's last three payments before the decision (mean and max):
-    the `default_90d` AUC it adds to the features-only scorer on the recipe's own rows, and how
+    the promotion task's AUC it adds to the features-only scorer on the recipe's own rows, and how
     much of its mean (R² on test rows with a payment) the features, the embedding and both
     recover."""
     payments = (
@@ -242,14 +246,14 @@ def days_late_gap(table: pl.DataFrame, events: pl.DataFrame) -> dict:
         payments, left_on="ts", right_on="paid_at", by="entity_id",
         strategy="backward", allow_exact_matches=False, check_sortedness=False,
     )  # fmt: skip
-    names = feature_set_for(LENDING_SPEC).names
+    names = LENDING_PACK.feature_set().names
     emb = [c for c in table.columns if c.startswith("emb_")]
     out = {}
     for name, extra in (
         ("features", []),
         ("features + last 3 payments' days late", ["late_mean3", "late_max3"]),
     ):
-        auc = out_of_time_aucs(table, names + extra, ["default_90d"])["default_90d"]
+        auc = out_of_time_aucs(table, names + extra, [TASK])[TASK]
         out[f"{name} AUC"] = round(auc, 4)
     paid = table.filter(pl.col("late_mean3").is_not_null())
     fit, held = paid.filter(pl.col("split") != "test"), paid.filter(pl.col("split") == "test")
@@ -270,8 +274,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
     events, decisions, features = load(args.days)
-    tasks = [label.name for label in LENDING_SPEC.labels]
-    splits = split_decisions(decisions, LENDING_SPEC)
+    tasks = [label.name for label in LENDING_PACK.labels]
+    splits = split_decisions(decisions, LENDING_PACK)
     print(f"{events.height:,} events, {decisions.height:,} decisions, days 0-{args.days - 1}")
     rows, tables = [], {}
     for recipe in args.recipes:
@@ -294,9 +298,9 @@ def main(argv=None) -> None:
         print(summary.transpose(include_header=True, column_names="recipe"))
         recipe, first = next(iter(tables.items()))
         if recipe not in ("outlook-only", "self-supervised"):  # their task heads are untrained
-            print(f"\nthe {recipe} encoder's own default_90d AUC, split by split")
+            print(f"\nthe {recipe} encoder's own {TASK} AUC, split by split")
             print(staleness(first, events))
-    print("\nthe oracle's edge on default_90d:", oracle_edge(first))
+    print(f"\nthe oracle's edge on {TASK}:", oracle_edge(first))
     print("\nthe days late of the last payments, which no feature holds (first seed's tables):")
     for recipe, table in tables.items():
         print(f"  {recipe}: {days_late_gap(table, events)}")

@@ -127,6 +127,8 @@ def setup_ours(args, arrays, device, bucket: bool):
         n_layers=args.layers,
         n_heads=args.heads,
         dropout=args.dropout,
+        tasks=("task_a", "task_b"),
+        task_weights=(1.0, 1.0),
     )
     model = Encoder(config).to(device)
     train_config = TrainConfig(

@@ -18,27 +18,25 @@ import resource
 import time
 from pathlib import Path
 
+import eventml.simulate
 import numpy as np
 import pandas as pd
 import polars as pl
 
-import eventml.simulate
 from eventml.features import (
-    LENDING_FEATURES,
     US_PER_DAY,
     FeatureSet,
-    build_feature_set,
-    category_vocab,
     compute_features,
     encode_value,
     window_us,
 )
 from eventml.home import StateHome
 from eventml.labels import build_decisions
-from eventml.simulate import LENDING_SPEC, WorldConfig, simulate
 from eventml.splits import split_decisions, training_rows
+from eventml.worlds.lending import PACK as LENDING_PACK
+from eventml.worlds.lending import WorldConfig, simulate
 
-VOCAB_COLUMNS = ("region", "age_band", "income_band", "merchant_category", "channel")
+TASK = LENDING_PACK.promotion_rules.task  # the label promotion decides on
 
 
 def world_events(config: WorldConfig) -> pl.DataFrame:
@@ -96,9 +94,9 @@ def pandas_features(events: pd.DataFrame, decisions: pd.DataFrame, fs: FeatureSe
         for f in fs.features:
             if f.kind == "count":
                 row[f.name] = int(_matching(h, t, f.events, f.window).sum())
-            elif f.kind.startswith("amount_"):
-                a = h.loc[_matching(h, t, f.events, f.window), "amount"].dropna()
-                stat = f.kind.removeprefix("amount_")
+            elif f.kind in ("sum", "mean", "max"):
+                a = h.loc[_matching(h, t, f.events, f.window), f.column].dropna()
+                stat = f.kind
                 row[f.name] = (
                     float(a.sum())
                     if stat == "sum"
@@ -164,7 +162,7 @@ def family_breakdown(events: pl.DataFrame, decisions: pl.DataFrame, fs: FeatureS
     print(f"  setup (encode, sort, window bounds) + decision attributes: {setup:6.2f} s")
     families = {
         "counts, trends, ratios": ("count", "trend", "ratio"),
-        "amount sum/mean/max": ("amount_sum", "amount_mean", "amount_max"),
+        "sum/mean/max of numeric columns": ("sum", "mean", "max"),
         "distinct values, same device": ("distinct", "seen_before"),
         "recency": ("days_since",),
         "static attributes": ("static",),
@@ -180,14 +178,14 @@ def auc_vs_oracle() -> None:
     from xgboost import XGBClassifier
 
     events = world_events(WorldConfig())
-    decisions = build_decisions(events, LENDING_SPEC)
-    fs = build_feature_set(LENDING_SPEC, category_vocab(events, VOCAB_COLUMNS), LENDING_FEATURES)
-    table = split_decisions(decisions, LENDING_SPEC).join(
+    decisions = build_decisions(events, LENDING_PACK)
+    fs = LENDING_PACK.feature_set()
+    table = split_decisions(decisions, LENDING_PACK).join(
         compute_features(events, decisions, fs), on="decision_id"
     )
-    parts = {s: training_rows(table, "default_90d", s) for s in ("train", "valid", "test")}
+    parts = {s: training_rows(table, TASK, s) for s in ("train", "valid", "test")}
     x = {s: p.select(fs.names).to_numpy() for s, p in parts.items()}
-    y = {s: p["default_90d"].to_numpy() for s, p in parts.items()}
+    y = {s: p[TASK].to_numpy() for s, p in parts.items()}
     model = XGBClassifier(n_estimators=400, max_depth=5, learning_rate=0.05, subsample=0.8,
                           colsample_bytree=0.5, early_stopping_rounds=30, n_jobs=2, eval_metric="auc")  # fmt: skip
     model.fit(x["train"], y["train"], eval_set=[(x["valid"], y["valid"])], verbose=False)
@@ -195,7 +193,7 @@ def auc_vs_oracle() -> None:
     oracle = roc_auc_score(y["test"], parts["test"]["true_p_default"].to_numpy())
     rows = {s: len(v) for s, v in y.items()}
     print(
-        f"default world ({events.height:,} events), default_90d out-of-time, rows {rows}, test rate {y['test'].mean():.3f}"
+        f"default world ({events.height:,} events), {TASK} out-of-time, rows {rows}, test rate {y['test'].mean():.3f}"
     )
     print(
         f"  XGBoost on features: test AUC {auc:.4f}   oracle (true_p_default): {oracle:.4f}   chance: 0.5"
@@ -217,8 +215,8 @@ def main() -> None:
     args = parser.parse_args()
 
     events = world_events(WorldConfig(n_users=args.users))
-    decisions = build_decisions(events, LENDING_SPEC)
-    fs = build_feature_set(LENDING_SPEC, category_vocab(events, VOCAB_COLUMNS), LENDING_FEATURES)
+    decisions = build_decisions(events, LENDING_PACK)
+    fs = LENDING_PACK.feature_set()
     print(
         f"world: {args.users:,} people, {events.height:,} events, {decisions.height:,} decisions, {len(fs.features)} features"
     )

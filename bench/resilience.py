@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from serve import pct, published, trained, world  # noqa: E402
 
 from eventml.home import StateHome  # noqa: E402
-from eventml.simulate import LENDING_SPEC  # noqa: E402
 from eventml.traffic import score_requests  # noqa: E402
+from eventml.worlds.lending import PACK as LENDING_PACK  # noqa: E402
 from resources.bento import worker_pids  # noqa: E402
 
 
@@ -170,7 +170,7 @@ def main() -> None:
     cache = StateHome.from_env().root / "bench" / "serve"
     events, splits, features = world(cache, args.users)
     test = splits.filter(pl.col("split") == "test").sample(400, seed=0)
-    requests = score_requests(test, LENDING_SPEC)
+    requests = score_requests(test, LENDING_PACK)
     results = {"machine": f"{os.cpu_count()} cores", "load_average_at_start": os.getloadavg()[0]}
     for name in args.configs.split(","):
         trained(cache, name, events, splits, features)

@@ -36,14 +36,15 @@ sys.path.insert(0, str(ROOT))
 
 from eventml.embedding import SequenceModelConfig, embedding_table, train_sequence_model  # noqa: E402
 from eventml.encoder import roc_auc  # noqa: E402
-from eventml.features import compute_features, feature_set_for  # noqa: E402
+from eventml.features import compute_features  # noqa: E402
 from eventml.home import StateHome  # noqa: E402
 from eventml.labels import build_decisions  # noqa: E402
 from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table  # noqa: E402
 from eventml.scorer import Scorer, ScorerConfig  # noqa: E402
-from eventml.simulate import LENDING_SPEC, WorldConfig, simulate  # noqa: E402
 from eventml.splits import split_decisions  # noqa: E402
 from eventml.traffic import score_requests  # noqa: E402
+from eventml.worlds.lending import PACK as LENDING_PACK  # noqa: E402
+from eventml.worlds.lending import WorldConfig, simulate  # noqa: E402
 from resources.bento import Serving  # noqa: E402
 
 CONFIGS = {
@@ -70,8 +71,8 @@ def world(cache: Path, n_users: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.Dat
     if not all(f.exists() for f in files):
         cache.mkdir(parents=True, exist_ok=True)
         events = simulate(WorldConfig(n_users=n_users))
-        splits = split_decisions(build_decisions(events, LENDING_SPEC), LENDING_SPEC)
-        features = compute_features(events, splits, feature_set_for(LENDING_SPEC))
+        splits = split_decisions(build_decisions(events, LENDING_PACK), LENDING_PACK)
+        features = compute_features(events, splits, LENDING_PACK.feature_set())
         for frame, f in zip((events, splits, features), files):
             frame.write_parquet(f)
     return tuple(pl.read_parquet(f) for f in files)
@@ -83,17 +84,17 @@ def trained(cache: Path, name: str, events, splits, features) -> tuple[RiskModel
         return RiskModel.load(folder / "model"), json.loads((folder / "quality.json").read_text())
     config, t0 = CONFIGS[name], time.perf_counter()
     sequence_model, _ = train_sequence_model(
-        events, splits, LENDING_SPEC, config, log=lambda *_: None
+        events, splits, LENDING_PACK, config, log=lambda *_: None
     )
     train_s = time.perf_counter() - t0
-    fs = feature_set_for(LENDING_SPEC)
+    fs = LENDING_PACK.feature_set()
     table = model_table(splits, features, embedding_table(sequence_model, events, splits))
-    tasks = [label.name for label in LENDING_SPEC.labels]
+    tasks = [label.name for label in LENDING_PACK.labels]
     scorer = Scorer.fit(
         table.filter(pl.col("split") == "train"), table.filter(pl.col("split") == "valid"),
         fs.names + embedding_columns(config.emb_dim), tasks, ScorerConfig(), log=lambda *_: None,
     )  # fmt: skip
-    model = RiskModel(sequence_model, scorer, fs, DecisionPolicy())
+    model = RiskModel(sequence_model, scorer, fs, DecisionPolicy(LENDING_PACK.policy))
     test = table.filter(pl.col("split") == "test")
     probs = scorer.predict(test)
     quality = {
@@ -116,12 +117,12 @@ def published(cache: Path, name: str, events: pl.DataFrame) -> tuple[Serving, st
     of a Bento of the working tree's `eventml` serving it."""
     serving = Serving.under(cache / name)
     if not Path(serving.online_store).exists():
-        serving.store(LENDING_SPEC).write(events)
+        serving.store(LENDING_PACK).write(events)
     # A Bento serves the copy of `eventml` it was built with, so one is reused only while that
     # code is unchanged: otherwise the figures would be of an older service.
     label = f"bench-{name}-{source_digest()}"
     built = serving.bento_for(label) or serving.publish(
-        cache / name / "model", LENDING_SPEC.model_dump_json(), label
+        cache / name / "model", LENDING_PACK.model_dump_json(), label
     )
     return serving, built.get("bento_tag") or built["tag"]
 
@@ -135,8 +136,8 @@ def bare(model: RiskModel, serving: Serving, requests: list[dict]) -> dict:
     torch.set_num_threads(1)
     for b in model.scorer.boosters.values():
         b.set_param({"nthread": 1})
-    store = serving.store(LENDING_SPEC)
-    score_request, _ = request_models(LENDING_SPEC)
+    store = serving.store(LENDING_PACK)
+    score_request, _ = request_models(LENDING_PACK)
     parsed = [score_request.model_validate(r) for r in requests]
     histories = [store.history(r.entity_id, before=r.ts) for r in parsed]
     decisions = [decision_of(r) for r in parsed]
@@ -166,7 +167,7 @@ def parity(url: str, model: RiskModel, events, sample: pl.DataFrame, features) -
 
     offline = model.score_tables(features, model.embed_decisions(events, sample))
     offline = {r["decision_id"]: r for r in offline.iter_rows(named=True)}
-    requests = score_requests(sample, LENDING_SPEC)
+    requests = score_requests(sample, LENDING_PACK)
     with httpx.Client(base_url=url, timeout=120) as c:
         single = [c.post("/score", json={"request": r}).json() for r in requests[:100]]
         batch = c.post("/score_batch", json={"requests": requests[:256]}).json()
@@ -255,7 +256,7 @@ def main() -> None:
     cache = StateHome.from_env().root / "bench" / "serve"
     events, splits, features = world(cache, args.users)
     test = splits.filter(pl.col("split") == "test").sample(args.sample, seed=0)
-    requests = score_requests(test, LENDING_SPEC)
+    requests = score_requests(test, LENDING_PACK)
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "load_average_at_start": os.getloadavg()[0], "users": args.users, "events": events.height}  # fmt: skip
     for name in args.configs.split(","):

@@ -20,7 +20,10 @@ from datetime import UTC, datetime
 import polars as pl
 from sklearn.metrics import roc_auc_score
 
-from eventml.simulate import LENDING_SPEC, WorldConfig, date_of, iter_days, simulate
+from eventml.worlds.lending import PACK as LENDING_PACK
+from eventml.worlds.lending import WorldConfig, date_of, iter_days, simulate
+
+TASK = LENDING_PACK.promotion_rules.task  # the label promotion decides on
 
 BUDGET_S = 60.0  # the reference world must generate in under a minute on a 2-core laptop
 
@@ -33,7 +36,7 @@ def peak_rss_mib() -> float:
 
 def labelled(events: pl.DataFrame, config: WorldConfig, name: str) -> pl.DataFrame:
     """Matured applications with the spec's label: an outcome event in (ts, ts + horizon]."""
-    label = LENDING_SPEC.label(name)
+    label = LENDING_PACK.label(name)
     horizon = pl.duration(days=label.horizon_days)
     end = datetime.combine(date_of(config, config.n_days), datetime.min.time(), tzinfo=UTC)
     apps = events.filter(pl.col("event_type") == "application", pl.col("ts") + horizon <= end)
@@ -85,14 +88,14 @@ def main() -> None:
 
     apps = events.filter(pl.col("event_type") == "application")
     user_years = reference.n_users * reference.n_days / 365
-    default = labelled(events, reference, "default_90d")
+    default = labelled(events, reference, TASK)
     fraud = labelled(events, reference, "fraud_60d")
     print("reference world figures")
     print(f"  events per user-year        {events.height / user_years:.0f}")
     print(f"  applications                {apps.height:,}")
     print(f"  approval rate               {(apps['policy_decision'] == 'approve').mean():.3f}")
     print(
-        f"  default_90d (approved, matured)  rate {default['y'].mean():.4f}   mean true_p {default['true_p_default'].mean():.4f}"
+        f"  {TASK} (approved, matured)  rate {default['y'].mean():.4f}   mean true_p {default['true_p_default'].mean():.4f}"
         f"   oracle AUC {roc_auc_score(default['y'], default['true_p_default']):.3f}   n={default.height:,}"
     )  # noqa: E501
     print(

@@ -158,11 +158,11 @@ def learning_rows(
 
     With stages, no outlook target comes from a person who has a row of stage "scorer" or of
     `valid`: a gap row's outlook and a scorer or validation row's label are often the very same
-    delinquency, and an encoder that fitted it recognises the person (their device, their
+    adverse event, and an encoder that fitted it recognises the person (their device, their
     habits) in the scorer's rows, which would teach the scorer to trust an embedding that knows
     nothing of new people; validation would flatter it the same way. Validation still is
     flattered on the encoder's own people (train and valid are adjacent, so their train and
-    valid labels can be one delinquency); early-stopping on the other people only was measured
+    valid labels can be one event); early-stopping on the other people only was measured
     and changed nothing (README, issue 5)."""
     tasks = [label.name for label in spec.labels]
     staged = "stage" in splits.columns

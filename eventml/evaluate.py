@@ -220,5 +220,9 @@ def compare(
                 segment_rows.append(
                     seg.with_columns(pl.lit(model).alias("model"), pl.lit(task).alias("task"))
                 )
-    segment_table = pl.concat(segment_rows) if segment_rows else pl.DataFrame()
+    segment_table = (
+        pl.concat(segment_rows)
+        if segment_rows
+        else pl.DataFrame(schema={"model": pl.String, "task": pl.String})
+    )
     return pl.DataFrame(rows), segment_table

@@ -2,7 +2,7 @@
 
 A decision is an event of one of the spec's decision types (a loan application). Each label is
 known only once its horizon has passed: an `event_within` label asks whether an event of the
-target type happens to the same entity in (ts, ts + horizon] — a delinquency on day 90 counts,
+target type happens to the same entity in (ts, ts + horizon] — with a 90-day horizon, one on day 90 counts,
 one on day 91 does not — and a `column` label is read off the decision event but still waits for
 its horizon (a fraud flag that arrives later). Until then the label is null and `L_matured` is
 false, so an early positive cannot bias training towards outcomes that happen fast.
@@ -66,7 +66,7 @@ def build_decisions(
     as_of = as_of or events["ts"].max() or spec.source_start
     decisions = events.filter(pl.col("event_type").is_in(list(spec.decision_event_types))).select(
         pl.col("event_id").alias("decision_id"), "entity_id", "ts", "event_type", "amount",
-        *spec.categorical, *spec.numeric, *spec.oracle,
+        *spec.categorical, *spec.numeric, *spec.oracle_columns,
     )  # fmt: skip
     exprs: list[pl.Expr] = []
     for label in spec.labels:
@@ -81,7 +81,9 @@ def build_decisions(
             matures_at.alias(f"{label.name}_matures_at"),
             (matures_at <= as_of).alias(f"{label.name}_matured"),
         ]
-    return decisions.with_columns(exprs).select(pl.exclude(spec.oracle), *spec.oracle)
+    return decisions.with_columns(exprs).select(
+        pl.exclude(spec.oracle_columns), *spec.oracle_columns
+    )
 
 
 def decision_summary(decisions: pl.DataFrame, spec: DatasetSpec) -> dict:

@@ -73,12 +73,14 @@ def read_landing_file(path: Path, spec: DatasetSpec, source: str | None = None) 
     kept verbatim for the rejects table; typed timestamps are rendered as ISO 8601 in UTC.
     Raises `LandingFileError` for a file that cannot be read as the spec describes."""
     frame = _read(path)
-    expected = {c: spec.columns.get(c, c) for c in REQUIRED_COLUMNS}
+    # A column the pack gives a constant for (every row a `payment`) need not be in the file.
+    expected = {c: spec.columns.get(c, c) for c in REQUIRED_COLUMNS if c not in spec.constants}
     if missing := [c for c, name in expected.items() if name not in frame.columns]:
         raise LandingFileError(
             f"{path.name}: its columns do not match dataset spec {spec.name!r}: expected "
             f"{[expected[c] for c in missing]} (for {missing}), found {frame.columns[:20]}. "
-            "Map the file's names under `columns:` in the spec, or export the file with them"
+            "Map the file's names under `columns:` in the pack (or give a `constants:` value), "
+            "or export the file with them"
             " (a comma-separated CSV with a header row)"
         )
     mapped = map_columns(frame, spec)

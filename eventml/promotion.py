@@ -8,11 +8,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import polars as pl
+from pydantic import BaseModel, ConfigDict
 
 
-@dataclass(frozen=True)
-class PromotionRules:
-    task: str = "default_90d"  # the task whose AUC decides
+class PromotionRules(BaseModel):
+    """A dataset pack's `promotion` section."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task: str | None = None  # the label whose AUC decides; None: the pack's first label
     # The challenger must reach the champion's AUC plus this (negative: may be slightly worse).
     min_auc_gain: float = 0.0
     max_ece: float = 0.05  # expected calibration error bound, for every task

@@ -10,7 +10,7 @@ what the Bento runs and what the parity check compares.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +30,13 @@ def embedding_columns(dim: int) -> list[str]:
 
 @dataclass(frozen=True)
 class DecisionPolicy:
-    """Decline when any task's probability reaches its threshold; otherwise approve."""
+    """Decline when any task's probability reaches its threshold; otherwise approve. The
+    thresholds are the dataset pack's `policy`: one per label, so no task goes unjudged."""
 
-    thresholds: dict[str, float] = field(
-        default_factory=lambda: {"default_90d": 0.15, "fraud_60d": 0.30}
-    )
+    thresholds: dict[str, float]
 
     def decide(self, probabilities: dict[str, float]) -> str:
-        hit = any(probabilities.get(task, 0.0) >= t for task, t in self.thresholds.items())
+        hit = any(probabilities[task] >= t for task, t in self.thresholds.items())
         return "decline" if hit else "approve"
 
 
@@ -46,7 +45,7 @@ class RiskModel:
     sequence_model: SequenceModel
     scorer: Scorer
     feature_set: FeatureSet
-    policy: DecisionPolicy = field(default_factory=DecisionPolicy)
+    policy: DecisionPolicy
 
     @property
     def tasks(self) -> list[str]:

@@ -38,7 +38,7 @@ class Label(BaseModel):
     """A supervised target attached to each decision event.
 
     `kind="event_within"`: 1 if an event of `event_type` happens to the same entity within
-    `horizon_days` after the decision (e.g. `default_90d` = `delinquency_60` within 90 days).
+    `horizon_days` after the decision (e.g. `chargeback_30d` = a `chargeback` within 30 days).
     `kind="column"`: the value of `column` on the decision event itself (e.g. `fraud` on a card
     payment), known `horizon_days` after the decision.
     Either way the label matures at decision time + `horizon_days` and is unknown before then.
@@ -77,13 +77,17 @@ class DatasetSpec(BaseModel):
     numeric: tuple[str, ...] = ()
     decision_event_types: tuple[str, ...]
     labels: tuple[Label, ...] = ()
-    # Columns only a simulator knows (true probabilities): carried to `decisions`, never features.
-    oracle: tuple[str, ...] = ()
+    # Label -> the column holding its true probability, where a simulator knows it: carried to
+    # `decisions` for the oracle's metrics, never an input.
+    oracle: dict[str, str] = Field(default_factory=dict)
     # Known values of categorical columns that features encode as codes. Declared, not learned
     # from data, so a code means the same thing in every day's partition and in serving.
     categories: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     # canonical column name -> the source's column name, for sources with their own names.
     columns: dict[str, str] = Field(default_factory=dict)
+    # canonical column name -> the value every row has when the source has no such column
+    # (a card feed without an event type: every row a `payment`).
+    constants: dict[str, str] = Field(default_factory=dict)
     # strftime format of the source's `ts` strings; ISO 8601 when unset.
     ts_format: str | None = None
     # Naive timestamps in the source are read in this zone, then stored as UTC.
@@ -101,7 +105,7 @@ class DatasetSpec(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:
         known = set(self.event_types)
-        attrs = set(self.categorical) | set(self.numeric) | set(self.oracle)
+        attrs = set(self.categorical) | set(self.numeric) | set(self.oracle_columns)
         if clash := attrs & set(CORE_COLUMNS):
             raise ValueError(f"attribute columns {sorted(clash)} shadow core columns; rename them")
         # The scoring API's request fields are the attribute columns beside these.
@@ -133,12 +137,21 @@ class DatasetSpec(BaseModel):
                     raise ValueError(
                         f"labels.{label.name}.applies_when: {col!r} is not a categorical column"
                     )
+        labels = {label.name for label in self.labels}
+        if unknown := sorted(set(self.oracle) - labels):
+            raise ValueError(f"oracle: {unknown} are not labels; key the oracle by label name")
+        if bad := sorted(set(self.constants) - set(self.event_schema())):
+            raise ValueError(f"constants: {bad} are not canonical or declared columns")
         if undeclared := set(self.categories) - set(self.categorical):
             raise ValueError(f"categories: {sorted(undeclared)} are not categorical columns")
         unknown = set(self.columns) - set(self.event_schema())
         if unknown:
             raise ValueError(f"columns: {sorted(unknown)} are not canonical or declared columns")
         return self
+
+    @property
+    def oracle_columns(self) -> tuple[str, ...]:
+        return tuple(self.oracle.values())
 
     @property
     def label_columns(self) -> frozenset[str]:
@@ -157,7 +170,7 @@ class DatasetSpec(BaseModel):
         """The clean event table's columns and types, in order."""
         schema = dict(CORE_COLUMNS)
         schema.update({c: pl.String() for c in self.categorical})
-        schema.update({c: pl.Float64() for c in (*self.numeric, *self.oracle)})
+        schema.update({c: pl.Float64() for c in (*self.numeric, *self.oracle_columns)})
         return schema
 
     def label(self, name: str) -> Label:
@@ -185,10 +198,10 @@ class DatasetSpec(BaseModel):
         try:
             data = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as e:
-            raise SpecError(f"cannot read dataset spec {path}: {e}") from None
+            raise SpecError(f"cannot read dataset pack {path}: {e}") from None
         if not isinstance(data, dict):
-            raise SpecError(f"dataset spec {path} must be a YAML mapping of fields")
-        return cls.from_dict(data, origin=f"dataset spec {path}")
+            raise SpecError(f"dataset pack {path} must be a YAML mapping of fields")
+        return cls.from_dict(data, origin=f"dataset pack {path}")
 
 
 @dataclass(frozen=True)
@@ -204,10 +217,13 @@ class Validated:
 
 def map_columns(raw: pl.DataFrame, spec: DatasetSpec) -> pl.DataFrame:
     """Rename a source's columns to canonical names; columns the spec does not declare are dropped
-    and declared ones that are absent become null (rows missing a required one are rejected)."""
+    and declared ones that are absent take the spec's constant, or null (rows missing a
+    required one are rejected)."""
     renamed = raw.rename({src: dst for dst, src in spec.columns.items() if src in raw.columns})
     return renamed.select(
-        pl.col(c) if c in renamed.columns else pl.lit(None, dtype=pl.String()).alias(c)
+        pl.col(c)
+        if c in renamed.columns
+        else pl.lit(spec.constants.get(c), dtype=pl.String()).alias(c)
         for c in spec.event_schema()
     )
 

@@ -33,7 +33,7 @@ from pydantic_core import PydanticCustomError
 from eventml.schema import DatasetSpec
 
 MODEL_NAME = "eventml-risk"  # the BentoML model store name (the MLflow registered model's)
-SPEC_FILE = "dataset_spec.json"  # the event contract, saved next to the RiskModel bundle
+SPEC_FILE = "dataset_pack.json"  # the dataset pack, saved next to the RiskModel bundle
 MAX_RECENT_EVENTS = 64
 MAX_BATCH = 256
 # A decision happens "now" by the caller's clock, which may run a little ahead of the server's;

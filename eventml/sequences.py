@@ -22,7 +22,7 @@ Choices a reader should know:
   1, the next new one 2, a return to the first device 1 again ("first seen" coding, capped). A
   global id per value would let the encoder recognise people by their devices and memorise
   their outcomes instead of learning what histories look like (on the demo world its
-  `default_90d` AUC was 0.96 on the people it learned labels from and 0.56 out of time; coded by
+  default AUC was 0.96 on the people it learned labels from and 0.56 out of time; coded by
   first appearance, 0.64-0.66 and 0.62 after the same 8 epochs, 0.69-0.74 and 0.63-0.65 after
   16: bench/embedding_lift.py). The order keeps what
   generalises: a new device among familiar ones. `high_cardinality="hash"` instead hashes each

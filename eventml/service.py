@@ -40,9 +40,10 @@ from threadpoolctl import threadpool_limits
 
 from eventml.features import compute_features
 from eventml.online_store import SQLiteOnlineStore
+from eventml.pack import DatasetPack
 from eventml.prediction_log import PredictionLog
 from eventml.risk_model import RiskModel
-from eventml.schema import TS_TYPE, DatasetSpec
+from eventml.schema import TS_TYPE
 from eventml.score_api import (
     MAX_BATCH,
     MODEL_NAME,
@@ -82,8 +83,8 @@ ARGS = bentoml.use_arguments(BentoArgs)
 MODEL = bentoml.models.BentoModel(ARGS.model)
 
 
-def served_spec(model: bentoml.models.BentoModel) -> DatasetSpec:
-    """The event contract saved with the served model: the request models are made from it when
+def served_pack(model: bentoml.models.BentoModel) -> DatasetPack:
+    """The dataset pack saved with the served model: the request models are made from it when
     this module is imported (by `bentoml build` and by every worker), so the OpenAPI document
     lists the model's own columns, categories and event types."""
     stored = model.stored
@@ -92,10 +93,10 @@ def served_spec(model: bentoml.models.BentoModel) -> DatasetSpec:
             f"no model {model.tag} in the BentoML store under {os.environ.get('BENTOML_HOME')}: "
             "serve a Bento built by the risk_service_bento asset (it imports the champion)"
         )
-    return DatasetSpec.model_validate_json(Path(stored.path_of(SPEC_FILE)).read_text())
+    return DatasetPack.model_validate_json(Path(stored.path_of(SPEC_FILE)).read_text())
 
 
-SPEC = served_spec(MODEL)
+SPEC = served_pack(MODEL)
 ScoreRequest, RecentEvent = request_models(SPEC)
 
 

@@ -126,7 +126,7 @@ def with_stacking_stages(splits: pl.DataFrame, encoder_share: float = 0.5) -> pl
 
     The scorer takes the encoder's embedding as input, so it must learn from rows whose outcome
     the encoder never saw. By person, not by time: a person's decisions weeks apart often share
-    one outcome (one delinquency falls in both 90-day windows), and the encoder recognises a
+    one outcome (one adverse event falls in both label windows), and the encoder recognises a
     person (their device, their habits), so an encoder that fitted some of a person's labels
     "knows" the outcome of their other decisions. Staged by time (the earlier train half for the
     encoder), the scorers learned to trust that knowledge and met new decisions without it: the

@@ -30,7 +30,7 @@ import polars as pl
 import yaml
 
 from eventml.home import StateHome
-from eventml.simulate import WorldConfig
+from eventml.worlds import selected_pack, world
 from ml_assets.partitions import daily
 from resources.state import dagster_home, prepare
 
@@ -40,7 +40,7 @@ with warnings.catch_warnings():  # the terminal is for the demo's lines; the bet
 
 # The demo's "today": the eve of the simulated regime shift, so `make advance` has a future to
 # move into (python -m ml_assets.demo --days N for another present).
-DEFAULT_DAYS = WorldConfig.shift_day or WorldConfig.n_days
+DEFAULT_DAYS = world(selected_pack()).DEMO_DAYS
 INGEST = ("raw_events", "event_rejects", "decision_features", "online_store")
 TRAIN = (
     "decisions", "training_splits", "sequence_encoder", "decision_embeddings", "baseline_scorer",
@@ -153,7 +153,8 @@ def materialize(title: str, cmd: list[str], log_path: Path) -> None:
 
 
 def summary() -> None:
-    tables = build_resources()["tables"]
+    resources = build_resources()
+    tables, pack = resources["tables"], resources["event_source"].spec()
     events = tables.scan("raw_events").collect()
     rejects = tables.scan("event_rejects").collect()
     print("\n== eventml demo: ingest ==")
@@ -179,8 +180,7 @@ def summary() -> None:
                 pl.len().alias("decisions"),
                 pl.col("ts").min().dt.date().alias("from"),
                 pl.col("ts").max().dt.date().alias("to"),
-                pl.col("default_90d").mean().alias("default_90d_rate"),
-                pl.col("fraud_60d").mean().alias("fraud_60d_rate"),
+                *[pl.col(x.name).mean().alias(f"{x.name}_rate") for x in pack.labels],
             )
             .sort("from")
         )

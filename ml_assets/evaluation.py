@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 
 from eventml.evaluate import calibration_plot, compare, roc_plot, score_distribution_plot
-from eventml.promotion import AUDIT_SCHEMA, PromotionRules, decide
+from eventml.promotion import AUDIT_SCHEMA, decide
 from eventml.risk_model import RiskModel, model_table
 from eventml.scorer import Scorer
 from eventml.sources import DAY
@@ -20,17 +20,6 @@ from ml_assets.models import REGISTERED_MODEL
 from resources.delta import DeltaTables
 from resources.sources import EventSource
 from resources.tracking import MlflowTracking
-
-# Who the decisions are for: segments a reviewer reads the metrics by.
-SEGMENTS = {
-    "history": pl.when(pl.col("n_application_all") == 0)
-    .then(pl.lit("first application"))
-    .otherwise(pl.lit("returning")),
-    "amount_band": pl.col("decision_amount")
-    .cut([100, 500], labels=["<100", "100-500", ">500"])
-    .cast(pl.String),
-}
-ORACLE = {"default_90d": "true_p_default", "fraud_60d": "true_p_fraud"}
 
 
 def _champion_scores(
@@ -89,10 +78,11 @@ def model_evaluation(
     )
     if champion_scores:
         scores["champion"] = champion_scores
-    oracle = {t: test[c].to_numpy() for t, c in ORACLE.items() if c in test.columns and t in tasks}
+    pack = event_source.spec()
+    oracle = {t: test[c].to_numpy() for t, c in pack.oracle.items() if t in tasks}
     if oracle:
         scores["oracle"] = oracle
-    table, by_segment = compare(test, scores, tasks, SEGMENTS)
+    table, by_segment = compare(test, scores, tasks, {x.name: x.expr() for x in pack.segments})
     table = table.with_columns(
         pl.lit(str(challenger.version)).alias("challenger_version"),
         pl.lit(champion_version, dtype=pl.String).alias("champion_version"),
@@ -175,9 +165,11 @@ def _image(png: bytes):
 
 
 class PromotionSettings(dg.Config):
-    task: str = PromotionRules.task
-    min_auc_gain: float = PromotionRules.min_auc_gain
-    max_ece: float = PromotionRules.max_ece
+    """One run's overrides of the dataset pack's `promotion`; unset fields keep the pack's."""
+
+    task: str | None = None
+    min_auc_gain: float | None = None
+    max_ece: float | None = None
 
 
 def _metrics_of(evaluation: pl.DataFrame, model: str) -> dict[str, dict[str, float]] | None:
@@ -195,14 +187,14 @@ def champion(
     context: dg.AssetExecutionContext,
     config: PromotionSettings,
     model_evaluation: pl.DataFrame,
+    event_source: EventSource,
     mlflow_tracking: MlflowTracking,
     tables: DeltaTables,
 ):
     """Promote the challenger if it beats the champion's out-of-time AUC (by the configured
     margin) and is calibrated; otherwise keep the champion. Either way, append to the audit trail."""
-    rules = PromotionRules(
-        task=config.task, min_auc_gain=config.min_auc_gain, max_ece=config.max_ece
-    )
+    overrides = {k: v for k, v in config.model_dump().items() if v is not None}
+    rules = event_source.spec().promotion_rules.model_copy(update=overrides)
     challenger = _metrics_of(model_evaluation, "challenger")
     incumbent = _metrics_of(model_evaluation, "champion")
     # Upstream blocking checks stop the run before this asset, so reaching here means they passed.

@@ -4,7 +4,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from eventml.features import compute_features, feature_set_for, features_for_one
+from eventml.features import compute_features, features_for_one
 from eventml.labels import build_decisions, decision_summary
 from eventml.sources import DAY
 from eventml.splits import (
@@ -63,7 +63,7 @@ def decision_features(
     decisions cost one day of work."""
     start, end = run_days(context)
     spec = event_source.spec()
-    feature_set = feature_set_for(spec)
+    feature_set = spec.feature_set()
     history = tables.scan("raw_events").filter(pl.col(DAY) < end).drop(DAY)
     todays = (
         history.filter(

@@ -15,7 +15,6 @@ from eventml.embedding import (
     train_sequence_model,
 )
 from eventml.evaluate import learning_curve_plot
-from eventml.features import feature_set_for
 from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table
 from eventml.scorer import Scorer, ScorerConfig
 from eventml.sources import DAY
@@ -25,8 +24,6 @@ from resources.sources import EventSource
 from resources.tracking import MlflowTracking
 
 REGISTERED_MODEL = "eventml-risk"
-# Policy constraints: more late or missed payments, or past delinquency, never lowers risk.
-MONOTONE = {"n_payment_late_90d": 1, "n_payment_missed_90d": 1, "n_delinquency_60_all": 1}
 
 
 class EncoderSettings(dg.Config):
@@ -52,8 +49,9 @@ class ScorerSettings(dg.Config):
     max_depth: int = ScorerConfig.max_depth
     early_stopping_rounds: int = ScorerConfig.early_stopping_rounds
 
-    def scorer_config(self) -> ScorerConfig:
-        return ScorerConfig(**self.model_dump(), monotone=MONOTONE)
+    def scorer_config(self, monotone: dict[str, int]) -> ScorerConfig:
+        """The scorer's config with the dataset pack's monotone constraints."""
+        return ScorerConfig(**self.model_dump(), monotone=monotone)
 
 
 def _events(raw_events: pl.LazyFrame) -> pl.DataFrame:
@@ -131,17 +129,15 @@ def decision_embeddings(
     return table
 
 
-def _fit(
-    context, table: pl.DataFrame, names: list[str], tasks: list[str], config: ScorerSettings
-) -> Scorer:
+def _fit(context, table: pl.DataFrame, names: list[str], pack, config: ScorerSettings) -> Scorer:
     # Both scorers learn from the same rows: train decisions whose labels the encoder never saw.
     scorer_rows = (pl.col("split") == "train") & (pl.col("stage") == "scorer")
     return Scorer.fit(
         table.filter(scorer_rows),
         table.filter(pl.col("split") == "valid"),
         names,
-        tasks,
-        config.scorer_config(),
+        [label.name for label in pack.labels],
+        config.scorer_config(pack.monotone),
         log=context.log.info,
     )
 
@@ -179,12 +175,12 @@ def baseline_scorer(
     """XGBoost on point-in-time features only: trained the same way every time, so the lift the
     embeddings bring is always measured against it."""
     spec = event_source.spec()
-    names = feature_set_for(spec).names
+    names = spec.feature_set().names
     scorer = _fit(
         context,
         model_table(training_splits, decision_features),
         names,
-        [x.name for x in spec.labels],
+        spec,
         config,
     )
     run_id = _log_scorer_run(
@@ -216,15 +212,15 @@ def risk_scorer(
     """XGBoost on features + embeddings, bundled with its encoder and feature set as the risk
     model; registered in MLflow as the newest `challenger`."""
     spec = event_source.spec()
-    feature_set = feature_set_for(spec)
+    feature_set = spec.feature_set()
     names = feature_set.names + embedding_columns(sequence_encoder.encoder.config.emb_dim)
     table = model_table(training_splits, decision_features, decision_embeddings)
-    scorer = _fit(context, table, names, [x.name for x in spec.labels], config)
+    scorer = _fit(context, table, names, spec, config)
     model = RiskModel(
         sequence_model=sequence_encoder,
         scorer=scorer,
         feature_set=feature_set,
-        policy=DecisionPolicy(),
+        policy=DecisionPolicy(spec.policy),
     )
     run_id = _log_scorer_run(
         mlflow_tracking, scorer, "risk_scorer", context, tables, model, "risk_model"

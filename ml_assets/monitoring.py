@@ -20,7 +20,6 @@ from eventml.drift import (
     monitored_features,
     performance_by_day,
 )
-from eventml.features import feature_set_for
 from eventml.labels import build_decisions
 from eventml.prediction_log import read_prediction_log
 from eventml.sources import DAY, midnight
@@ -163,7 +162,7 @@ def feature_drift(
     version, run = _champion(mlflow_tracking)
     reference = _reference(mlflow_tracking, run.info.run_id)
     spec = event_source.spec()
-    feature_set = feature_set_for(spec)
+    feature_set = spec.feature_set()
     monitored = set(monitored_features(feature_set))
     first = start - timedelta(days=monitoring.window_days - 1)
     features = _window(tables.scan("decision_features"), first, end).collect()

@@ -1,19 +1,15 @@
-"""The daily partitions every event-time asset shares.
+"""The daily partitions every event-time asset shares: the range the deployment's dataset pack
+declares (`partitions`), read when the code location loads."""
 
-The range is the source's: the simulated world's year by default, or EVENTML_START /
-EVENTML_DAYS for a landing zone with other dates. Read when the code location loads.
-"""
-
-import os
-from datetime import date, timedelta
+from datetime import date
 
 import dagster as dg
 
-from eventml.simulate import WorldConfig
+from eventml.worlds import load_pack, selected_pack
 
-START = date.fromisoformat(os.environ.get("EVENTML_START", WorldConfig.start))
-N_DAYS = int(os.environ.get("EVENTML_DAYS", WorldConfig.n_days))
-PARTITION_DAYS = (START, START + timedelta(days=N_DAYS))  # [first, end) of every partition day
+_RANGE = load_pack(selected_pack()).partition_range
+START = _RANGE.start
+PARTITION_DAYS = (_RANGE.start, _RANGE.end)  # [first, end) of every partition day
 
 daily = dg.DailyPartitionsDefinition(
     start_date=START.isoformat(), end_date=PARTITION_DAYS[1].isoformat()

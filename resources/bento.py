@@ -140,7 +140,10 @@ class Serving(dg.ConfigurableResource):
             BENTOML_CONFIG_OPTIONS=f"services.{SERVICE_NAME}.workers={workers}",
             **({"EVENTML_MAX_IN_FLIGHT": str(max_in_flight)} if max_in_flight else {}),
         )
-        log = open(log_path, "w") if log_path else subprocess.DEVNULL
+        # The server's output is always kept: when it fails to start, its own error is the answer.
+        log_path = log_path or Path(self.home) / "serve-logs" / f"{port}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "w")
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)],
             cwd=Path(self.home), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -152,7 +155,13 @@ class Serving(dg.ConfigurableResource):
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(
-                        f"bentoml serve {bento_tag} exited with {proc.returncode} (log: {log_path})"
+                        f"bentoml serve {bento_tag} exited with {proc.returncode}: "
+                        f"{server_error(log_path)} (log: {log_path})"
+                    )
+                if (failed := log_path.read_text(errors="replace").count(TRACEBACK)) >= 3:
+                    raise RuntimeError(
+                        f"bentoml serve {bento_tag}: its workers keep failing to start ({failed} "
+                        f"tracebacks): {server_error(log_path)} (log: {log_path})"
                     )
                 try:
                     if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
@@ -161,15 +170,31 @@ class Serving(dg.ConfigurableResource):
                     pass
                 if time.monotonic() > deadline:
                     raise TimeoutError(
-                        f"bentoml serve {bento_tag} not ready after {ready_timeout} s"
+                        f"bentoml serve {bento_tag} not ready after {ready_timeout} s: "
+                        f"{server_error(log_path)} (log: {log_path})"
                     )
                 time.sleep(0.2)
             yield url
         finally:
             _ARBITERS.pop(url, None)
             _stop(proc)
-            if log is not subprocess.DEVNULL:
-                log.close()
+            log.close()
+
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def server_error(log_path: Path, lines: int = 12) -> str:
+    """The end of the server's last traceback (where its own error is), else its last lines."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    if TRACEBACK not in text:
+        return "\n".join(text.strip().splitlines()[-lines:]) or "(the server wrote nothing)"
+    block = []
+    for line in text[text.rfind(TRACEBACK) :].splitlines()[1:]:
+        block.append(line)
+        if line and not line[0].isspace():  # the exception's own line ends the traceback
+            break
+    return "\n".join(block[-lines:])
 
 
 _ARBITERS: dict[str, int] = {}  # url -> pid of the `bentoml serve` serving it

@@ -14,13 +14,13 @@ import polars as pl
 import pytest
 
 from eventml.embedding import SequenceModelConfig, embedding_table, train_sequence_model
-from eventml.features import compute_features, feature_set_for
+from eventml.features import compute_features
 from eventml.labels import build_decisions
 from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table
 from eventml.scorer import Scorer, ScorerConfig
-from eventml.simulate import simulate
 from eventml.sources import DAY
 from eventml.splits import split_decisions
+from eventml.worlds.lending import simulate
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.serving import risk_service_bento
 from resources.bento import Serving
@@ -38,14 +38,14 @@ def train_tiny(tables: DeltaTables, spec) -> RiskModel:
     sequence_model, _ = train_sequence_model(
         events, splits, spec, TINY_ENCODER, log=lambda *_: None
     )
-    feature_set = feature_set_for(spec)
+    feature_set = spec.feature_set()
     table = model_table(splits, features, embedding_table(sequence_model, events, splits))
     names = feature_set.names + embedding_columns(TINY_ENCODER.emb_dim)
     scorer = Scorer.fit(
         table.filter(pl.col("split") == "train"), table.filter(pl.col("split") == "valid"), names,
         [label.name for label in spec.labels], ScorerConfig(n_estimators=30), log=lambda *_: None,
     )  # fmt: skip
-    return RiskModel(sequence_model, scorer, feature_set, DecisionPolicy())
+    return RiskModel(sequence_model, scorer, feature_set, DecisionPolicy(spec.policy))
 
 
 def register_champion(mlflow_tracking: MlflowTracking, model: RiskModel) -> str:
@@ -84,7 +84,7 @@ def deployed(tmp_path_factory):
         # tests, and running them over a year costs minutes); the serving assets run in Dagster.
         events = simulate(source.world())
         splits = split_decisions(build_decisions(events, spec), spec)
-        features = compute_features(events, splits, feature_set_for(spec))
+        features = compute_features(events, splits, spec.feature_set())
         events.with_columns(pl.col("ts").dt.date().alias(DAY)).write_delta(tables.uri("raw_events"))
         splits.with_columns(pl.col(pl.Enum, pl.Categorical).cast(pl.String)).write_delta(
             tables.uri("training_splits")

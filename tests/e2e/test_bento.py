@@ -64,6 +64,17 @@ def test_a_second_run_reuses_the_bento_of_the_same_champion(deployed, bento_tag)
     assert len(deployed["serving"].bentos()) == 1
 
 
+def test_a_server_that_cannot_start_says_why_in_its_own_words(deployed, bento_tag):
+    """Its workers fail on an online store that cannot exist: the error the caller gets (an
+    asset's, through `Serving.serve`) is the server's own exception, not only a timeout."""
+    unreachable = "/proc/eventml-no-such-folder/online.db"
+    with pytest.raises(RuntimeError) as raised:
+        with deployed["serving"].serve(bento_tag, online_store=unreachable):
+            pass
+    message = str(raised.value)
+    assert "eventml-no-such-folder" in message and "Error" in message, message
+
+
 # ------------------------------------------------------------------ scoring
 
 

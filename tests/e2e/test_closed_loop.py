@@ -25,10 +25,10 @@ from dagster._core.storage.tags import (
 )
 from sklearn.metrics import roc_auc_score
 
-from eventml.features import compute_features, feature_set_for
+from eventml.features import compute_features
 from eventml.labels import build_decisions
 from eventml.risk_model import RiskModel
-from eventml.simulate import date_of, simulate
+from eventml.worlds.lending import date_of, simulate
 from ml_assets.definitions import build_definitions
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.sensors import drift_sensor, performance_sensor
@@ -48,9 +48,11 @@ TASK = "default_90d"
 SOURCE = EventSource(
     # Fraud raised so that every split of a few months holds some (it clusters at signup and
     # months later at bust-out, and a validation window without positives cannot stop early).
-    n_users=2_000, fault_rate=0.0, bust_out_rate=0.06, stolen_identity_rate=0.04,
+    n_users=2_000, fault_rate=0.0,
     # Past the partitions' year, so the test can read post-shift labels from the world itself.
-    n_days=420, shift_day=SHIFT_DAY, shift_strength=3.0,
+    n_days=420,
+    world_options={"bust_out_rate": 0.06, "stolen_identity_rate": 0.04, "shift_day": SHIFT_DAY,
+                   "shift_strength": 3.0},
 )  # fmt: skip
 ENCODER = {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 16, "emb_dim": 8, "epochs": 1}
 SCORER = {"n_estimators": 60, "learning_rate": 0.1, "max_depth": 3, "early_stopping_rounds": 20}
@@ -214,7 +216,7 @@ def _post_shift_auc(world: Loop, versions: list[str]) -> dict[str, float]:
                                           date.fromisoformat(day(SHIFT_DAY + 44)))
         & pl.col(TASK).is_not_null()
     )  # fmt: skip
-    features = compute_features(events, decisions, feature_set_for(spec))
+    features = compute_features(events, decisions, spec.feature_set())
     aucs = {}
     for version in versions:
         with tempfile.TemporaryDirectory() as tmp:

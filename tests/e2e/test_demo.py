@@ -24,7 +24,7 @@ import yaml
 from eventml.embedding import SequenceModel
 from eventml.home import StateHome
 from eventml.online_store import SQLiteOnlineStore
-from eventml.simulate import LENDING_SPEC
+from eventml.worlds.lending import PACK as LENDING_PACK
 from ml_assets.demo import INGEST, TRAIN, materialize_command
 from ml_assets.models import REGISTERED_MODEL
 from resources.delta import DeltaTables
@@ -33,7 +33,8 @@ from resources.state import mlflow_tracking
 # 1,000 people over the year; fraud raised so every split holds some; a tiny encoder.
 SMALL_WORLD = {
     "resources": {"event_source": {"config": {
-        "n_users": 1_000, "fault_rate": 0.001, "bust_out_rate": 0.03, "stolen_identity_rate": 0.02,
+        "n_users": 1_000, "fault_rate": 0.001,
+        "world_options": {"bust_out_rate": 0.03, "stolen_identity_rate": 0.02},
     }}},
     "ops": {
         "sequence_encoder": {"config": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 16,
@@ -169,7 +170,7 @@ def write_locked(path: Path):
 
 def snapshot(home: Home) -> dict:
     tables = home.tables
-    store = SQLiteOnlineStore(home.root / "online" / "store.sqlite", LENDING_SPEC)
+    store = SQLiteOnlineStore(home.root / "online" / "store.sqlite", LENDING_PACK)
     entities = (
         tables.scan("raw_events").select("entity_id").unique().collect()["entity_id"].to_list()
     )

@@ -21,8 +21,8 @@ from eventml.drift import (
     performance_verdict,
     psi,
 )
-from eventml.features import WINDOWED_KINDS, feature_set_for
-from eventml.simulate import LENDING_SPEC
+from eventml.features import WINDOWED_KINDS
+from eventml.worlds.lending import PACK as LENDING_PACK
 
 N = 5_000
 
@@ -254,7 +254,7 @@ def test_without_a_reference_auc_performance_is_reported_not_judged(rng):
 
 
 def test_features_that_grow_with_every_users_age_are_not_monitored():
-    feature_set = feature_set_for(LENDING_SPEC)
+    feature_set = LENDING_PACK.feature_set()
     kinds = {f.name: (f.kind, f.window) for f in feature_set.features}
     monitored = monitored_features(feature_set)
     assert "n_application_30d" in monitored and "income_band_code" in monitored

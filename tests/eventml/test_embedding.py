@@ -15,22 +15,23 @@ from eventml.embedding import (
 )
 from eventml.labels import build_decisions
 from eventml.sequences import SequenceSpec
-from eventml.simulate import LENDING_SPEC, WorldConfig, simulate
 from eventml.splits import split_decisions, with_stacking_stages
+from eventml.worlds.lending import PACK as LENDING_PACK
+from eventml.worlds.lending import WorldConfig, simulate
 
 
 @pytest.fixture(scope="module")
 def world():
     events = simulate(WorldConfig(n_users=150, n_days=260, seed=3))
     splits = with_stacking_stages(
-        split_decisions(build_decisions(events, LENDING_SPEC), LENDING_SPEC)
+        split_decisions(build_decisions(events, LENDING_PACK), LENDING_PACK)
     )
     return events, splits
 
 
 def weights(events, splits, seed: int) -> dict[str, torch.Tensor]:
     config = SequenceModelConfig(epochs=1, d_model=16, n_layers=1, max_len=16, emb_dim=4, seed=seed)
-    model, _ = train_sequence_model(events, splits, LENDING_SPEC, config, log=lambda line: None)
+    model, _ = train_sequence_model(events, splits, LENDING_PACK, config, log=lambda line: None)
     return model.encoder.state_dict()
 
 
@@ -49,8 +50,8 @@ def test_the_seed_is_what_changes_the_model(world):
 
 def test_no_outlook_comes_from_the_test_window_or_a_person_the_scorers_or_validation_see(world):
     events, splits = world
-    learn, outlook = learning_rows(events, splits, LENDING_SPEC, outlook_days=30)
-    assert outlook == tuple(f"{t}_30d" for t in LENDING_SPEC.event_types)
+    learn, outlook = learning_rows(events, splits, LENDING_PACK, outlook_days=30)
+    assert outlook == tuple(f"{t}_30d" for t in LENDING_PACK.event_types)
     first_test = splits.filter(pl.col("split") == "test")["ts"].min()
     seen = splits.filter((pl.col("stage") == "scorer") | (pl.col("split") == "valid"))["entity_id"]
     known = learn.filter(pl.all_horizontal(pl.col(outlook).is_not_null()))
@@ -75,7 +76,7 @@ def test_no_outlook_comes_from_the_test_window_or_a_person_the_scorers_or_valida
 
 def test_without_an_outlook_the_encoder_reads_only_the_decision_labels(world):
     events, splits = world
-    learn, outlook = learning_rows(events, splits, LENDING_SPEC, outlook_days=0)
+    learn, outlook = learning_rows(events, splits, LENDING_PACK, outlook_days=0)
     assert outlook == ()
     assert not any(c.endswith("_30d") for c in learn.columns)
 
@@ -83,14 +84,13 @@ def test_without_an_outlook_the_encoder_reads_only_the_decision_labels(world):
 def test_a_saved_model_refuses_a_spec_that_codes_ids_differently_from_its_encoder(world, tmp_path):
     events, splits = world
     config = SequenceModelConfig(epochs=1, d_model=16, n_layers=1, max_len=16, emb_dim=4)
-    model, _ = train_sequence_model(events, splits, LENDING_SPEC, config, log=lambda line: None)
+    model, _ = train_sequence_model(events, splits, LENDING_PACK, config, log=lambda line: None)
     model.save(tmp_path)
     assert SequenceModel.load(tmp_path).sequence_spec == model.sequence_spec
-    hashed = SequenceSpec.fit(LENDING_SPEC, events, high_cardinality="hash")  # 1,025 device ids
+    hashed = SequenceSpec.fit(LENDING_PACK, events, high_cardinality="hash")  # 1,025 device ids
     (tmp_path / "sequence_spec.json").write_text(hashed.to_json())
     with pytest.raises(ValueError, match="different trainings"):
         SequenceModel.load(tmp_path)
-
 
 
 @pytest.mark.parametrize("n_labels", [1, 3])
@@ -100,8 +100,8 @@ def test_the_encoder_learns_every_label_of_the_spec_however_many(world, n_labels
     events, _ = world
     third = Label(name="missed_30d", kind="event_within", event_type="payment_missed",
                   horizon_days=30)  # fmt: skip
-    labels = (*LENDING_SPEC.labels, third)[:n_labels]
-    spec = LENDING_SPEC.model_copy(update={"labels": labels})
+    labels = (*LENDING_PACK.labels, third)[:n_labels]
+    spec = LENDING_PACK.model_copy(update={"labels": labels})
     splits = with_stacking_stages(split_decisions(build_decisions(events, spec), spec))
     config = SequenceModelConfig(epochs=1, d_model=16, n_layers=1, max_len=16, emb_dim=4)
     model, _ = train_sequence_model(events, splits, spec, config, log=lambda line: None)

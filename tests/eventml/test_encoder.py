@@ -47,6 +47,8 @@ def config(**overrides) -> EncoderConfig:
         n_heads=2,
         dropout=0.0,
         emb_dim=8,
+        tasks=("many_late", "never_late"),
+        task_weights=(1.0, 1.0),
     )
     return EncoderConfig(**{**base, **overrides})
 
@@ -274,7 +276,7 @@ def test_embed_and_predict_return_one_row_per_sequence_in_order():
         embed(m, reversed_data, batch_size=16), emb[::-1], rtol=1e-5, atol=1e-6
     )
     probs = predict(m, data)
-    assert set(probs) == {"default_90d", "fraud_60d"}
+    assert set(probs) == {"many_late", "never_late"}
     assert all(p.shape == (40,) and ((p > 0) & (p < 1)).all() for p in probs.values())
 
 

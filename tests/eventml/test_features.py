@@ -10,17 +10,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eventml.features import (
-    LENDING_FEATURES,
     EventFilter,
     Feature,
     FeatureSet,
-    build_feature_set,
     category_vocab,
     compute_features,
     features_for_one,
 )
 from eventml.labels import build_decisions
-from eventml.simulate import LENDING_SPEC, WorldConfig, simulate
+from eventml.worlds.lending import PACK as LENDING_PACK
+from eventml.worlds.lending import WorldConfig, simulate
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 VOCAB = {
@@ -30,13 +29,21 @@ VOCAB = {
     "merchant_category": ("fashion", "travel"),
     "channel": ("app", "web"),
 }
-FS = build_feature_set(LENDING_SPEC, VOCAB, LENDING_FEATURES)
-TYPES = LENDING_SPEC.event_types
+FS = LENDING_PACK.feature_set()
+# A categorical's code: its position in the pack's declared categories, from 1.
+CODE = {
+    c: (lambda v, c=c: LENDING_PACK.categories[c].index(v) + 1) for c in LENDING_PACK.categories
+}
+# A categorical's code: its position in the pack's declared categories, from 1.
+CODE = {
+    c: (lambda v, c=c: LENDING_PACK.categories[c].index(v) + 1) for c in LENDING_PACK.categories
+}
+TYPES = LENDING_PACK.event_types
 
 
 def frame(rows: list[dict]) -> pl.DataFrame:
     """Events in the spec's schema from dicts with an `hours` offset from T0; the rest is null."""
-    schema = LENDING_SPEC.event_schema()
+    schema = LENDING_PACK.event_schema()
     data = {c: [r.get(c) for r in rows] for c in schema}
     data["ts"] = [T0 + timedelta(hours=r["hours"]) for r in rows]
     data["event_id"] = [r.get("event_id", f"e{i:05d}") for i, r in enumerate(rows)]
@@ -78,7 +85,7 @@ def random_rows(rng: np.random.Generator, n_entities: int, n_events: int, hours:
 
 
 def decisions_of(events: pl.DataFrame) -> pl.DataFrame:
-    return build_decisions(events, LENDING_SPEC)
+    return build_decisions(events, LENDING_PACK)
 
 
 def assert_same(a: dict, b: dict, names: list[str]) -> None:
@@ -242,13 +249,13 @@ def small_case():
         ("n_distinct_device_id_7d", 2),
         ("n_distinct_device_id_1d", 1),
         ("n_distinct_merchant_category_all", 1),
-        ("region_code", 2),  # north is the 2nd of (east, north)
-        ("income_band_code", 3),  # the profile change to "mid" replaced "low"
+        ("region_code", CODE["region"]("north")),
+        ("income_band_code", CODE["income_band"]("mid")),  # the change replaced "low"
         ("age_band_code", None),
         ("decision_amount", 80.0),
         ("decision_term_months", 6.0),
-        ("decision_merchant_category_code", 1),
-        ("decision_channel_code", 1),
+        ("decision_merchant_category_code", CODE["merchant_category"]("fashion")),
+        ("decision_channel_code", CODE["channel"]("app")),
         ("n_prior_same_device_id", 2),  # dA twice before; dC at the same instant does not count
     ],
 )
@@ -278,7 +285,7 @@ def test_the_latest_known_value_among_simultaneous_events_goes_by_event_id():
         {"entity_id": "u", "hours": 5, "event_type": "application", "amount": 1.0, "policy_decision": "approve",
          "event_id": "e3"},
     ])  # fmt: skip
-    low = VOCAB["income_band"].index("low") + 1  # "e2" sorts after "e10" and "e1"
+    low = LENDING_PACK.categories["income_band"].index("low") + 1  # "e2" sorts after "e10" and "e1"
     decision = decisions_of(events)
     assert compute_features(events, decision, FS)["income_band_code"].to_list() == [low]
     for history in (events, events.reverse()):
@@ -383,8 +390,7 @@ def world() -> pl.DataFrame:
 
 
 def test_request_path_equals_batch_on_the_simulated_world(world):
-    fs = build_feature_set(LENDING_SPEC, category_vocab(world, VOCAB), LENDING_FEATURES)
-    assert check_parity(world, decisions_of(world), fs, sample=60, seed=2) == 60
+    assert check_parity(world, decisions_of(world), FS, sample=60, seed=2) == 60
 
 
 def test_request_path_ignores_the_future_and_other_entities(world):

@@ -8,7 +8,7 @@ import pytest
 
 from eventml.labels import build_decisions, decision_summary
 from eventml.schema import TS_TYPE
-from eventml.simulate import LENDING_SPEC
+from eventml.worlds.lending import PACK as LENDING_PACK
 
 T0 = datetime(2025, 3, 1, 12, tzinfo=UTC)
 
@@ -25,7 +25,7 @@ def events(*rows: tuple) -> pl.DataFrame:
         },
         schema_overrides={"ts": TS_TYPE},
     )
-    schema = LENDING_SPEC.event_schema()
+    schema = LENDING_PACK.event_schema()
     return frame.select(
         pl.col(c).cast(t) if c in frame.columns else pl.lit(None, t).alias(c)
         for c, t in schema.items()
@@ -33,12 +33,12 @@ def events(*rows: tuple) -> pl.DataFrame:
 
 
 def default_of(frame: pl.DataFrame, as_of: datetime | None = None) -> pl.DataFrame:
-    return build_decisions(frame, LENDING_SPEC, as_of).sort("ts")
+    return build_decisions(frame, LENDING_PACK, as_of).sort("ts")
 
 
 def test_one_row_per_application_with_labels_maturity_and_oracle():
     frame = events(("u1", 0, "signup"), ("u1", 1, "application", "approve"), ("u1", 2, "session"))
-    d = build_decisions(frame, LENDING_SPEC)
+    d = build_decisions(frame, LENDING_PACK)
     assert d.height == 1
     assert d["decision_id"].to_list() == ["e1"]
     for col in (
@@ -111,6 +111,6 @@ def test_summary_counts_labeled_rows_and_rates():
         ("u3", 0, "application", "decline"),
         ("u3", 200, "session"),
     )
-    s = decision_summary(build_decisions(frame, LENDING_SPEC), LENDING_SPEC)
+    s = decision_summary(build_decisions(frame, LENDING_PACK), LENDING_PACK)
     assert s["decisions"] == 3
     assert s["default_90d"] == {"matured": 3, "labeled": 2, "positive_rate": 0.5}

@@ -17,10 +17,10 @@ from eventml.prediction_log import PredictionLog
 from eventml.schema import DatasetSpec, validate
 from eventml.score_api import decision_of, request_models, ts_pattern
 from eventml.serving_http import QuietClientErrors, corrected_openapi
-from eventml.simulate import LENDING_SPEC
 from eventml.traffic import score_requests
+from eventml.worlds.lending import PACK as LENDING_PACK
 
-ScoreRequest, RecentEvent = request_models(LENDING_SPEC)
+ScoreRequest, RecentEvent = request_models(LENDING_PACK)
 TS = "2025-06-01T12:00:00+00:00"
 GOOD = {
     "entity_id": "u0000001",
@@ -53,8 +53,8 @@ def test_a_complete_request_and_a_minimal_one_are_valid():
 def test_the_decision_is_in_utc_whatever_offset_the_caller_used():
     r = ScoreRequest.model_validate({**GOOD, "ts": "2025-06-01T15:00:00+03:00"})
     assert decision_of(r)["ts"] == datetime(2025, 6, 1, 12, tzinfo=UTC)
-    assert set(decision_of(r)) == {"entity_id", "ts", "amount", *LENDING_SPEC.categorical,
-                                   *LENDING_SPEC.numeric}  # fmt: skip
+    assert set(decision_of(r)) == {"entity_id", "ts", "amount", *LENDING_PACK.categorical,
+                                   *LENDING_PACK.numeric}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_recent_events_and_ingest_reject_the_same_rows(change, field):
     field in a request."""
     event = _event(**change)
     raw = pl.DataFrame([{"entity_id": "u1", "amount": None, **event}])
-    rejects = validate(raw, LENDING_SPEC).rejects
+    rejects = validate(raw, LENDING_PACK).rejects
     assert rejects["field"].to_list() == [field]
     assert f"recent_events.0.{field}" in _locs({**GOOD, "recent_events": [event]})
 
@@ -132,7 +132,7 @@ def test_an_event_may_not_lead_the_clock_though_a_decision_may_by_a_little():
     later = (now + timedelta(minutes=3)).isoformat()
     assert "recent_events.0.ts" in _locs({**GOOD, "ts": later, "recent_events": [_event(ts=soon)]})
     raw = pl.DataFrame([{"entity_id": "u1", "amount": None, **_event(ts=soon)}])
-    assert validate(raw, LENDING_SPEC, now=now).rejects["reason"].to_list() == ["ts_in_future"]
+    assert validate(raw, LENDING_PACK, now=now).rejects["reason"].to_list() == ["ts_in_future"]
 
 
 def test_what_ingest_keeps_a_request_accepts():
@@ -140,11 +140,11 @@ def test_what_ingest_keeps_a_request_accepts():
     missing), make valid requests."""
     raw = pl.DataFrame([{"entity_id": "u1", "amount": 5.0, "merchant_category": " travel ",
                          "device_id": "", **_event(event_type="application")}])  # fmt: skip
-    clean = validate(raw, LENDING_SPEC).clean
+    clean = validate(raw, LENDING_PACK).clean
     assert clean["merchant_category"].to_list() == ["travel"] and clean["device_id"].to_list() == [
         None
     ]
-    (body,) = score_requests(clean, LENDING_SPEC)
+    (body,) = score_requests(clean, LENDING_PACK)
     assert ScoreRequest.model_validate(body).merchant_category == "travel"
 
 
@@ -166,10 +166,14 @@ def test_a_pack_of_another_shape_gets_its_own_fields(bank_spec):
 
 
 def test_a_label_column_is_never_a_request_field_a_feature_or_an_encoder_input():
-    spec = DatasetSpec.from_dict({
+    from eventml.pack import DatasetPack
+    from eventml.sequences import SequenceSpec
+
+    spec = DatasetPack.from_dict({
         "name": "cards", "source_start": "2025-01-01", "event_types": ["payment"],
         "numeric": ["is_fraud"], "decision_event_types": ["payment"],
         "labels": [{"name": "fraud", "kind": "column", "column": "is_fraud", "horizon_days": 30}],
+        "policy": {"fraud": 0.5},
     })  # fmt: skip
     request, event = request_models(spec)
     assert "is_fraud" not in request.model_fields and "is_fraud" not in event.model_fields
@@ -178,19 +182,16 @@ def test_a_label_column_is_never_a_request_field_a_feature_or_an_encoder_input()
     (body,) = score_requests(decisions, spec)
     assert request.model_validate(body).entity_id == "c1" and "is_fraud" not in body
     # Nor a decision feature, nor an encoder input.
-    from eventml.features import feature_set_for
-    from eventml.sequences import SequenceSpec
-
-    assert not any("is_fraud" in name for name in feature_set_for(spec).names)
+    assert not any("is_fraud" in name for name in spec.feature_set().names)
     assert SequenceSpec.fit(spec).numeric == ()
 
 
 def test_the_simulated_decisions_make_valid_requests():
-    from eventml.simulate import WorldConfig, simulate
+    from eventml.worlds.lending import WorldConfig, simulate
 
     events = simulate(WorldConfig(n_users=60, n_days=60))
-    decisions = events.filter(pl.col("event_type").is_in(LENDING_SPEC.decision_event_types))
-    bodies = score_requests(decisions, LENDING_SPEC)
+    decisions = events.filter(pl.col("event_type").is_in(LENDING_PACK.decision_event_types))
+    bodies = score_requests(decisions, LENDING_PACK)
     assert len(bodies) == decisions.height > 0
     parsed = [ScoreRequest.model_validate(b) for b in bodies]
     assert [p.decision_id for p in parsed] == decisions["event_id"].to_list()
@@ -199,7 +200,7 @@ def test_the_simulated_decisions_make_valid_requests():
 def test_the_openapi_document_lists_the_categories_and_describes_a_400():
     schema = ScoreRequest.model_json_schema()
     channel = schema["properties"]["channel"]["anyOf"][0]
-    assert channel["enum"] == list(LENDING_SPEC.categories["channel"])
+    assert channel["enum"] == list(LENDING_PACK.categories["channel"])
     doc = {
         "components": {"schemas": {"InvalidArgument": {"properties": {"detail": {"type": "string"}}}}},
         "paths": {p: {"post": {"responses": {}}} for p in ("/score", "/score_batch")},

@@ -9,8 +9,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from eventml.schema import validate
-from eventml.simulate import (
-    LENDING_SPEC,
+from eventml.worlds.lending import (
+    PACK as LENDING_PACK,
+)
+from eventml.worlds.lending import (
     WorldConfig,
     date_of,
     day_of,
@@ -45,7 +47,7 @@ def truth() -> pl.DataFrame:
 def with_label(events: pl.DataFrame, cfg: WorldConfig, name: str) -> pl.DataFrame:
     """Matured applications with the label computed as the spec defines it: 1 if the entity has
     an event of the label's type in (ts, ts + horizon]; only where `applies_when` holds."""
-    label = LENDING_SPEC.label(name)
+    label = LENDING_PACK.label(name)
     horizon = pl.duration(days=label.horizon_days)
     apps = events.filter(
         pl.col("event_type") == "application", pl.col("ts") + horizon <= world_end(cfg)
@@ -89,7 +91,7 @@ def test_day_by_day_equals_the_bulk_run(events):
 
 
 def test_an_empty_range_gives_no_events_and_a_range_outside_the_world_is_refused():
-    assert simulate(WORLD, range(5, 5)).schema == LENDING_SPEC.event_schema()
+    assert simulate(WORLD, range(5, 5)).schema == LENDING_PACK.event_schema()
     with pytest.raises(ValueError, match="inside"):
         simulate(WORLD, range(240, 260))
 
@@ -105,8 +107,8 @@ def test_day_helpers_round_trip():
 
 
 def test_events_meet_the_contract_exactly(events):
-    assert events.schema == LENDING_SPEC.event_schema()
-    checked = validate(events, LENDING_SPEC, now=world_end(WORLD))
+    assert events.schema == LENDING_PACK.event_schema()
+    checked = validate(events, LENDING_PACK, now=world_end(WORLD))
     assert checked.rejects.height == 0, checked.reject_counts()
     assert checked.clean.height == events.height
     assert events["event_id"].n_unique() == events.height

@@ -9,7 +9,6 @@ import pytest
 
 from eventml.labels import build_decisions
 from eventml.schema import TS_TYPE
-from eventml.simulate import LENDING_SPEC
 from eventml.splits import (
     SplitConfig,
     check_splits,
@@ -18,6 +17,7 @@ from eventml.splits import (
     training_rows,
     with_stacking_stages,
 )
+from eventml.worlds.lending import PACK as LENDING_PACK
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -53,22 +53,22 @@ def decisions() -> pl.DataFrame:
         pl.col("ts").cast(TS_TYPE),
         pl.format("e{}", pl.int_range(pl.len())).alias("event_id"),
     ).filter(pl.col("ts") < T0 + timedelta(days=365))
-    schema = LENDING_SPEC.event_schema()
+    schema = LENDING_PACK.event_schema()
     events = frame.select(
         pl.col(c) if c in frame.columns else pl.lit(None, t).alias(c) for c, t in schema.items()
     )
-    return build_decisions(events, LENDING_SPEC)
+    return build_decisions(events, LENDING_PACK)
 
 
 def test_every_decision_is_in_exactly_one_split(decisions):
-    s = split_decisions(decisions, LENDING_SPEC)
+    s = split_decisions(decisions, LENDING_PACK)
     assert s.height == decisions.height
     assert s["decision_id"].n_unique() == s.height
     assert set(s["split"].unique()) == {"train", "valid", "gap", "test"}
 
 
 def test_train_and_valid_labels_mature_before_the_first_test_decision(decisions):
-    s = split_decisions(decisions, LENDING_SPEC)
+    s = split_decisions(decisions, LENDING_PACK)
     first_test = s.filter(pl.col("split") == "test")["ts"].min()
     fit = s.filter(pl.col("split").is_in(["train", "valid"]))
     assert fit["default_90d_matures_at"].max() <= first_test
@@ -79,7 +79,7 @@ def test_train_and_valid_labels_mature_before_the_first_test_decision(decisions)
 
 
 def test_splits_are_ordered_in_time(decisions):
-    s = split_decisions(decisions, LENDING_SPEC)
+    s = split_decisions(decisions, LENDING_PACK)
     spans = (
         s.group_by("split")
         .agg(pl.col("ts").min().alias("lo"), pl.col("ts").max().alias("hi"))
@@ -90,7 +90,7 @@ def test_splits_are_ordered_in_time(decisions):
 
 
 def test_unmatured_and_inapplicable_rows_never_reach_training(decisions):
-    s = split_decisions(decisions, LENDING_SPEC)
+    s = split_decisions(decisions, LENDING_PACK)
     for split in ("train", "valid", "test"):
         rows = training_rows(s, "default_90d", split)
         assert rows["default_90d_matured"].all()
@@ -109,7 +109,7 @@ def test_unmatured_and_inapplicable_rows_never_reach_training(decisions):
 
 def test_fractions_size_the_test_and_valid_sets(decisions):
     s = split_decisions(
-        decisions, LENDING_SPEC, SplitConfig(valid_fraction=0.25, test_fraction=0.2)
+        decisions, LENDING_PACK, SplitConfig(valid_fraction=0.25, test_fraction=0.2)
     )
     matured = s.filter(pl.col("default_90d_matured"))
     share = matured.filter(pl.col("split") == "test").height / matured.height
@@ -120,7 +120,7 @@ def test_fractions_size_the_test_and_valid_sets(decisions):
 
 def test_dates_set_the_cut_offs(decisions):
     cfg = SplitConfig(valid_start=T0 + timedelta(days=100), test_start=T0 + timedelta(days=250))
-    s = split_decisions(decisions, LENDING_SPEC, cfg)
+    s = split_decisions(decisions, LENDING_PACK, cfg)
     assert s.filter(pl.col("split") == "test")["ts"].min() >= T0 + timedelta(days=250)
     assert s.filter(pl.col("split") == "valid")["ts"].min() >= T0 + timedelta(days=100)
     assert s.filter(pl.col("split") == "valid")["ts"].max() < T0 + timedelta(days=160)
@@ -128,11 +128,11 @@ def test_dates_set_the_cut_offs(decisions):
 
 def test_a_gap_shorter_than_the_longest_horizon_is_refused(decisions):
     with pytest.raises(ValueError, match="shorter than the longest label horizon"):
-        split_decisions(decisions, LENDING_SPEC, SplitConfig(gap_days=30))
+        split_decisions(decisions, LENDING_PACK, SplitConfig(gap_days=30))
 
 
 def test_the_encoder_and_the_scorers_learn_labels_from_different_people(decisions):
-    staged = with_stacking_stages(split_decisions(decisions, LENDING_SPEC))
+    staged = with_stacking_stages(split_decisions(decisions, LENDING_PACK))
     train = staged.filter(pl.col("split") == "train")
     assert set(train["stage"]) == {"encoder", "scorer"}
     assert (staged.filter(pl.col("split") != "train")["stage"] == "none").all()
@@ -155,22 +155,22 @@ def test_the_encoder_and_the_scorers_learn_labels_from_different_people(decision
 
 
 def test_summary_reports_rows_and_label_rates(decisions):
-    summary = split_summary(split_decisions(decisions, LENDING_SPEC), LENDING_SPEC)
+    summary = split_summary(split_decisions(decisions, LENDING_PACK), LENDING_PACK)
     assert sum(summary[s]["rows"] for s in summary) == decisions.height
     assert 0 < summary["train"]["default_90d_rate"] < 1
     assert summary["train"]["default_90d_rows"] > 0
 
 
 def test_checks_pass_on_a_clean_split(decisions):
-    s = split_decisions(decisions, LENDING_SPEC)
+    s = split_decisions(decisions, LENDING_PACK)
     outcomes = check_splits(
-        s, LENDING_SPEC, SplitConfig(label_rate_bands={"default_90d": (0.05, 0.95)})
+        s, LENDING_PACK, SplitConfig(label_rate_bands={"default_90d": (0.05, 0.95)})
     )
     assert [o.name for o in outcomes if not o.passed] == []
 
 
 def test_checks_find_a_decision_in_two_splits(decisions):
-    s = split_decisions(decisions, LENDING_SPEC)
+    s = split_decisions(decisions, LENDING_PACK)
     leaked = pl.concat(
         [
             s,
@@ -179,12 +179,12 @@ def test_checks_find_a_decision_in_two_splits(decisions):
             .with_columns(pl.lit("train").cast(s["split"].dtype).alias("split")),
         ]
     )
-    failed = {o.name for o in check_splits(leaked, LENDING_SPEC) if not o.passed}
+    failed = {o.name for o in check_splits(leaked, LENDING_PACK) if not o.passed}
     assert {"no_decision_in_two_splits", "horizon_gap"} <= failed
 
 
 def test_checks_find_a_violated_gap(decisions):
-    s = split_decisions(decisions, LENDING_SPEC)
+    s = split_decisions(decisions, LENDING_PACK)
     squeezed = s.with_columns(
         pl.when(pl.col("split") == "gap")
         .then(pl.lit("valid"))
@@ -192,16 +192,16 @@ def test_checks_find_a_violated_gap(decisions):
         .cast(s["split"].dtype)
         .alias("split")
     )
-    failed = {o.name: o for o in check_splits(squeezed, LENDING_SPEC) if not o.passed}
+    failed = {o.name: o for o in check_splits(squeezed, LENDING_PACK) if not o.passed}
     assert "horizon_gap" in failed and "default_90d" in failed["horizon_gap"].description
 
 
 def test_checks_find_label_rates_outside_their_band(decisions):
-    s = split_decisions(decisions, LENDING_SPEC)
+    s = split_decisions(decisions, LENDING_PACK)
     failed = {
         o.name
         for o in check_splits(
-            s, LENDING_SPEC, SplitConfig(label_rate_bands={"default_90d": (0.5, 1.0)})
+            s, LENDING_PACK, SplitConfig(label_rate_bands={"default_90d": (0.5, 1.0)})
         )
         if not o.passed
     }

@@ -101,7 +101,9 @@ class SmallWorld:
             "mlflow_tracking": self.mlflow,
             # Fraud raised (as the simulator's own tests do) so a three-week window still has some.
             "event_source": EventSource(
-                n_users=1_000, fault_rate=0.0, bust_out_rate=0.03, stolen_identity_rate=0.02
+                n_users=1_000,
+                fault_rate=0.0,
+                world_options={"bust_out_rate": 0.03, "stolen_identity_rate": 0.02},
             ),
         }
 

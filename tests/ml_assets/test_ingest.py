@@ -83,7 +83,8 @@ def test_a_failed_run_leaves_the_previous_version_readable(
 ):
     before = read(tables, "raw_events")
     version = tables.version("raw_events")
-    broken = EventSource(kind="landing", landing_dir=str(tmp_path / "nowhere"))  # no spec.yaml
+    nowhere = tmp_path / "nowhere"
+    broken = EventSource(kind="landing", landing_dir=str(nowhere), pack=str(nowhere / "pack.yaml"))
     result = run(
         resources_for(tables, broken), instance, partition="2025-01-03", raise_on_error=False
     )
@@ -97,15 +98,23 @@ def test_a_day_that_would_lose_rows_is_refused_unless_the_run_says_so(
 ):
     before = read(tables, "raw_events"), read(tables, "event_rejects")
     smaller = EventSource(**{**small_world.model_dump(), "n_users": small_world.n_users // 4})
-    refused = run(resources_for(tables, smaller), instance, partition="2025-01-05", raise_on_error=False)
+    refused = run(
+        resources_for(tables, smaller), instance, partition="2025-01-05", raise_on_error=False
+    )
     assert not refused.success
     failure = next(e for e in refused.all_events if e.is_step_failure)
-    assert "fewer rows than the table holds (2025-01-05: " in failure.step_failure_data.error.message
-    assert read(tables, "raw_events").equals(before[0]) and read(tables, "event_rejects").equals(before[1])
+    assert (
+        "fewer rows than the table holds (2025-01-05: " in failure.step_failure_data.error.message
+    )
+    assert read(tables, "raw_events").equals(before[0]) and read(tables, "event_rejects").equals(
+        before[1]
+    )
 
     knowingly = run(resources_for(tables, smaller), instance, partition="2025-01-05",
                     config={"allow_shrinking_days": True})  # fmt: skip
-    shrinks = next(c for c in knowingly.get_asset_check_evaluations() if c.check_name == "no_day_shrinks")
+    shrinks = next(
+        c for c in knowingly.get_asset_check_evaluations() if c.check_name == "no_day_shrinks"
+    )
     assert shrinks.passed and "replaced knowingly" in shrinks.description
     assert read(tables, "raw_events").height < before[0].height
     run(resources_for(tables, small_world), instance, partition="2025-01-05")  # as it was
@@ -119,8 +128,12 @@ def test_a_run_killed_between_the_two_commits_leaves_readers_the_previous_pair(i
 
     raw, rejected = read(tables, "raw_events"), read(tables, "event_rejects")
     day = rejected["day"].sort()[0]
-    new_rejects = rejected.filter(pl.col("day") == day).with_columns(pl.lit("replayed").alias("reason"))
-    write_days(tables.uri("event_rejects"), new_rejects, "day", day, day + timedelta(days=1))  # then killed
+    new_rejects = rejected.filter(pl.col("day") == day).with_columns(
+        pl.lit("replayed").alias("reason")
+    )
+    write_days(
+        tables.uri("event_rejects"), new_rejects, "day", day, day + timedelta(days=1)
+    )  # then killed
     assert read(tables, "event_rejects").equals(rejected)
     assert read(tables, "raw_events").equals(raw)
 

@@ -24,7 +24,7 @@ columns: {entity_id: customer_no, event_id: uid, ts: happened_at, event_type: ac
 def zone(tmp_path):
     zone = tmp_path / "landing"
     zone.mkdir()
-    (zone / "spec.yaml").write_text(SPEC)
+    (zone / "pack.yaml").write_text(SPEC)
     (zone / "day1.csv").write_text(
         "customer_no,uid,happened_at,action,total,shop\n"
         "c1,1,2025-01-02T10:00:00Z,visit,,north\n"
@@ -43,7 +43,7 @@ def evaluate(source, instance, cursor=None):
 
 
 def test_each_file_is_requested_once_over_repeated_ticks(zone, instance):
-    source = EventSource(kind="landing", landing_dir=str(zone))
+    source = EventSource(kind="landing", landing_dir=str(zone), pack=str(zone / "pack.yaml"))
     first = evaluate(source, instance)
     assert len(first.run_requests) == 1
     request = first.run_requests[0]
@@ -64,7 +64,7 @@ def test_each_file_is_requested_once_over_repeated_ticks(zone, instance):
 
 
 def test_a_rewritten_file_is_requested_again(zone, instance):
-    source = EventSource(kind="landing", landing_dir=str(zone))
+    source = EventSource(kind="landing", landing_dir=str(zone), pack=str(zone / "pack.yaml"))
     first = evaluate(source, instance)
     path = zone / "day1.csv"
     path.write_text(path.read_text() + "c4,5,2025-01-02T11:00:00Z,visit,,north\n")
@@ -81,7 +81,7 @@ def test_the_sensor_waits_while_the_source_is_the_simulator(instance):
 
 
 def test_the_requested_run_ingests_the_mapped_file(zone, instance, tables, resources_for):
-    source = EventSource(kind="landing", landing_dir=str(zone))
+    source = EventSource(kind="landing", landing_dir=str(zone), pack=str(zone / "pack.yaml"))
     request = evaluate(source, instance).run_requests[0]
     result = dg.materialize(
         [ingest],
@@ -107,7 +107,7 @@ def test_the_requested_run_ingests_the_mapped_file(zone, instance, tables, resou
 
 
 def test_an_unreadable_file_is_quarantined_and_a_good_file_after_it_still_runs(zone, instance):
-    source = EventSource(kind="landing", landing_dir=str(zone))
+    source = EventSource(kind="landing", landing_dir=str(zone), pack=str(zone / "pack.yaml"))
     (zone / "a_empty.csv").write_bytes(b"")
     (zone / "b_latin1.csv").write_bytes("customer_no,uid\nM\xfcller,1\n".encode("latin-1"))
     first = evaluate(source, instance)

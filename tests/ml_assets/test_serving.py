@@ -4,7 +4,7 @@ days replaces them rather than adding to them."""
 import dagster as dg
 import polars as pl
 
-from eventml.simulate import LENDING_SPEC
+from eventml.worlds.lending import PACK as LENDING_PACK
 from ml_assets.ingest import ingest
 from ml_assets.serving import online_store
 from resources.bento import Serving
@@ -12,7 +12,7 @@ from resources.bento import Serving
 
 def _count(serving: Serving, entity_ids: list[str]) -> dict:
     """entity/event -> ts of every event the store holds for these entities."""
-    stored = serving.store(LENDING_SPEC).histories(entity_ids)
+    stored = serving.store(LENDING_PACK).histories(entity_ids)
     return {f"{e}/{i}": ts for e, i, ts in stored.select("entity_id", "event_id", "ts").iter_rows()}
 
 
@@ -58,7 +58,7 @@ def test_online_store_holds_each_published_day_once(
     # The service's read path sees an entity's events strictly before a given instant.
     entity = raw["entity_id"][0]
     cut = raw.filter(pl.col("entity_id") == entity)["ts"].max()
-    history = serving.store(LENDING_SPEC).history(entity, before=cut)
+    history = serving.store(LENDING_PACK).history(entity, before=cut)
     assert (
         history.height == raw.filter((pl.col("entity_id") == entity) & (pl.col("ts") < cut)).height
     )

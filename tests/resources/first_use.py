@@ -15,7 +15,7 @@ import polars as pl
 
 from eventml.home import StateHome
 from eventml.online_store import SQLiteOnlineStore
-from eventml.simulate import LENDING_SPEC
+from eventml.worlds.lending import PACK as LENDING_PACK
 from resources.delta import ConcurrentWriteError, write_days
 from resources.state import mlflow_tracking, prepare
 
@@ -44,8 +44,8 @@ def table_write(uri: str, who: str) -> dict:
 
 
 def online_store_write(path: str, who: str) -> dict:
-    store = SQLiteOnlineStore(path, LENDING_SPEC)
-    schema, n = LENDING_SPEC.event_schema(), 50
+    store = SQLiteOnlineStore(path, LENDING_PACK)
+    schema, n = LENDING_PACK.event_schema(), 50
     events = pl.DataFrame({c: [None] * n for c in schema}, schema=schema).with_columns(
         pl.Series("entity_id", [f"{who}-{i}" for i in range(n)]),
         pl.Series("event_id", [f"{who}-e{i}" for i in range(n)]),

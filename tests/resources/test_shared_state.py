@@ -13,7 +13,7 @@ import pytest
 
 from eventml.home import StateHome
 from eventml.online_store import SQLiteOnlineStore
-from eventml.simulate import LENDING_SPEC
+from eventml.worlds.lending import PACK as LENDING_PACK
 from resources.state import create_databases, mlflow_tracking
 
 WORKER = Path(__file__).with_name("first_use.py")
@@ -87,4 +87,4 @@ def test_the_first_writes_to_a_new_online_store_all_land(tmp_path):
     path = str(tmp_path / "online" / "store.sqlite")
     results = at_once("online_store", path)
     assert [r["written"] for r in results] == [50] * PROCESSES
-    assert SQLiteOnlineStore(path, LENDING_SPEC).stats()["entities"] == 50 * PROCESSES
+    assert SQLiteOnlineStore(path, LENDING_PACK).stats()["entities"] == 50 * PROCESSES

@@ -32,25 +32,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from eventml.schema import DatasetSpec, Label
+from eventml.pack import DatasetPack
 
-EVENT_TYPES = (
-    "signup",
-    "session",
-    "application",
-    "payment_on_time",
-    "payment_late",
-    "payment_missed",
-    "delinquency_60",
-    "profile_change",
-    "device_change",
-    "chargeback",
-    "fraud_confirmed",
-)
+# The pack is the source of the vocabularies; the simulator's codes are their positions.
+PACK = DatasetPack.from_yaml(Path(__file__).with_name("pack.yaml"))
+EVENT_TYPES = PACK.event_types
 (
     SIGNUP,
     SESSION,
@@ -65,21 +56,9 @@ EVENT_TYPES = (
     FRAUD_CONFIRMED,
 ) = range(len(EVENT_TYPES))
 
-CHANNELS = ("web", "app", "in_store")
-MERCHANTS = (
-    "electronics",
-    "fashion",
-    "travel",
-    "groceries",
-    "gaming",
-    "home",
-    "beauty",
-    "sports",
-    "furniture",
-    "jewelry",
-    "health",
-    "education",
-)
+CHANNELS = PACK.categories["channel"]
+MERCHANTS = PACK.categories["merchant_category"]
+# Per merchant category, in the pack's order.
 MERCHANT_MEDIAN_AMOUNT = np.array([450, 120, 700, 60, 90, 200, 70, 150, 900, 600, 150, 400.0])
 MERCHANT_WEIGHT = np.array([10, 16, 6, 14, 8, 10, 9, 7, 4, 3, 7, 6.0])
 # Big-ticket categories the post-shift economy leans towards (financing what cash can't cover).
@@ -88,64 +67,21 @@ SHIFT_MERCHANTS = np.isin(MERCHANTS, ("electronics", "travel", "gaming"))
 FRAUD_MERCHANTS = np.flatnonzero(
     np.isin(MERCHANTS, ("electronics", "travel", "jewelry", "furniture"))
 )
-POLICY_DECISIONS = ("approve", "decline")
-PROFILE_FIELDS = ("email", "phone", "address")
-REGIONS = ("north", "south", "east", "west", "central")
-AGE_BANDS = ("18-24", "25-34", "35-44", "45-54", "55+")
-INCOME_BANDS = ("low", "lower_mid", "mid", "upper_mid", "high")
+POLICY_DECISIONS = PACK.categories["policy_decision"]
+PROFILE_FIELDS = PACK.categories["profile_field"]
+REGIONS = PACK.categories["region"]
+AGE_BANDS = PACK.categories["age_band"]
+INCOME_BANDS = PACK.categories["income_band"]
 INCOME_AMOUNT_FACTOR = np.array([0.6, 0.8, 1.0, 1.3, 1.7])
 TERMS = np.array([1.0, 3.0, 6.0, 12.0])
 FRAUD_TYPES = ("none", "bust_out", "stolen_identity")
 
-DEFAULT_HORIZON, FRAUD_HORIZON = 90, 60
+DEFAULT_HORIZON = PACK.label("default_90d").horizon_days
+FRAUD_HORIZON = PACK.label("fraud_60d").horizon_days
 FIRST_DUE = (14, 30)  # first installment due this many days after checkout (the user's pay date)
 CONFIRM_DELAY = (15, 70)  # attack start -> fraud_confirmed; shorter than any delinquency (>= 74)
 ATTACK_DAYS = 4  # a fraud attack applies on this many consecutive days
 NIGHT_US, DAY_US = 3_600_000_000, 86_400_000_000  # the nightly batch owns 00:00-01:00 UTC
-
-LENDING_SPEC = DatasetSpec(
-    name="lending_sim",
-    source_start=datetime(2025, 1, 1, tzinfo=UTC),
-    event_types=EVENT_TYPES,
-    categorical=(
-        "channel",
-        "device_id",
-        "merchant_category",
-        "policy_decision",
-        "profile_field",
-        "region",
-        "age_band",
-        "income_band",
-    ),
-    numeric=("term_months", "days_late"),
-    decision_event_types=("application",),
-    labels=(
-        Label(
-            name="default_90d",
-            kind="event_within",
-            event_type="delinquency_60",
-            horizon_days=DEFAULT_HORIZON,
-            applies_when={"policy_decision": "approve"},
-        ),
-        # All applications: a declined fraud attempt is still confirmed by the victim's report.
-        Label(
-            name="fraud_60d",
-            kind="event_within",
-            event_type="fraud_confirmed",
-            horizon_days=FRAUD_HORIZON,
-        ),
-    ),
-    oracle=("true_p_default", "true_p_fraud"),
-    categories={
-        "channel": CHANNELS,
-        "merchant_category": MERCHANTS,
-        "policy_decision": POLICY_DECISIONS,
-        "profile_field": PROFILE_FIELDS,
-        "region": REGIONS,
-        "age_band": AGE_BANDS,
-        "income_band": INCOME_BANDS,
-    },
-)
 
 
 @dataclass(frozen=True)
@@ -776,7 +712,7 @@ class _World:
             }
         )
         self._observe(cols)
-        return frame.cast(LENDING_SPEC.event_schema())
+        return frame.cast(PACK.event_schema())
 
     def _observe(self, cols: dict[str, np.ndarray]) -> None:
         """Refresh what the incumbent policy knows from what was emitted today."""
@@ -825,9 +761,9 @@ def iter_days(config: WorldConfig, days: range | None = None) -> Iterator[tuple[
 
 
 def simulate(config: WorldConfig, days: range | None = None) -> pl.DataFrame:
-    """Events of `days` (default: all), sorted by (ts, event_id), in `LENDING_SPEC`'s schema."""
+    """Events of `days` (default: all), sorted by (ts, event_id), in `PACK`'s schema."""
     frames = [frame for _, frame in iter_days(config, days)]
-    return pl.concat(frames) if frames else pl.DataFrame(schema=LENDING_SPEC.event_schema())
+    return pl.concat(frames) if frames else pl.DataFrame(schema=PACK.event_schema())
 
 
 def simulate_day(config: WorldConfig, day: int) -> pl.DataFrame:

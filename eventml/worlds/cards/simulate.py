@@ -1,0 +1,331 @@
+"""The synthetic card world: cards, the merchants and terminals they pay at, and the fraud that
+only order and timing reveal.
+
+Every payment is a decision. A cardholder pays mostly at a few favourite merchants, in person
+(card present) or online (card not present). Three kinds of fraud are planted, each visible only
+in the sequence of events, not in one payment:
+- **compromised terminals**: a physical terminal is skimmed for a week; a card that pays there is
+  copied with some chance, and days later the copy spends online at merchants the holder never
+  used;
+- **card testing**: a burst of tiny online payments at digital-goods merchants, then a large one;
+- **account takeover**: a profile change (email, phone), then large online payments within hours.
+Fraud is a column on the payment (`is_fraud`), confirmed within the pack's 14-day horizon and
+followed by a chargeback, so it matures within days: delayed-label monitoring can act inside
+the world's span. A shift (`shift_day`, `shift_strength`) multiplies the attack rates (a fraud
+ring arrives), which is the decay the performance sensor is there to catch.
+
+The oracle: each payment records `true_p_fraud`, the probability with which the simulator drew
+its `is_fraud` (a holder's own payment has a small base rate; an attacker's is nearly always
+reported).
+
+Determinism and streaming, as the lending world: the world is a state stepped one day at a time;
+each day draws only from `default_rng([seed, 1 + day, stream])`, and events that happen on a
+later day (an attack after a skim, a chargeback) are scheduled into the state and emitted on
+their day, so a day computed alone equals the same day of the bulk run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from eventml.pack import DatasetPack
+
+PACK = DatasetPack.from_yaml(Path(__file__).with_name("pack.yaml"))
+EVENT_TYPES = PACK.event_types
+ISSUED, PAYMENT, PROFILE_CHANGE, CHARGEBACK = range(len(EVENT_TYPES))
+CHANNELS = PACK.categories["channel"]
+CARD_PRESENT, NOT_PRESENT = range(len(CHANNELS))
+MCCS = PACK.categories["mcc"]
+# Per merchant category, in the pack's order: a typical ticket and how many merchants there are.
+MCC_MEDIAN = np.array([35, 45, 30, 12, 60, 400, 350, 8.0])
+MCC_WEIGHT = np.array([30, 12, 20, 10, 14, 3, 3, 8.0])
+ONLINE = np.isin(MCCS, ("online_retail", "digital_goods"))  # card-not-present merchants
+ATTACK_MCCS = np.flatnonzero(np.isin(MCCS, ("electronics", "online_retail", "digital_goods")))
+TESTING_MCC = MCCS.index("digital_goods")
+PROFILE_FIELDS = PACK.categories["profile_field"]
+REGIONS = PACK.categories["region"]
+AGE_BANDS = PACK.categories["age_band"]
+
+US_PER_HOUR, US_PER_DAY = 3_600_000_000, 86_400_000_000
+BASE_FRAUD = 0.0008  # a holder's own payment is reported as fraud this often (x3 online)
+ATTACK_FRAUD = 0.92  # an attacker's payment is reported this often
+CHARGEBACK_DAYS = (3, 13)  # after a reported fraud; the label's horizon covers it
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """One world. The defaults are the reference world (~1.5M events); tests shrink it."""
+
+    n_users: int = 5_000  # cards, one holder each
+    n_days: int = 365
+    start: str = "2025-01-01"  # day 0, midnight UTC
+    seed: int = 11
+    n_merchants: int = 400
+    payments_per_day: float = 0.8
+    favourite_share: float = 0.75  # of payments at one of a holder's five favourite merchants
+    compromised_terminals_per_day: float = 0.5
+    compromise_days: int = 7
+    skim_probability: float = 0.3  # a card paying at a compromised terminal is copied
+    testing_rate: float = 0.0006  # per card and day: a card-testing attack
+    takeover_rate: float = 0.0004  # per card and day: an account takeover
+    profile_changes_per_year: float = 0.6  # the holders' own
+    shift_day: int | None = None  # from this day, attack rates are multiplied by shift_strength
+    shift_strength: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.n_users < 1 or self.n_days < 1 or self.n_merchants < len(MCCS):
+            raise ValueError(
+                f"WorldConfig needs n_users >= 1, n_days >= 1 and n_merchants >= {len(MCCS)}"
+            )
+        date.fromisoformat(self.start)
+
+    def attack_factor(self, day: int) -> float:
+        return self.shift_strength if self.shift_day is not None and day >= self.shift_day else 1.0
+
+
+def date_of(config: WorldConfig, day: int) -> date:
+    return date.fromisoformat(config.start) + timedelta(days=day)
+
+
+def day_of(config: WorldConfig, ts_or_date: datetime | date | str) -> int:
+    if isinstance(ts_or_date, str):
+        ts_or_date = datetime.fromisoformat(ts_or_date)
+    if isinstance(ts_or_date, datetime):
+        ts_or_date = ts_or_date.date()
+    return (ts_or_date - date.fromisoformat(config.start)).days
+
+
+def _rng(config: WorldConfig, day: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([config.seed, 1 + day, stream])  # day -1: the population
+
+
+COLUMNS = {"card": -1, "ts": 0, "etype": -1, "amount": np.nan, "channel": -1, "mcc": -1,
+           "merchant": -1, "terminal": -1, "field": -1, "fraud": np.nan, "p": np.nan}  # fmt: skip
+
+
+def _chunk(n: int, **cols) -> dict[str, np.ndarray]:
+    """`n` events; columns not given take their 'none' value (-1 codes, NaN numbers)."""
+    out = {}
+    for name, none in COLUMNS.items():
+        value = cols.get(name, none)
+        dtype = np.float64 if isinstance(none, float) else np.int64
+        out[name] = np.broadcast_to(np.asarray(value, dtype=dtype), (n,)).copy()
+    return out
+
+
+class _World:
+    def __init__(self, config: WorldConfig):
+        self.cfg = c = config
+        rng = _rng(c, -1, 0)
+        n = c.n_users
+        early = rng.random(n) < 0.6
+        self.issue_day = np.where(
+            early, rng.integers(0, min(14, c.n_days), n), rng.integers(0, c.n_days, n)
+        )
+        self.region = rng.integers(0, len(REGIONS), n)
+        self.age_band = rng.choice(len(AGE_BANDS), n, p=[0.2, 0.3, 0.35, 0.15])
+        self.rate = c.payments_per_day * rng.gamma(2.0, 0.5, n)
+        self.mcc = rng.choice(len(MCCS), c.n_merchants, p=MCC_WEIGHT / MCC_WEIGHT.sum())
+        self.mcc[: len(MCCS)] = np.arange(len(MCCS))  # every category has a merchant
+        # Physical merchants have 1-3 terminals, online ones one virtual terminal.
+        per = np.where(ONLINE[self.mcc], 1, rng.integers(1, 4, c.n_merchants))
+        self.terminal_merchant = np.repeat(np.arange(c.n_merchants), per)
+        self.first_terminal = np.concatenate([[0], np.cumsum(per)[:-1]])
+        self.n_terminals = per
+        self.physical = np.flatnonzero(~ONLINE[self.mcc[self.terminal_merchant]])
+        self.favourites = rng.choice(c.n_merchants, (n, 5))
+        self.compromised_until = np.full(self.terminal_merchant.size, -1)
+        self.pending: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
+
+    # ------------------------------------------------------------ the day's events
+
+    def _at(self, rng, merchants: np.ndarray) -> np.ndarray:
+        """A terminal of each merchant."""
+        pick = (rng.random(merchants.size) * self.n_terminals[merchants]).astype(np.int64)
+        return self.first_terminal[merchants] + pick
+
+    def _attack(self, rng, cards, ts, amounts) -> dict[str, np.ndarray]:
+        """Online payments by attackers at merchants of the attack categories."""
+        mcc = ATTACK_MCCS[rng.integers(0, ATTACK_MCCS.size, cards.size)]
+        return self._payments(rng, cards, ts, amounts, mcc, ATTACK_FRAUD, online=True)
+
+    def _payments(self, rng, cards, ts, amounts, mcc, p, online=False, merchants=None):
+        """Payments at `merchants` (or a random merchant of each `mcc`), reported as fraud with
+        probability `p`; a holder's own (p = BASE_FRAUD) three times as often online."""
+        if merchants is None:  # a random merchant of each payment's category
+            by_mcc = [np.flatnonzero(self.mcc == m) for m in range(len(MCCS))]
+            merchants = np.array([by_mcc[m][rng.integers(0, by_mcc[m].size)] for m in mcc], int)
+        mcc = self.mcc[merchants]
+        channel = np.where(online | ONLINE[mcc], NOT_PRESENT, CARD_PRESENT)
+        p = (
+            np.where(channel == NOT_PRESENT, 3 * p, p)
+            if p == BASE_FRAUD
+            else np.full(cards.size, p)
+        )
+        return _chunk(cards.size, card=cards, ts=ts, etype=PAYMENT, amount=np.round(amounts, 2),
+                      channel=channel, mcc=mcc, merchant=merchants,
+                      terminal=self._at(rng, merchants), fraud=(rng.random(cards.size) < p), p=p)  # fmt: skip
+
+    def step(self, day: int) -> list[dict[str, np.ndarray]]:
+        c, t0 = self.cfg, day * US_PER_DAY
+        active = np.flatnonzero(self.issue_day <= day)
+        attack = c.attack_factor(day)
+        self.day, self.chunks = day, self.pending.pop(day, [])
+        chunks = self.chunks
+
+        issued = np.flatnonzero(self.issue_day == day)
+        r = _rng(c, day, 1)
+        chunks.append(_chunk(issued.size, card=issued, etype=ISSUED,
+                             ts=t0 + r.integers(6 * US_PER_HOUR, 22 * US_PER_HOUR, issued.size)))  # fmt: skip
+
+        # The holders' own payments, mostly at their favourite merchants, by day.
+        r = _rng(c, day, 2)
+        count = r.poisson(self.rate[active])
+        cards = np.repeat(active, count)
+        fav = r.random(cards.size) < c.favourite_share
+        merchants = np.where(
+            fav,
+            self.favourites[cards, r.integers(0, 5, cards.size)],
+            r.integers(0, c.n_merchants, cards.size),
+        )
+        amounts = r.lognormal(np.log(MCC_MEDIAN[self.mcc[merchants]]), 0.7)
+        ts = t0 + r.integers(6 * US_PER_HOUR, 23 * US_PER_HOUR, cards.size)
+        own = self._payments(r, cards, ts, amounts, None, BASE_FRAUD, merchants=merchants)
+        chunks.append(own)
+
+        # Compromised terminals copy some of the cards that pay there; the copies spend later.
+        r = _rng(c, day, 3)
+        hit = r.choice(self.physical, r.poisson(c.compromised_terminals_per_day * attack))
+        self.compromised_until[hit] = day + c.compromise_days
+        skimmed = (self.compromised_until[own["terminal"]] >= day) & (
+            own["channel"] == CARD_PRESENT
+        )
+        skimmed &= r.random(skimmed.size) < c.skim_probability
+        for card in np.unique(own["card"][skimmed]):
+            later = day + int(r.integers(2, 11))
+            k = int(r.integers(1, 5))
+            ts = later * US_PER_DAY + np.sort(r.integers(0, US_PER_DAY, k))
+            self.pending[later].append(
+                self._attack(r, np.full(k, card), ts, r.lognormal(np.log(250), 0.6, k))
+            )
+
+        # Card testing: tiny online payments within half an hour, then a large one.
+        r = _rng(c, day, 4)
+        for card in active[r.random(active.size) < c.testing_rate * attack]:
+            k = int(r.integers(3, 7))
+            start = t0 + int(r.integers(0, 20 * US_PER_HOUR))
+            ts = start + np.sort(r.integers(0, US_PER_HOUR // 2, k))
+            chunks.append(self._payments(r, np.full(k, card), ts, r.uniform(0.5, 2.0, k),
+                                         np.full(k, TESTING_MCC), ATTACK_FRAUD, online=True))  # fmt: skip
+            big = ts[-1] + int(r.integers(US_PER_HOUR // 6, US_PER_HOUR))
+            chunks.append(self._attack(r, np.array([card]), np.array([big]),
+                                       r.lognormal(np.log(400), 0.5, 1)))  # fmt: skip
+
+        # Takeovers: a profile change, then large online payments within a day.
+        r = _rng(c, day, 5)
+        for card in active[r.random(active.size) < c.takeover_rate * attack]:
+            at = t0 + int(r.integers(0, 22 * US_PER_HOUR))
+            chunks.append(_chunk(1, card=card, ts=at, etype=PROFILE_CHANGE,
+                                 field=int(r.integers(0, 2))))  # fmt: skip
+            k = int(r.integers(1, 4))
+            ts = at + np.sort(r.integers(US_PER_HOUR, 24 * US_PER_HOUR, k))
+            self._schedule(self._attack(r, np.full(k, card), ts, r.lognormal(np.log(300), 0.6, k)))
+
+        # The holders' own profile changes.
+        r = _rng(c, day, 6)
+        moved = active[r.random(active.size) < c.profile_changes_per_year / 365]
+        chunks.append(_chunk(moved.size, card=moved, etype=PROFILE_CHANGE,
+                             ts=t0 + r.integers(6 * US_PER_HOUR, 23 * US_PER_HOUR, moved.size),
+                             field=r.integers(0, len(PROFILE_FIELDS), moved.size)))  # fmt: skip
+
+        # Every reported fraud is charged back days later.
+        r = _rng(c, day, 7)
+        today = _concat(self.chunks)
+        fraud = np.flatnonzero(today["fraud"] == 1)
+        delay = r.integers(*CHARGEBACK_DAYS, fraud.size) * US_PER_DAY
+        self._schedule(_chunk(fraud.size, card=today["card"][fraud], etype=CHARGEBACK,
+                              ts=today["ts"][fraud] + delay, amount=today["amount"][fraud]))  # fmt: skip
+        return [today]
+
+    def _schedule(self, chunk: dict[str, np.ndarray]) -> None:
+        """Events of any later day into the pending days they fall on; today's stay today."""
+        days = chunk["ts"] // US_PER_DAY
+        for d in np.unique(days):
+            part = {k: v[days == d] for k, v in chunk.items()}
+            (self.chunks if d == self.day else self.pending[int(d)]).append(part)
+
+    def frame(self, day: int, chunks: list[dict[str, np.ndarray]]) -> pl.DataFrame:
+        cols = _concat(chunks)
+        order = np.lexsort((cols["etype"], cols["card"], cols["ts"]))
+        cols = {k: v[order] for k, v in cols.items()}
+        n = cols["card"].size
+        card = cols["card"]
+        issued = cols["etype"] == ISSUED
+        epoch = (
+            datetime.fromisoformat(self.cfg.start).date().toordinal() - date(1970, 1, 1).toordinal()
+        )
+        payment = cols["etype"] == PAYMENT
+        frame = pl.DataFrame({
+            "entity_id": _ids("c", card, width=7),
+            "event_id": [f"k{day:04d}-{i:06d}" for i in range(n)],
+            "ts": pl.Series(cols["ts"] + epoch * US_PER_DAY).cast(pl.Datetime("us", "UTC")),
+            "event_type": _decode(EVENT_TYPES, cols["etype"]),
+            "amount": pl.Series(cols["amount"], nan_to_null=True),
+            "channel": _decode(CHANNELS, cols["channel"]),
+            "mcc": _decode(MCCS, cols["mcc"]),
+            "merchant_id": _ids("m", cols["merchant"]),
+            "terminal_id": _ids("t", cols["terminal"]),
+            "profile_field": _decode(PROFILE_FIELDS, cols["field"]),
+            "region": _decode(REGIONS, np.where(issued, self.region[card], -1)),
+            "age_band": _decode(AGE_BANDS, np.where(issued, self.age_band[card], -1)),
+            "is_fraud": pl.Series(np.where(payment, cols["fraud"], np.nan), nan_to_null=True),
+            "true_p_fraud": pl.Series(cols["p"], nan_to_null=True),
+        })  # fmt: skip
+        return frame.cast(PACK.event_schema())
+
+
+def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    chunks = [c for c in chunks if c["card"].size] or [_chunk(0)]
+    return {k: np.concatenate([c[k] for c in chunks]) for k in COLUMNS}
+
+
+def _decode(names: tuple[str, ...], codes: np.ndarray) -> pl.Series:
+    """Category names for integer codes; -1 is null."""
+    idx = pl.Series(codes.astype(np.int64))
+    return pl.Series(names, dtype=pl.String).gather(
+        pl.select(pl.when(idx >= 0).then(idx)).to_series()
+    )
+
+
+def _ids(prefix: str, codes: np.ndarray, width: int = 5) -> pl.Series:
+    """Ids like m00042 for codes; -1 is null."""
+    s = pl.Series(codes.astype(np.int64))
+    return pl.select(
+        pl.when(s >= 0).then(pl.lit(prefix) + s.cast(pl.String).str.zfill(width))
+    ).to_series()
+
+
+def iter_days(config: WorldConfig, days: range | None = None) -> Iterator[tuple[int, pl.DataFrame]]:
+    """Each requested day's events, in order; the state is stepped from day 0 whatever the
+    range, so a day is the same whichever run produced it."""
+    days = range(config.n_days) if days is None else days
+    if days.step != 1 or (len(days) and (days.start < 0 or days.stop > config.n_days)):
+        raise ValueError(f"days must be a contiguous range inside [0, {config.n_days}), got {days}")
+    world = _World(config)
+    for day in range(days.stop):
+        chunks = world.step(day)
+        if day >= days.start:
+            yield day, world.frame(day, chunks)
+
+
+def simulate(config: WorldConfig, days: range | None = None) -> pl.DataFrame:
+    """Events of `days` (default: all), sorted by time, in `PACK`'s schema."""
+    frames = [frame for _, frame in iter_days(config, days)]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=PACK.event_schema())

@@ -1,0 +1,121 @@
+"""The dataset pack: one file per source that every stage reads, checked when it loads, and
+whose labels never reach an input."""
+
+from datetime import UTC, datetime
+
+import numpy as np
+import polars as pl
+import pytest
+import returns_world
+import yaml
+
+from eventml.features import compute_features
+from eventml.pack import DatasetPack
+from eventml.schema import SpecError, validate
+from eventml.sequences import SequenceSpec, build_sequences
+from eventml.traffic import score_requests
+from eventml.worlds import WORLDS, cards, lending, load_pack
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def returns_pack() -> DatasetPack:
+    return DatasetPack.from_dict(yaml.safe_load(returns_world.PACK))
+
+
+def returns_events() -> pl.DataFrame:
+    checked = validate(returns_world.events(n_customers=80, n_days=90), returns_pack(), NOW)
+    assert checked.rejects.height == 0
+    return checked.clean
+
+
+# Every pack the project knows: the built-in worlds' and a user's own (tests/returns_world.py).
+PACKS = {
+    "lending": (lambda: lending.PACK, lambda: lending.simulate(lending.WorldConfig(n_users=150, n_days=120))),
+    "cards": (lambda: cards.PACK, lambda: cards.simulate(cards.WorldConfig(n_users=150, n_days=60))),
+    "returns": (returns_pack, returns_events),
+}  # fmt: skip
+
+
+def inputs(pack: DatasetPack, events: pl.DataFrame) -> dict:
+    """Everything a model reads: decision features, encoder arrays and request bodies."""
+    decisions = events.filter(pl.col("event_type").is_in(pack.decision_event_types)).rename(
+        {"event_id": "decision_id"}
+    )
+    coding = SequenceSpec.fit(pack, events)
+    return {
+        "features": compute_features(events, decisions, pack.feature_set()),
+        "sequences": build_sequences(events, decisions, coding, max_len=16),
+        "requests": score_requests(decisions, pack),
+    }
+
+
+def test_every_built_in_world_has_a_test_here():
+    assert set(WORLDS) <= set(PACKS)
+
+
+@pytest.mark.parametrize("name", PACKS)
+def test_permuting_the_label_and_oracle_columns_changes_no_input_byte(name):
+    make_pack, make_events = PACKS[name]
+    pack, events = make_pack(), make_events()
+    hidden = [*pack.label_columns, *pack.oracle_columns]
+    assert hidden, "a pack without label or oracle columns proves nothing here"
+    permuted = events.with_columns(pl.col(c).shuffle(seed=1) for c in hidden)
+    assert not permuted.select(hidden).equals(events.select(hidden))
+    before, after = inputs(pack, events), inputs(pack, permuted)
+    assert before["features"].equals(after["features"])
+    assert before["requests"] == after["requests"]
+    assert before["sequences"].keys() == after["sequences"].keys()
+    for key, array in before["sequences"].items():
+        np.testing.assert_array_equal(array, after["sequences"][key], err_msg=key)
+
+
+def test_the_lending_pack_is_a_file_like_any_users():
+    assert load_pack("lending") == DatasetPack.from_yaml("eventml/worlds/lending/pack.yaml")
+    assert set(lending.PACK.policy) == {x.name for x in lending.PACK.labels}
+
+
+def base() -> dict:
+    return yaml.safe_load(returns_world.PACK)
+
+
+@pytest.mark.parametrize(
+    "change, names",
+    [
+        ({"monotone": {"n_refund_all": 1}}, "monotone: ['n_refund_all']"),
+        ({"segments": [{"name": "s", "feature": "nope", "breaks": [1], "labels": ["a", "b"]}]},
+         "segments.s.feature: 'nope'"),
+        ({"segments": [{"name": "s", "feature": "n_order_all", "breaks": [1], "labels": ["a"]}]},
+         "give as many labels"),
+        ({"policy": {"returned_14d": 0.5}}, "policy: no decline threshold for ['disputed']"),
+        ({"policy": {"returned_14d": 0.5, "disputed": 0.5, "churn": 0.5}}, "policy: ['churn']"),
+        ({"promotion": {"task": "churn"}}, "promotion.task: 'churn'"),
+        ({"features": {"decision_columns": ["was_disputed"]}},
+         "features.decision_columns: 'was_disputed' is not an input column"),
+        ({"features": {"statistics": [{"column": "was_disputed", "event_types": ["order"]}]}},
+         "features.statistics[0].column: 'was_disputed'"),
+        ({"oracle": {"churn": "p_churn"}}, "oracle: ['churn'] are not labels"),
+        ({"partitions": {"start": "2024-12-01", "days": 10}}, "partitions.start"),
+    ],
+)  # fmt: skip
+def test_a_pack_that_cannot_work_names_the_key_and_the_fix(change, names):
+    with pytest.raises(SpecError, match="returns_pack.yaml is invalid") as raised:
+        DatasetPack.from_dict({**base(), **change}, origin="dataset pack returns_pack.yaml")
+    assert names in str(raised.value)
+
+
+def test_a_constant_fills_a_column_the_source_does_not_have():
+    pack = DatasetPack.from_dict({
+        "name": "cards", "source_start": "2025-01-01", "event_types": ["payment"],
+        "decision_event_types": ["payment"], "constants": {"event_type": "payment"},
+    })  # fmt: skip
+    raw = pl.DataFrame({"entity_id": ["c1"], "event_id": ["p1"], "ts": ["2025-02-01T10:00:00Z"],
+                        "amount": ["12.5"]})  # fmt: skip
+    checked = validate(raw, pack, NOW)
+    assert checked.rejects.height == 0 and checked.clean["event_type"].to_list() == ["payment"]
+
+
+def test_statistics_of_any_numeric_column_are_features():
+    names = lending.PACK.feature_set().names
+    assert {"days_late_max_payment_late_90d", "days_late_mean_payment_missed_all"} <= set(names)
+    assert "basket_items_max_order_30d" in returns_pack().feature_set().names
