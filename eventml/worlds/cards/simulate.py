@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -88,18 +88,6 @@ class WorldConfig:
 
     def attack_factor(self, day: int) -> float:
         return self.shift_strength if self.shift_day is not None and day >= self.shift_day else 1.0
-
-
-def date_of(config: WorldConfig, day: int) -> date:
-    return date.fromisoformat(config.start) + timedelta(days=day)
-
-
-def day_of(config: WorldConfig, ts_or_date: datetime | date | str) -> int:
-    if isinstance(ts_or_date, str):
-        ts_or_date = datetime.fromisoformat(ts_or_date)
-    if isinstance(ts_or_date, datetime):
-        ts_or_date = ts_or_date.date()
-    return (ts_or_date - date.fromisoformat(config.start)).days
 
 
 def _rng(config: WorldConfig, day: int, stream: int) -> np.random.Generator:

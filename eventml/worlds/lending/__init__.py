@@ -1,11 +1,10 @@
 """The lending world: a pay-over-time lender deciding on each checkout (`pack.yaml`), and
 the simulator that generates its people and their events (`simulate`)."""
 
+from eventml.worlds.calendar import date_of, day_of
 from eventml.worlds.lending.simulate import (
     PACK,
     WorldConfig,
-    date_of,
-    day_of,
     hidden_users,
     iter_days,
     simulate,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -141,20 +141,6 @@ class WorldConfig:
     def shift_at(self, day: int) -> float:
         """The regime shift's strength in effect on `day` (0 before it or without one)."""
         return self.shift_strength if self.shift_day is not None and day >= self.shift_day else 0.0
-
-
-def date_of(config: WorldConfig, day: int) -> date:
-    return date.fromisoformat(config.start) + timedelta(days=day)
-
-
-def day_of(config: WorldConfig, ts_or_date: datetime | date | str) -> int:
-    """The world day of a timestamp (UTC), date, or ISO string; day 0 is `config.start`."""
-    if isinstance(ts_or_date, str):
-        ts_or_date = datetime.fromisoformat(ts_or_date)
-    if isinstance(ts_or_date, datetime):
-        aware = ts_or_date if ts_or_date.tzinfo else ts_or_date.replace(tzinfo=UTC)
-        ts_or_date = aware.astimezone(UTC).date()
-    return (ts_or_date - date.fromisoformat(config.start)).days
 
 
 def _rng(config: WorldConfig, day: int, stream: int) -> np.random.Generator:
