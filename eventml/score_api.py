@@ -142,12 +142,14 @@ class _Strict(BaseModel):
 def request_models(spec: DatasetSpec) -> tuple[type[BaseModel], type[BaseModel]]:
     """(ScoreRequest, RecentEvent) for `spec`'s event contract.
 
-    ScoreRequest: `entity_id`, `ts` and the decision event's own attributes, an optional
+    ScoreRequest: `entity_id`, `ts`, the decision's `event_type` (one of the pack's decision
+    event types, the first by default) and the decision event's own attributes, an optional
     `decision_id`, and up to 64 `recent_events` the online store may not have yet (each strictly
     before the decision). RecentEvent: an event in the contract's shape, less `entity_id`."""
     types = _types(spec)
     attributes = _attributes(spec, types)
     event_type = Literal[tuple(spec.event_types)]  # type: ignore[misc]
+    decision_type = Literal[tuple(spec.decision_event_types)]  # type: ignore[misc]
     recent_event = create_model(
         "RecentEvent",
         __base__=_Strict,
@@ -174,6 +176,8 @@ def request_models(spec: DatasetSpec) -> tuple[type[BaseModel], type[BaseModel]]
         __validators__={"before_decision": field_validator("recent_events")(before_decision)},
         entity_id=(types["text"], ...),
         ts=(types["decision_ts"], ...),
+        # Any of the pack's decision event types; the first when a caller does not say.
+        event_type=(decision_type, spec.decision_event_types[0]),
         amount=(types["amount"] | None, None),
         **attributes,
         decision_id=(types["text"] | None, None),

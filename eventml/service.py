@@ -128,7 +128,6 @@ class RiskService:
         self.spec = SPEC
         self.event_schema = self.spec.event_schema()
         self.decision_schema = {**self.event_schema, "ts": TS_TYPE}
-        self.decision_type = self.spec.decision_event_types[0]
         self.store = SQLiteOnlineStore(os.environ["EVENTML_ONLINE_STORE"], self.spec, convert=False)
         self.log = PredictionLog(os.environ["EVENTML_PREDICTION_LOG"])
         self.versions = ModelVersions(
@@ -192,8 +191,7 @@ class RiskService:
         decision of the same entity."""
         model, keys = self.model, [str(i) for i in range(len(requests))]
         decisions = pl.DataFrame(
-            [{**decision_of(r), "entity_id": k, "decision_id": k, "event_type": self.decision_type}
-             for k, r in zip(keys, requests)],
+            [{**decision_of(r), "entity_id": k, "decision_id": k} for k, r in zip(keys, requests)],
             schema={**self.decision_schema, "decision_id": pl.String},
         )  # fmt: skip
         # Only events strictly before each request's own decision, as `history` reads for /score:

@@ -129,8 +129,10 @@ EXTRA_RESPONSES = {
 
 def corrected_openapi(doc: dict) -> dict:
     """BentoML's document for this service, made true: a 400 (`InvalidArgument`) carries
-    `detail`, a list of field errors with their `loc`, and the APIs also answer 415 and 429."""
-    doc = json.loads(json.dumps(doc))
+    `detail`, a list of field errors with their `loc`, and the APIs also answer 415 and 429.
+    A one-value field (`const`, which OpenAPI 3.0 does not have) becomes a one-value `enum`, so
+    a 3.0 client or fuzzer sees the constraint (a pack with one decision event type)."""
+    doc = _const_as_enum(json.loads(json.dumps(doc)))
     error = doc["components"]["schemas"]["InvalidArgument"]
     error["properties"]["detail"] = {"type": "array", "items": FIELD_ERROR}
     error_ref = {"content": {"application/json": {"schema": {
@@ -140,6 +142,15 @@ def corrected_openapi(doc: dict) -> dict:
         for status, description in EXTRA_RESPONSES.items():
             responses[status] = {"description": description, **error_ref}
     return doc
+
+
+def _const_as_enum(node):
+    if isinstance(node, dict):
+        node = {k: _const_as_enum(v) for k, v in node.items()}
+        if "const" in node and not isinstance(node["const"], dict):  # not a property named const
+            node["enum"] = [node.pop("const")]
+        return node
+    return [_const_as_enum(v) for v in node] if isinstance(node, list) else node
 
 
 class OpenAPIDocument:

@@ -17,12 +17,13 @@ from eventml.schema import ISO_UTC, DatasetSpec
 
 def score_requests(decisions: pl.DataFrame, spec: DatasetSpec) -> list[dict]:
     """`POST /score` bodies (the `request` field) for decision events: `decision_id` (or
-    `event_id`), `entity_id`, `ts`, `amount` and the decision's own attributes (the request
+    `event_id`), `entity_id`, `ts`, `event_type`, `amount` and the decision's own attributes (the request
     fields `eventml.score_api` makes from `spec`)."""
     id_column = "decision_id" if "decision_id" in decisions.columns else "event_id"
     attributes = [*spec.input_categorical, *spec.input_numeric]
     rows = decisions.select(
         "entity_id", pl.col("ts").dt.to_string(ISO_UTC), "amount",
+        *(["event_type"] if "event_type" in decisions.columns else []),
         *attributes, pl.col(id_column).alias("decision_id"),
     )  # fmt: skip
     return [{k: v for k, v in row.items() if v is not None} for row in rows.iter_rows(named=True)]

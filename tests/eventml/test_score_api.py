@@ -53,8 +53,27 @@ def test_a_complete_request_and_a_minimal_one_are_valid():
 def test_the_decision_is_in_utc_whatever_offset_the_caller_used():
     r = ScoreRequest.model_validate({**GOOD, "ts": "2025-06-01T15:00:00+03:00"})
     assert decision_of(r)["ts"] == datetime(2025, 6, 1, 12, tzinfo=UTC)
-    assert set(decision_of(r)) == {"entity_id", "ts", "amount", *LENDING_PACK.categorical,
-                                   *LENDING_PACK.numeric}  # fmt: skip
+    assert set(decision_of(r)) == {"entity_id", "ts", "event_type", "amount",
+                                   *LENDING_PACK.categorical, *LENDING_PACK.numeric}  # fmt: skip
+
+
+def test_every_decision_event_type_can_be_scored_and_no_other():
+    from eventml.pack import DatasetPack
+
+    pack = DatasetPack.from_dict({
+        "name": "bank", "source_start": "2025-01-01", "event_types": ["login", "transfer", "withdrawal"],
+        "decision_event_types": ["transfer", "withdrawal"],
+    })  # fmt: skip
+    request, _ = request_models(pack)
+    base = {"entity_id": "c1", "ts": TS}
+    assert decision_of(request.model_validate(base))["event_type"] == "transfer"
+    assert (
+        decision_of(request.model_validate({**base, "event_type": "withdrawal"}))["event_type"]
+        == "withdrawal"
+    )
+    with pytest.raises(ValidationError) as raised:
+        request.model_validate({**base, "event_type": "login"})
+    assert raised.value.errors()[0]["loc"] == ("event_type",)
 
 
 @pytest.mark.parametrize(
@@ -152,7 +171,7 @@ def test_a_pack_of_another_shape_gets_its_own_fields(bank_spec):
     spec = bank_spec.model_copy(update={"categories": {"channel": ("web", "branch")},
                                         "numeric": ("balance",)})  # fmt: skip
     request, event = request_models(DatasetSpec.model_validate(spec.model_dump()))
-    assert set(request.model_fields) == {"entity_id", "ts", "amount", "channel", "balance",
+    assert set(request.model_fields) == {"entity_id", "ts", "event_type", "amount", "channel", "balance",
                                          "decision_id", "recent_events"}  # fmt: skip
     schema = request.model_json_schema()
     assert schema["$defs"]["RecentEvent"]["properties"]["event_type"]["enum"] == [
@@ -202,10 +221,14 @@ def test_the_openapi_document_lists_the_categories_and_describes_a_400():
     channel = schema["properties"]["channel"]["anyOf"][0]
     assert channel["enum"] == list(LENDING_PACK.categories["channel"])
     doc = {
-        "components": {"schemas": {"InvalidArgument": {"properties": {"detail": {"type": "string"}}}}},
+        "components": {"schemas": {"InvalidArgument": {"properties": {"detail": {"type": "string"}}},
+                                   "ScoreRequest": schema}},
         "paths": {p: {"post": {"responses": {}}} for p in ("/score", "/score_batch")},
     }  # fmt: skip
     fixed = corrected_openapi(doc)
+    # The one decision event type: an enum OpenAPI 3.0 clients understand, not a `const`.
+    event_type = fixed["components"]["schemas"]["ScoreRequest"]["properties"]["event_type"]
+    assert event_type["enum"] == ["application"] and "const" not in event_type
     detail = fixed["components"]["schemas"]["InvalidArgument"]["properties"]["detail"]
     assert detail["type"] == "array" and detail["items"]["required"] == ["loc", "msg", "type"]
     assert {"415", "429", "503"} <= set(fixed["paths"]["/score"]["post"]["responses"])
