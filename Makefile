@@ -6,6 +6,14 @@ BIN := $(VENV)/bin
 # Every version, direct and transitive, that CI tested: a pip constraints file made by `make lock`.
 LOCK := requirements.lock
 
+# Which built-in world (or pack file) runs: WORLD=cards runs the card world, in its own state
+# folder (.state-cards), so each world keeps its own tables, runs, registry and Bentos.
+ifneq ($(WORLD),)
+export EVENTML_PACK := $(WORLD)
+ifneq ($(WORLD),lending)
+EVENTML_HOME ?= $(CURDIR)/.state-$(notdir $(basename $(WORLD)))
+endif
+endif
 # All runtime state lives under one folder.
 EVENTML_HOME ?= $(CURDIR)/.state
 # Dagster refuses a relative DAGSTER_HOME: a relative EVENTML_HOME is resolved against this folder.
@@ -13,7 +21,7 @@ export EVENTML_HOME := $(abspath $(EVENTML_HOME))
 export DAGSTER_HOME ?= $(EVENTML_HOME)/dagster
 LOGS := $(EVENTML_HOME)/logs
 
-.PHONY: install setup services services-stop lock demo advance test ui mlflow serve bench fuzz lint clean
+.PHONY: install setup services services-stop lock demo advance migrate test ui mlflow serve bench fuzz lint clean clean-all
 
 # Quiet on success; on failure the log's tail and its path.
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -64,13 +72,20 @@ demo: install
 advance: install
 	$(PY) -m ml_assets.time_machine --days $(or $(DAYS),7) --step $(or $(STEP),5)
 
+# After a change to the dataset pack: evolve the source tables, rebuild the derived ones
+# (docs/dataset-packs.md, "Changing a pack"). ARGS=--dry-run says what would change.
+migrate: install
+	$(PY) -m ml_assets.migrate $(ARGS)
+
 # Postgres is started for its tests; where it cannot start they skip, saying why (CI fails).
 test: install
 	@scripts/services.sh start || echo "postgres did not start: its tests skip (under CI they fail)"
 	EVENTML_TEST_POSTGRES_URL=$$(scripts/services.sh url) $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
+# The code location is named after the pack (written by `make setup`); UI_PORT=3001 runs a
+# second world's UI beside the first.
 ui: setup
-	$(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/dagster dev -w $(DAGSTER_HOME)/workspace.yaml -p $(or $(UI_PORT),3000)
 
 mlflow: setup
 	$(BIN)/mlflow ui --backend-store-uri $$($(PY) -c "from eventml.home import StateHome; from resources.state import mlflow_tracking; print(mlflow_tracking(StateHome.from_env()).tracking_uri)") --port 5000
@@ -93,6 +108,10 @@ fuzz: install
 lint: install
 	$(BIN)/ruff check eventml ml_assets resources tests bench
 
+# Everything the system wrote, but not the landing zone: the files users brought are theirs.
 clean:
 	-scripts/services.sh stop
+	-find $(EVENTML_HOME) -mindepth 1 -maxdepth 1 ! -name landing -exec rm -rf {} +
+
+clean-all: clean
 	rm -rf $(EVENTML_HOME)

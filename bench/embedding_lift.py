@@ -1,9 +1,16 @@
-"""Where the embedding lift goes: the out-of-time AUC of features-only vs features + embeddings,
-on the demo's own tables, for the shipped training recipe and the alternatives tried against it.
+"""Where the embedding lift goes: the out-of-time ROC AUC and PR AUC of features-only vs
+features + embeddings, beside the world's oracle, on either built-in world, for the shipped
+training recipe and the alternatives tried against it.
 
-    make demo                                   # the tables this reads (days 0-299)
-    .venv/bin/python bench/embedding_lift.py    # 6 recipes x 3 encoder seeds, ~3 hours on 2 cores
-    .venv/bin/python bench/embedding_lift.py --recipes person-split --seeds 0
+    .venv/bin/python bench/embedding_lift.py --world cards --users 1000 --days 150 \
+        --option compromised_terminals_per_day=2 --option testing_rate=0.002 \
+        --option takeover_rate=0.0015 --option shift_day=null \
+        --recipes person-split     # 3 encoder seeds, ~45 minutes on 2 cores
+    .venv/bin/python bench/embedding_lift.py --world lending --users 10000 --recipes person-split
+    .venv/bin/python bench/embedding_lift.py    # lending's reference world, 6 recipes x 3 seeds
+
+The world is simulated here (its `WorldConfig` defaults; by default the days before its shift)
+and its features computed in process, so nothing needs `make demo` first.
 
 Recipes (the scorer and its features-only baseline always learn from the same rows):
 - person-split (shipped, `eventml.splits.with_stacking_stages` + `eventml.embedding.learning_rows`):
@@ -30,32 +37,29 @@ Each recipe runs once per encoder seed (the seed of its initial weights and batc
 moves by a few hundredths from seed to seed, so one run is an anecdote; the summary gives the
 mean and spread. Each row also gives the lift of a scorer that reads the encoder's own task
 probabilities beside the embedding ("lift +encoder scores", not shipped). Then, for the first
-recipe, the encoder's own default AUC split by split with the mean age of the people it scores
-(how fast what it learned from labels goes stale); how much of the oracle's edge is outcomes the
-simulator has already drawn and no history can show; and the one sequence detail measured to
-matter that the features leave out (the days-late magnitude of the last payments): what it adds
-to the features, and how much of it each embedding holds.
+recipe, the encoder's own AUC on the promotion task split by split with the mean age of the
+people it scores (how fast what it learned from labels goes stale), and how much of the oracle's
+edge is outcomes the simulator had already drawn, which no history can show.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import polars as pl
-import xgboost as xgb
-from sklearn.metrics import r2_score, roc_auc_score
+import yaml
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from eventml.embedding import SequenceModelConfig, embedding_table, train_sequence_model
-from eventml.home import StateHome
+from eventml.features import compute_features
 from eventml.labels import build_decisions
+from eventml.pack import DatasetPack
 from eventml.risk_model import embedding_columns, model_table
 from eventml.scorer import Scorer, ScorerConfig
 from eventml.splits import split_decisions, with_stacking_stages
-from eventml.worlds.lending import PACK as LENDING_PACK
-from eventml.worlds.lending import WorldConfig
-
-TASK = LENDING_PACK.promotion_rules.task  # the label promotion decides on
+from eventml.worlds import WORLDS, world
 
 RECIPES = (
     "person-split",
@@ -65,26 +69,28 @@ RECIPES = (
     "outlook-only",
     "self-supervised",
 )
-ORACLE = LENDING_PACK.oracle
+METRICS = {"auc": roc_auc_score, "pr_auc": average_precision_score}
 
 
-def load(days: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """The demo's events of its first `days` days, their decisions, and their features."""
-    tables = StateHome.from_env().tables / "eventml"
-    first = pl.scan_delta(str(tables / "raw_events")).select(pl.col("day").min()).collect().item()
-    events = (
-        pl.scan_delta(str(tables / "raw_events"))
-        .filter(pl.col("day") < first + pl.duration(days=days))
-        .drop("day")
-        .collect()
-    )
-    decisions = build_decisions(events, LENDING_PACK)
-    features = (
-        pl.scan_delta(str(tables / "decision_features"))
-        .join(decisions.lazy().select("decision_id"), on="decision_id", how="semi")
-        .collect()
-    )
-    return events, decisions, features
+def load(name: str, users: int | None, days: int | None, options: dict):
+    """A built-in world's events (its first `days` days: by default those before its shift),
+    their decisions and their features, and its pack."""
+    module = world(name)
+    config = module.WorldConfig(**({"n_users": users} if users else {}), **options)
+    days = days or config.shift_day or config.n_days
+    if days > config.n_days:
+        config = dataclasses.replace(config, n_days=days)
+    events = module.simulate(config, range(days))
+    pack = module.PACK
+    decisions = build_decisions(events, pack)
+    features = compute_features(events, decisions, pack.feature_set())
+    return events, decisions, features, pack
+
+
+def judged(test: pl.DataFrame, task: str) -> tuple:
+    """The matured, applicable test rows of `task`: a mask and their labels."""
+    known = (test[f"{task}_matured"] & test[task].is_not_null()).to_numpy()
+    return known, test[task].to_numpy()[known].astype(int)
 
 
 def staged(splits: pl.DataFrame, recipe: str) -> pl.DataFrame:
@@ -100,29 +106,27 @@ def staged(splits: pl.DataFrame, recipe: str) -> pl.DataFrame:
     return splits.with_columns(stage.otherwise(pl.lit("scorer")).alias("stage"))
 
 
-def out_of_time_aucs(table: pl.DataFrame, columns: list[str], tasks: list[str]) -> dict[str, float]:
-    """Out-of-time AUC per task of a scorer on `columns`, fitted as the scorers of a recipe are:
-    on its train rows of stage "scorer", early-stopped on valid, scored on matured test rows."""
+def out_of_time(
+    table: pl.DataFrame, columns: list[str], pack: DatasetPack
+) -> dict[str, dict[str, float]]:
+    """Out-of-time ROC AUC and PR AUC per task of a scorer on `columns`, fitted as the scorers
+    of a recipe are: on its train rows of stage "scorer", early-stopped on valid, scored on
+    matured test rows."""
+    tasks = [label.name for label in pack.labels]
     fit_rows = table.filter((pl.col("split") == "train") & (pl.col("stage") == "scorer"))
     valid, test = table.filter(pl.col("split") == "valid"), table.filter(pl.col("split") == "test")
-    scorer = Scorer.fit(
-        fit_rows,
-        valid,
-        columns,
-        tasks,
-        ScorerConfig(monotone=LENDING_PACK.monotone),
-        log=lambda line: None,
-    )
+    config = ScorerConfig(monotone=pack.monotone)
+    scorer = Scorer.fit(fit_rows, valid, columns, tasks, config, log=lambda line: None)
     predicted = scorer.predict(test)
-    aucs = {}
+    out = {}
     for task in tasks:
-        known = (test[f"{task}_matured"] & test[task].is_not_null()).to_numpy()
-        y = test[task].to_numpy()[known].astype(int)
-        aucs[task] = roc_auc_score(y, predicted[task][known])
-    return aucs
+        known, y = judged(test, task)
+        out[task] = {m: f(y, predicted[task][known]) for m, f in METRICS.items()}
+    return out
 
 
-def run(recipe, seed, events, splits, features, tasks, args) -> tuple[dict, pl.DataFrame]:
+def run(recipe, seed, events, splits, features, pack, args) -> tuple[dict, pl.DataFrame]:
+    tasks = [label.name for label in pack.labels]
     splits = staged(splits, recipe)
     unlabelled = recipe in ("outlook-only", "self-supervised")
     config = SequenceModelConfig(
@@ -143,19 +147,17 @@ def run(recipe, seed, events, splits, features, tasks, args) -> tuple[dict, pl.D
         else splits
     )
     start = time.perf_counter()
-    model, _ = train_sequence_model(
-        events, encoder_rows, LENDING_PACK, config, log=lambda line: None
-    )
+    model, _ = train_sequence_model(events, encoder_rows, pack, config, log=lambda line: None)
     seconds = time.perf_counter() - start
     table = model_table(splits, features, embedding_table(model, events, splits))
-    names = LENDING_PACK.feature_set().names
+    names = pack.feature_set().names
     emb = embedding_columns(model.encoder.config.emb_dim)
     # Not shipped, measured beside it: the encoder's own probabilities as inputs too.
     scores = [f"encoder_{task}" for task in tasks]
     baseline, scorer, with_scores = (
-        out_of_time_aucs(table, names, tasks),
-        out_of_time_aucs(table, names + emb, tasks),
-        out_of_time_aucs(table, names + emb + scores, tasks),
+        out_of_time(table, names, pack),
+        out_of_time(table, names + emb, pack),
+        out_of_time(table, names + emb + scores, pack),
     )
     test = table.filter(pl.col("split") == "test")
     row = {
@@ -167,21 +169,25 @@ def run(recipe, seed, events, splits, features, tasks, args) -> tuple[dict, pl.D
         ).height,
     }
     for task in tasks:
-        known = (test[f"{task}_matured"] & test[task].is_not_null()).to_numpy()
-        y = test[task].to_numpy()[known].astype(int)
-        auc = {
-            "features": baseline[task],
-            "+embeddings": scorer[task],
-            "encoder": roc_auc_score(y, test[f"encoder_{task}"].to_numpy()[known]),
-            "oracle": roc_auc_score(y, test[ORACLE[task]].to_numpy()[known]),
-        }
-        row |= {f"{task} {k}": round(v, 4) for k, v in auc.items()}
-        row[f"{task} lift"] = round(auc["+embeddings"] - auc["features"], 4)
-        row[f"{task} lift +encoder scores"] = round(with_scores[task] - auc["features"], 4)
+        known, y = judged(test, task)
+        row[f"{task} test positives"] = int(y.sum())
+        for metric, score in METRICS.items():
+            figures = {
+                "features": baseline[task][metric],
+                "+embeddings": scorer[task][metric],
+                "encoder": score(y, test[f"encoder_{task}"].to_numpy()[known]),
+                "oracle": score(y, test[pack.oracle[task]].to_numpy()[known]),
+            }
+            row |= {f"{task} {metric} {k}": round(v, 4) for k, v in figures.items()}
+            lift = figures["+embeddings"] - figures["features"]
+            row[f"{task} {metric} lift"] = round(lift, 4)
+            row[f"{task} {metric} lift +encoder scores"] = round(
+                with_scores[task][metric] - figures["features"], 4
+            )
     return row, table
 
 
-def staleness(table: pl.DataFrame, events: pl.DataFrame, task: str = TASK) -> pl.DataFrame:
+def staleness(table: pl.DataFrame, events: pl.DataFrame, task: str) -> pl.DataFrame:
     """The encoder's own AUC on each split and stage, with how old the people scored are."""
     first = events.group_by("entity_id").agg(pl.col("ts").min().alias("first_event"))
     scored = table.filter(pl.col(f"{task}_matured") & pl.col(task).is_not_null()).join(
@@ -206,104 +212,66 @@ def staleness(table: pl.DataFrame, events: pl.DataFrame, task: str = TASK) -> pl
     return pl.DataFrame(rows).sort("from")
 
 
-def oracle_edge(table: pl.DataFrame) -> dict:
-    """Test defaults the simulator had already drawn (true p = 1) and whether a missed payment
-    shows them, and the oracle's AUC without them."""
+def oracle_edge(table: pl.DataFrame, pack: DatasetPack, task: str) -> dict:
+    """Test positives the simulator had already drawn (oracle p = 1), which no history can
+    show, and the oracle's AUC without them."""
+    oracle = pack.oracle[task]
     test = table.filter(
-        (pl.col("split") == "test") & pl.col(f"{TASK}_matured") & pl.col(TASK).is_not_null()
+        (pl.col("split") == "test") & pl.col(f"{task}_matured") & pl.col(task).is_not_null()
     )
-    drawn = test.filter(pl.col("true_p_default") >= 0.999)
-    rest = test.filter(pl.col("true_p_default") < 0.999)
+    rest = test.filter(pl.col(oracle) < 0.999)
     return {
-        "test positives": int(test[TASK].sum()),
-        "already drawn (true p = 1)": int(drawn[TASK].sum()),
-        "of those, a missed payment in the history": int((drawn["n_payment_missed_90d"] > 0).sum()),
-        "oracle AUC without them": round(
-            roc_auc_score(rest[TASK], rest[LENDING_PACK.oracle[TASK]]), 4
-        ),
+        "test positives": int(test[task].sum()),
+        "already drawn (oracle p = 1)": int(test.filter(pl.col(oracle) >= 0.999)[task].sum()),
+        "oracle AUC without them": round(roc_auc_score(rest[task], rest[oracle]), 4),
     }
-
-
-def days_late_gap(table: pl.DataFrame, events: pl.DataFrame) -> dict:
-    """The days late of each person's last three payments before the decision (mean and max):
-    the promotion task's AUC it adds to the features-only scorer on the recipe's own rows, and how
-    much of its mean (R² on test rows with a payment) the features, the embedding and both
-    recover."""
-    payments = (
-        events.filter(pl.col("days_late").is_not_null())
-        .select("entity_id", pl.col("ts").alias("paid_at"), "days_late")
-        .sort("paid_at")
-        .with_columns(
-            pl.col("days_late")
-            .rolling_mean(3, min_samples=1)
-            .over("entity_id")
-            .alias("late_mean3"),
-            pl.col("days_late").rolling_max(3, min_samples=1).over("entity_id").alias("late_max3"),
-        )
-        .drop("days_late")
-    )
-    table = table.sort("ts").join_asof(
-        payments, left_on="ts", right_on="paid_at", by="entity_id",
-        strategy="backward", allow_exact_matches=False, check_sortedness=False,
-    )  # fmt: skip
-    names = LENDING_PACK.feature_set().names
-    emb = [c for c in table.columns if c.startswith("emb_")]
-    out = {}
-    for name, extra in (
-        ("features", []),
-        ("features + last 3 payments' days late", ["late_mean3", "late_max3"]),
-    ):
-        auc = out_of_time_aucs(table, names + extra, [TASK])[TASK]
-        out[f"{name} AUC"] = round(auc, 4)
-    paid = table.filter(pl.col("late_mean3").is_not_null())
-    fit, held = paid.filter(pl.col("split") != "test"), paid.filter(pl.col("split") == "test")
-    for name, cols in (("features", names), ("embedding", emb), ("both", names + emb)):
-        model = xgb.XGBRegressor(n_estimators=300, max_depth=4, learning_rate=0.05, n_jobs=2)
-        model.fit(fit.select(cols).to_numpy(), fit["late_mean3"].to_numpy())
-        predicted = model.predict(held.select(cols).to_numpy())
-        out[f"R² of its mean from {name}"] = round(r2_score(held["late_mean3"], predicted), 3)
-    return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", choices=WORLDS, default="lending")
+    p.add_argument("--users", type=int, help="default: the world's reference size")
+    p.add_argument("--days", type=int, help="default: the days before the world's shift")
+    p.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other WorldConfig field, e.g. testing_rate=0.002")  # fmt: skip
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
-    p.add_argument("--days", type=int, default=WorldConfig.shift_day or WorldConfig.n_days)
     p.add_argument("--epochs", type=int, default=SequenceModelConfig.epochs)
     p.add_argument("--patience", type=int, default=SequenceModelConfig.patience)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
-    events, decisions, features = load(args.days)
-    tasks = [label.name for label in LENDING_PACK.labels]
-    splits = split_decisions(decisions, LENDING_PACK)
-    print(f"{events.height:,} events, {decisions.height:,} decisions, days 0-{args.days - 1}")
+    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
+    events, decisions, features, pack = load(args.world, args.users, args.days, options)
+    tasks = [label.name for label in pack.labels]
+    task = pack.promotion_rules.task
+    splits = split_decisions(decisions, pack)
+    days = events["ts"].dt.date().n_unique()
+    print(f"{args.world} {options}: {events.height:,} events, {decisions.height:,} decisions, "
+          f"{days} days")  # fmt: skip
     rows, tables = [], {}
     for recipe in args.recipes:
         for seed in args.seeds:
-            row, table = run(recipe, seed, events, splits, features, tasks, args)
+            row, table = run(recipe, seed, events, splits, features, pack, args)
             tables.setdefault(recipe, table)  # the first seed's, for the diagnosis below
             print(row, flush=True)
             rows.append(row)
     results = pl.DataFrame(rows)
     figures = [c for c in results.columns if c.split(" ")[0] in tasks]
+    lifts = [c for c in figures if c.endswith(" lift")]
     summary = results.group_by("recipe", maintain_order=True).agg(
         pl.len().alias("seeds"),
         *(pl.col(c).mean().round(4) for c in figures),
-        *(pl.col(f"{t} lift").std().round(4).alias(f"{t} lift sd") for t in tasks),
-        *(pl.col(f"{t} lift").min().alias(f"{t} lift min") for t in tasks),
-        *(pl.col(f"{t} lift").max().alias(f"{t} lift max") for t in tasks),
+        *(pl.col(c).std().round(4).alias(f"{c} sd") for c in lifts),
+        *(pl.col(c).min().alias(f"{c} min") for c in lifts),
+        *(pl.col(c).max().alias(f"{c} max") for c in lifts),
     )
     with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
         print("\nmean over seeds")
         print(summary.transpose(include_header=True, column_names="recipe"))
         recipe, first = next(iter(tables.items()))
         if recipe not in ("outlook-only", "self-supervised"):  # their task heads are untrained
-            print(f"\nthe {recipe} encoder's own {TASK} AUC, split by split")
-            print(staleness(first, events))
-    print(f"\nthe oracle's edge on {TASK}:", oracle_edge(first))
-    print("\nthe days late of the last payments, which no feature holds (first seed's tables):")
-    for recipe, table in tables.items():
-        print(f"  {recipe}: {days_late_gap(table, events)}")
+            print(f"\nthe {recipe} encoder's own {task} AUC, split by split")
+            print(staleness(first, events, task))
+    print(f"\nthe oracle's edge on {task}:", oracle_edge(first, pack, task))
 
 
 if __name__ == "__main__":

@@ -206,7 +206,8 @@ def read_landed(inbox: str | Path, spec: DatasetSpec) -> pl.DataFrame:
     ]
     if not frames:
         return pl.DataFrame(schema={c: pl.String for c in [*spec.event_schema(), "source"]})
-    return pl.concat(frames, how="vertical")
+    # A file that predates a column the pack added holds it as null.
+    return pl.concat(frames, how="diagonal")
 
 
 def manifest(inbox: str | Path) -> pl.DataFrame:

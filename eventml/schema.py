@@ -83,6 +83,13 @@ class DatasetSpec(BaseModel):
     # Known values of categorical columns that features encode as codes. Declared, not learned
     # from data, so a code means the same thing in every day's partition and in serving.
     categories: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    # Column roles beyond categorical/numeric. Identifiers are categorical columns whose values
+    # are ids (a device, a terminal, a merchant): never a vocabulary; the encoder codes them by
+    # their order of appearance in each history, features count distinct and seen-before ones.
+    identifiers: tuple[str, ...] = ()
+    # Attribute columns kept in the tables but never an input (a feature, an encoder input, a
+    # request field): an internal reference, a free-text note, a column under review.
+    excluded: tuple[str, ...] = ()
     # canonical column name -> the source's column name, for sources with their own names.
     columns: dict[str, str] = Field(default_factory=dict)
     # canonical column name -> the value every row has when the source has no such column
@@ -144,6 +151,15 @@ class DatasetSpec(BaseModel):
             raise ValueError(f"constants: {bad} are not canonical or declared columns")
         if undeclared := set(self.categories) - set(self.categorical):
             raise ValueError(f"categories: {sorted(undeclared)} are not categorical columns")
+        if bad := sorted(set(self.identifiers) - set(self.categorical)):
+            raise ValueError(f"identifiers: {bad} are not categorical columns; declare them there")
+        if both := sorted(set(self.identifiers) & set(self.categories)):
+            raise ValueError(
+                f"identifiers: {both} also have declared categories; an id column has no fixed "
+                "vocabulary: drop its `categories` or its `identifiers` entry"
+            )
+        if bad := sorted(set(self.excluded) - set(self.categorical) - set(self.numeric)):
+            raise ValueError(f"excluded: {bad} are not declared attribute columns")
         unknown = set(self.columns) - set(self.event_schema())
         if unknown:
             raise ValueError(f"columns: {sorted(unknown)} are not canonical or declared columns")
@@ -160,11 +176,15 @@ class DatasetSpec(BaseModel):
 
     @property
     def input_categorical(self) -> tuple[str, ...]:
-        return tuple(c for c in self.categorical if c not in self.label_columns)
+        """Categorical columns a model may read: neither a label nor excluded."""
+        hidden = self.label_columns | set(self.excluded)
+        return tuple(c for c in self.categorical if c not in hidden)
 
     @property
     def input_numeric(self) -> tuple[str, ...]:
-        return tuple(c for c in self.numeric if c not in self.label_columns)
+        """Numeric columns a model may read: neither a label nor excluded."""
+        hidden = self.label_columns | set(self.excluded)
+        return tuple(c for c in self.numeric if c not in hidden)
 
     def event_schema(self) -> dict[str, pl.DataType]:
         """The clean event table's columns and types, in order."""

@@ -17,7 +17,8 @@ Choices a reader should know:
 - Categorical ids: 0 = null (and padding). A column with declared `categories` in the dataset
   spec, or with at most `max_vocab` distinct training values, gets a vocabulary (ids 1..V, and
   V+1 for any other value).
-- A larger column is an identifier (a device id, an IP address), and by default its id says only
+- A column the pack lists under `identifiers`, or a larger one, is an identifier (a device id,
+  an IP address, a terminal), and by default its id says only
   in which order the value first appeared among the kept events: the history's first device is
   1, the next new one 2, a return to the first device 1 again ("first seen" coding, capped). A
   global id per value would let the encoder recognise people by their devices and memorise
@@ -154,6 +155,11 @@ class SequenceSpec:
         for name in spec.input_categorical:
             if name in spec.categories:
                 codings.append(CategoricalCoding(name, vocabulary=tuple(spec.categories[name])))
+                continue
+            if name in spec.identifiers:  # ids, whatever their count in the training events
+                coded = {"first_seen": first_seen} if high_cardinality == "first_seen" else {
+                    "hash_buckets": hash_buckets}  # fmt: skip
+                codings.append(CategoricalCoding(name, **coded))
                 continue
             if events is None:
                 raise ValueError(

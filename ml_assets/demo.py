@@ -40,7 +40,8 @@ with warnings.catch_warnings():  # the terminal is for the demo's lines; the bet
 
 # The demo's "today": the eve of the simulated regime shift, so `make advance` has a future to
 # move into (python -m ml_assets.demo --days N for another present).
-DEFAULT_DAYS = world(selected_pack()).DEMO_DAYS
+DEMO = world(selected_pack())
+DEFAULT_DAYS = DEMO.DEMO_DAYS
 INGEST = ("raw_events", "event_rejects", "decision_features", "online_store")
 TRAIN = (
     "decisions", "training_splits", "sequence_encoder", "decision_embeddings", "baseline_scorer",
@@ -213,7 +214,8 @@ def main() -> int:
     ap.add_argument("--days", type=int, default=DEFAULT_DAYS, help="days to ingest from day 0")
     ap.add_argument("--config", type=Path, help="a Dagster run config (YAML) for the whole graph")
     args = ap.parse_args()
-    config = yaml.safe_load(args.config.read_text()) if args.config else {}
+    # Without --config, the world's own demo settings (its size, its training).
+    config = yaml.safe_load(args.config.read_text()) if args.config else DEMO.DEMO_CONFIG
     started = time.perf_counter()
     home = StateHome.from_env()
     os.environ.setdefault("DAGSTER_HOME", str(dagster_home(home)))  # for the CLI's runs

@@ -13,14 +13,9 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from eventml.drift import (
-    drift_by_day,
-    drift_plot,
-    drift_verdict,
-    monitored_features,
-    performance_by_day,
-)
+from eventml.drift import drift_by_day, drift_plot, drift_verdict, monitored_features
 from eventml.labels import build_decisions
+from eventml.performance import performance_by_day
 from eventml.prediction_log import read_prediction_log
 from eventml.sources import DAY, midnight
 from eventml.traffic import replay

@@ -16,8 +16,10 @@ other, which fails with `ConcurrentWriteError` saying so. Either way each row is
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -27,12 +29,50 @@ from dagster_deltalake.handler import DeltaLakePyArrowTypeHandler
 from dagster_deltalake.io_manager import TableConnection
 from dagster_deltalake_polars import DeltaLakePolarsIOManager
 from dagster_deltalake_polars.deltalake_polars_type_handler import DeltaLakePolarsTypeHandler
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 
 class ConcurrentWriteError(RuntimeError):
     """Another writer committed to the same rows first; this write changed nothing."""
+
+
+class PackChangedError(ValueError):
+    """A daily table was first written under another version of the dataset pack."""
+
+
+def stored_schema(uri: str, storage_options=None) -> pl.Schema | None:
+    """The table's columns and their types, or None before its first write."""
+    if table_version(uri, storage_options) is None:
+        return None
+    return pl.scan_delta(uri, storage_options=storage_options).collect_schema()
+
+
+def conform(frame: pl.DataFrame, stored: pl.Schema, table: str) -> pl.DataFrame:
+    """`frame` in the stored table's columns: a column the table has and the frame lacks (one
+    the pack no longer declares) is written as null; a column the table lacks means the pack
+    changed under it, which `make migrate` resolves."""
+    added = [c for c in frame.columns if c not in stored]
+    retyped = [
+        c for c in frame.columns if c in stored and frame.schema[c] not in (stored[c], pl.Null)
+    ]
+    if added:
+        raise PackChangedError(
+            f"{table}: this run writes columns the table does not have ({', '.join(added)}): the "
+            "dataset pack changed since the table was first written. Run `make migrate` "
+            "(python -m ml_assets.migrate) to evolve the source tables and rebuild the derived "
+            "ones, then re-run; see docs/dataset-packs.md, 'Changing a pack'."
+        )
+    try:
+        return frame.select(
+            (pl.col(c) if c in frame.columns else pl.lit(None)).cast(dtype).alias(c)
+            for c, dtype in stored.items()
+        )
+    except pl.exceptions.InvalidOperationError as error:
+        raise PackChangedError(
+            f"{table}: columns {retyped} changed type since the table was first written "
+            f"({error}); run `make migrate` (python -m ml_assets.migrate)"
+        ) from error
 
 
 def create_if_absent(
@@ -67,6 +107,9 @@ def write_days(
     """Replace the days [start, end) of a table partitioned by `column` with `frame`, in one
     Delta commit (carrying `commit_metadata`), creating the table if it is absent (see the
     module docstring)."""
+    stored = stored_schema(uri, storage_options)
+    if stored is not None:
+        frame = conform(frame, stored, table)
     arrow = frame.to_arrow()
     create_if_absent(uri, arrow.schema, partition_by=[column], storage_options=storage_options)
     overwrite_or_explain(
@@ -211,6 +254,31 @@ class DeltaTables(dg.ConfigurableResource):
 
     def version(self, table: str) -> int | None:
         return table_version(self.uri(table))
+
+    def schema(self, table: str) -> pl.Schema | None:
+        return stored_schema(self.uri(table))
+
+    def add_columns(self, table: str, columns: dict[str, pl.DataType]) -> None:
+        """New nullable columns (null in every stored row), in one Delta commit. A main table's
+        commit names its companion's current version (alter the companion first), so readers
+        see both tables evolved; run it while no ingest runs."""
+        arrow = pl.DataFrame(schema=columns).to_arrow().schema
+        named = {NAMES_VERSION_OF + companion: str(self.version(companion))
+                 for companion, main in COMPANION_OF.items()
+                 if main == table and self.version(companion) is not None}  # fmt: skip
+        DeltaTable(self.uri(table)).alter.add_columns(
+            list(Schema.from_arrow(arrow).fields),
+            commit_properties=CommitProperties(custom_metadata=named),
+        )
+
+    def retire(self, names: list[str]) -> Path:
+        """Move tables aside, under `_retired/<UTC time>/`, where they stay readable; their next
+        write starts them afresh. Local tables only."""
+        root = Path(self.uri("_retired")) / datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        root.mkdir(parents=True)
+        for name in names:
+            shutil.move(self.uri(name), root / name)
+        return root
 
     def io_manager(self) -> DeltaIOManager:
         # An unpartitioned table is rewritten whole, so its schema may change with it (a new

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from eventml.home import StateHome, interprocess_lock
+from eventml.worlds import load_pack, selected_pack
 from resources.tracking import MlflowTracking
 
 POSTGRES_SETTING = "EVENTML_POSTGRES_URL"
@@ -100,6 +101,41 @@ def _write_dagster_yaml(folder: Path) -> None:
         os.replace(tmp, path)
 
 
+class HomeHoldsAnotherPack(RuntimeError):
+    """The state folder was set up for another dataset pack."""
+
+
+def claim_for_pack(home: StateHome, pack_name: str) -> None:
+    """Record which pack this state folder serves (`<home>/pack`), or refuse another one's: two
+    packs' tables, runs and champions in one folder would be read as one source's."""
+    marker = home.root / "pack"
+    if not marker.exists():
+        tmp = marker.with_name(f".pack.{os.getpid()}")
+        tmp.write_text(pack_name + "\n")
+        os.replace(tmp, marker)
+    held = marker.read_text().strip()
+    if held != pack_name:
+        raise HomeHoldsAnotherPack(
+            f"{home.root} holds the state of pack {held!r}, and this deployment runs "
+            f"{pack_name!r} (EVENTML_PACK): give each pack its own EVENTML_HOME (`make demo "
+            f"WORLD=cards` uses .state-cards). If you renamed your pack, write its new name "
+            f"into {marker}; if you changed its contents, run `make migrate`."
+        )
+
+
+def _write_workspace(folder: Path, pack_name: str) -> None:
+    """`make ui`'s workspace: the code location is named after the pack it serves."""
+    path = folder / "workspace.yaml"
+    wanted = (
+        f"{GENERATED}\nload_from:\n  - python_module:\n      module_name: ml_assets.definitions\n"
+        f"      attribute: defs\n      location_name: {pack_name}\n"
+    )
+    if not path.exists() or path.read_text() != wanted:
+        tmp = path.with_name(f".workspace.yaml.{os.getpid()}")
+        tmp.write_text(wanted)
+        os.replace(tmp, path)
+
+
 def fail_killed_runs(instance) -> list[str]:
     """Mark failed the runs still STARTED whose process on this machine is gone (SIGKILLed,
     out of memory): left alone they stay "in progress" forever. Daemon-launched runs also have
@@ -146,7 +182,10 @@ def prepare(home: StateHome | None = None) -> list[str]:
             path.mkdir(parents=True, exist_ok=True)
         if postgres_url():
             create_databases()
+        pack = load_pack(selected_pack())
+        claim_for_pack(home, pack.name)
         _write_dagster_yaml(folder)
+        _write_workspace(folder, pack.name)
         with dg.DagsterInstance.from_config(str(folder)) as instance:
             killed = fail_killed_runs(instance)  # opening it creates or migrates its storage
         tracking = mlflow_tracking(home)
@@ -154,7 +193,7 @@ def prepare(home: StateHome | None = None) -> list[str]:
     storage = database_url("dagster") if postgres_url() else f"SQLite under {folder}"
     return [
         *[f"marked failed: run {run_id}, whose process was killed" for run_id in killed],
-        f"state:    {home.root}",
+        f"state:    {home.root} (pack {pack.name})",
         f"dagster:  {storage}",
         f"mlflow:   {tracking.tracking_uri} (artifacts {tracking.artifact_root})",
     ]

@@ -1,7 +1,9 @@
 """The built-in worlds, one folder each: its dataset pack (`pack.yaml`) and its simulator.
 
 A world module exposes `PACK`, `WorldConfig` (with `n_users`, `n_days`, `start`, `seed`),
-`iter_days`, `simulate`, `date_of` and `day_of`; nothing outside its folder knows its events.
+`iter_days`, `simulate`, `date_of`, `day_of`, and what `make demo` runs (`DEMO_DAYS`, and
+`DEMO_CONFIG`: a run config for its size and training); nothing outside its folder knows its
+events.
 Which pack a deployment runs is `EVENTML_PACK`: a built-in world's name or a pack file's path.
 """
 

@@ -11,7 +11,6 @@ happened. Days are world days: the champion is trained on days 0-249, the shift 
 """
 
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -19,25 +18,16 @@ import bentoml
 import dagster as dg
 import polars as pl
 import pytest
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
+from loop import Loop
 from sklearn.metrics import roc_auc_score
 
 from eventml.features import compute_features
 from eventml.labels import build_decisions
 from eventml.risk_model import RiskModel
-from eventml.worlds.lending import date_of, simulate
-from ml_assets.definitions import build_definitions
+from eventml.worlds.lending import simulate
 from ml_assets.models import REGISTERED_MODEL
-from ml_assets.sensors import drift_sensor, performance_sensor
-from resources.bento import Serving
-from resources.delta import DeltaTables
-from resources.models import ModelIOManager
 from resources.monitoring import Monitoring
 from resources.sources import EventSource
-from resources.tracking import MlflowTracking
 
 TRAINED_THROUGH = 250  # the first champion learns from days [0, 250)
 SHIFT_DAY = 280
@@ -68,88 +58,15 @@ RETRAIN_CONFIG = {
 }
 
 
-def day(n: int) -> str:
-    return date_of(SOURCE.world(), n).isoformat()
-
-
-def days(first: int, end: int) -> dict:
-    return {
-        ASSET_PARTITION_RANGE_START_TAG: day(first),
-        ASSET_PARTITION_RANGE_END_TAG: day(end - 1),
-    }
-
-
-class Loop:
-    def __init__(self, root: Path, instance):
-        self.instance = instance
-        self.tables = DeltaTables(root_uri=str(root / "tables"))
-        self.mlflow = MlflowTracking.embedded(root / "mlflow")
-        self.serving = Serving.under(root)
-        self.resources = {
-            "tables": self.tables, "io_manager": self.tables.io_manager(),
-            "model_io_manager": ModelIOManager(root=str(root / "models")),
-            "mlflow_tracking": self.mlflow, "event_source": SOURCE, "serving": self.serving,
-            # A 2,000-person world's sparse features are noisier than the reference world's:
-            # measured, at most 2 of 131 monitored features past 0.25 before the shift, 11-13
-            # in its first ten days (the reference world: 0 before, 7-24).
-            "monitoring": Monitoring(features_to_act=10),
-        }  # fmt: skip
-        self.defs = build_definitions(self.resources)
-        self.cursors: dict[str, str | None] = {"drift": None, "performance": None}
-        self.log: list[dict] = []  # one entry per tick
-
-    def champion(self) -> str | None:
-        found = self.mlflow.version_by_alias(REGISTERED_MODEL, "champion")
-        return str(found.version) if found else None
-
-    def retrain(self, run_config=RETRAIN_CONFIG, tags=None):
-        return self.defs.resolve_job_def("retrain_job").execute_in_process(
-            run_config=run_config, instance=self.instance, tags=tags or {}, raise_on_error=False
-        )
-
-    def advance(self, first: int, end: int, url: str) -> dict:
-        """Days [first, end) arrive and are served; then both sensors tick."""
-        started = time.perf_counter()
-        result = self.defs.resolve_job_def("time_machine_job").execute_in_process(
-            run_config={"ops": {"prediction_log": {"config": {"url": url}}}},
-            instance=self.instance, tags=days(first, end),
-        )  # fmt: skip
-        assert result.success
-        drift = result.asset_materializations_for_node("feature_drift")[-1].metadata
-        tick = {"days": (first, end), "seconds": time.perf_counter() - started,
-                "drift": {k: v.value for k, v in drift.items() if not k.startswith(("worst_f", "drift_p"))},
-                **self.tick()}  # fmt: skip
-        self.log.append(tick)
-        print(f"tick {first}-{end}: {tick['seconds']:.0f} s, score PSI "
-              f"{ {k: v for k, v in tick['drift'].items() if k.startswith('score_psi')} }, "
-              f"requests {[r.run_key for r in tick['requests']]}")  # fmt: skip
-        return tick
-
-    def tick(self) -> dict:
-        requests = []
-        for name, sensor in (("drift", drift_sensor), ("performance", performance_sensor)):
-            context = dg.build_sensor_context(
-                instance=self.instance, cursor=self.cursors[name], definitions=self.defs,
-                resources={"mlflow_tracking": self.mlflow, "monitoring": self.resources["monitoring"]},
-            )  # fmt: skip
-            result = sensor(context)
-            if isinstance(result, dg.SensorResult):
-                self.cursors[name] = result.cursor or self.cursors[name]
-                requests += result.run_requests or []
-        return {"requests": requests}
-
-
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
     with dg.instance_for_test() as instance:
-        world = Loop(root, instance)
-        first = dg.materialize(
-            list(world.defs.assets),
-            selection=["raw_events", "event_rejects", "online_store", "decision_features"],
-            resources=world.resources, instance=instance, tags=days(0, TRAINED_THROUGH),
-        )  # fmt: skip
-        assert first.success
+        # A 2,000-person world's sparse features are noisier than the reference world's:
+        # measured, at most 2 of 131 monitored features past 0.25 before the shift, 11-13
+        # in its first ten days (the reference world: 0 before, 7-24).
+        world = Loop(root, instance, SOURCE, Monitoring(features_to_act=10), RETRAIN_CONFIG)
+        world.ingest(0, TRAINED_THROUGH)
         trained = world.retrain()
         assert trained.success, "the first champion must train"
         stale = world.champion()
@@ -212,8 +129,8 @@ def _post_shift_auc(world: Loop, versions: list[str]) -> dict[str, float]:
     spec = SOURCE.spec()
     events = simulate(SOURCE.world())
     decisions = build_decisions(events, spec).filter(
-        pl.col("ts").dt.date().is_between(date.fromisoformat(day(SHIFT_DAY)),
-                                          date.fromisoformat(day(SHIFT_DAY + 44)))
+        pl.col("ts").dt.date().is_between(date.fromisoformat(world.day(SHIFT_DAY)),
+                                          date.fromisoformat(world.day(SHIFT_DAY + 44)))
         & pl.col(TASK).is_not_null()
     )  # fmt: skip
     features = compute_features(events, decisions, spec.feature_set())

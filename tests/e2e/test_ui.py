@@ -82,8 +82,9 @@ def _stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def webserver(tmp_path_factory):
-    """`dagster dev -w workspace.yaml` with a private EVENTML_HOME and DAGSTER_HOME; its URL once
-    the code location has loaded."""
+    """`make ui`: `dagster dev` on the workspace the set-up step writes, with a private
+    EVENTML_HOME and DAGSTER_HOME; its URL once the code location, named after the pack, has
+    loaded."""
     home = tmp_path_factory.mktemp("ui-home")
     env = {**os.environ, "EVENTML_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
     # What `make ui` runs first: the set-up step that creates every store once.
@@ -95,7 +96,8 @@ def webserver(tmp_path_factory):
     dagster = Path(sys.executable).parent / "dagster"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(dagster), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+            [str(dagster), "dev", "-w", str(home / "dagster" / "workspace.yaml"),
+             "-h", "127.0.0.1", "-p", str(port)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -110,6 +112,7 @@ def webserver(tmp_path_factory):
             time.sleep(1)
         errors = [e for e in entries if e["locationOrLoadError"]["__typename"] == "PythonError"]
         assert not errors, f"code location failed to load: {errors}"
+        assert [e["name"] for e in entries] == ["lending_sim"]  # the deployment's pack
         yield url
     finally:
         _stop(process)

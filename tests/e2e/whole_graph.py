@@ -65,16 +65,21 @@ def whole_graph(root, source: EventSource, days: tuple[str, str]):
 
 def served_request(built: dict) -> tuple:
     """One out-of-time decision sent to the built Bento's /score, and its /docs.json."""
+    tag = built["result"].asset_materializations_for_node("risk_service_bento")[0]
+    with built["serving"].serve(tag.metadata["bento_tag"].value) as url:
+        return ask(url, built["tables"], built["pack"])
+
+
+def ask(url: str, tables, pack) -> tuple:
+    """The first test decision of `tables` sent to the Bento at `url`: its answer and
+    /docs.json."""
     import httpx
 
     from eventml.traffic import score_requests
 
-    tag = built["result"].asset_materializations_for_node("risk_service_bento")[0]
-    splits = built["tables"].scan("training_splits").collect()
+    splits = tables.scan("training_splits").collect()
     first_test = splits.filter(pl.col("split") == "test")["decision_id"][0]
-    decision = built["tables"].scan("raw_events").filter(pl.col("event_id") == first_test)
-    (body,) = score_requests(decision.collect(), built["pack"])
-    with built["serving"].serve(tag.metadata["bento_tag"].value) as url:
-        answer = httpx.post(f"{url}/score", json={"request": body}, timeout=30)
-        docs = httpx.get(f"{url}/docs.json", timeout=30).json()
-    return answer, docs
+    decision = tables.scan("raw_events").filter(pl.col("event_id") == first_test)
+    (body,) = score_requests(decision.collect(), pack)
+    answer = httpx.post(f"{url}/score", json={"request": body}, timeout=30)
+    return answer, httpx.get(f"{url}/docs.json", timeout=30).json()

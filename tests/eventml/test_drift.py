@@ -15,13 +15,11 @@ from eventml.drift import (
     drift_table,
     drift_verdict,
     ks,
-    live_performance,
     monitored_features,
-    performance_by_day,
-    performance_verdict,
     psi,
 )
 from eventml.features import WINDOWED_KINDS
+from eventml.performance import live_performance, performance_by_day, performance_verdict
 from eventml.worlds.lending import PACK as LENDING_PACK
 
 N = 5_000

@@ -62,12 +62,7 @@ def test_permuting_the_label_and_oracle_columns_changes_no_input_byte(name):
     assert hidden, "a pack without label or oracle columns proves nothing here"
     permuted = events.with_columns(pl.col(c).shuffle(seed=1) for c in hidden)
     assert not permuted.select(hidden).equals(events.select(hidden))
-    before, after = inputs(pack, events), inputs(pack, permuted)
-    assert before["features"].equals(after["features"])
-    assert before["requests"] == after["requests"]
-    assert before["sequences"].keys() == after["sequences"].keys()
-    for key, array in before["sequences"].items():
-        np.testing.assert_array_equal(array, after["sequences"][key], err_msg=key)
+    assert_same_inputs(inputs(pack, events), inputs(pack, permuted))
 
 
 def test_the_lending_pack_is_a_file_like_any_users():
@@ -96,12 +91,47 @@ def base() -> dict:
          "features.statistics[0].column: 'was_disputed'"),
         ({"oracle": {"churn": "p_churn"}}, "oracle: ['churn'] are not labels"),
         ({"partitions": {"start": "2024-12-01", "days": 10}}, "partitions.start"),
+        ({"identifiers": ["basket_items"]}, "identifiers: ['basket_items'] are not categorical"),
+        ({"identifiers": ["shop"]}, "identifiers: ['shop'] also have declared categories"),
+        ({"excluded": ["coupon"]}, "excluded: ['coupon'] are not declared attribute columns"),
+        ({"excluded": ["shop"]}, "features.distinct_columns: 'shop' is not an input"),
     ],
 )  # fmt: skip
 def test_a_pack_that_cannot_work_names_the_key_and_the_fix(change, names):
     with pytest.raises(SpecError, match="returns_pack.yaml is invalid") as raised:
         DatasetPack.from_dict({**base(), **change}, origin="dataset pack returns_pack.yaml")
     assert names in str(raised.value)
+
+
+def assert_same_inputs(before: dict, after: dict) -> None:
+    assert before["features"].equals(after["features"])
+    assert before["requests"] == after["requests"]
+    assert before["sequences"].keys() == after["sequences"].keys()
+    for key, array in before["sequences"].items():
+        np.testing.assert_array_equal(array, after["sequences"][key], err_msg=key)
+
+
+def test_an_excluded_column_is_stored_but_never_an_input():
+    raw = base()
+    raw["categorical"] = ["shop", "agent_note"]
+    raw["excluded"] = ["agent_note"]
+    pack = DatasetPack.from_dict(raw)
+    frame = returns_world.events(n_customers=60, n_days=60)
+    noted = frame.with_columns(
+        ("note " + pl.int_range(pl.len()).cast(pl.String)).alias("agent_note")
+    )
+    events = validate(noted, pack, NOW).clean
+    assert events["agent_note"].null_count() == 0  # kept in the table
+    permuted = events.with_columns(pl.col("agent_note").shuffle(seed=1))
+    before, after = inputs(pack, events), inputs(pack, permuted)
+    assert_same_inputs(before, after)
+    assert all("agent_note" not in body for body in before["requests"])
+
+
+def test_identifiers_are_coded_by_first_appearance_whatever_their_count():
+    coding = {c.name: c for c in SequenceSpec.fit(cards.PACK, PACKS["cards"][1]()).categorical}
+    assert coding["terminal_id"].first_seen and coding["merchant_id"].first_seen
+    assert coding["channel"].vocabulary == ("card_present", "card_not_present")
 
 
 def test_a_constant_fills_a_column_the_source_does_not_have():

@@ -4,7 +4,19 @@ of its cards, merchants, terminals and planted fraud (`simulate`)."""
 from eventml.worlds.calendar import date_of, day_of
 from eventml.worlds.cards.simulate import PACK, WorldConfig, iter_days, simulate
 
-# The demo's "today": the whole year (its labels mature within two weeks).
-DEMO_DAYS = WorldConfig.n_days
+# The demo: the reference world's first four months (its counterfeit ring arrives on day 130,
+# for `make advance` to bring and the sensors to catch). Every payment is a decision, so the
+# encoder reads every payment's history: three epochs keep it within minutes on two cores.
+DEMO_DAYS = 120
+DEMO_CONFIG = {"ops": {"sequence_encoder": {"config": {"epochs": 3}}}}
 
-__all__ = ["DEMO_DAYS", "PACK", "WorldConfig", "date_of", "day_of", "iter_days", "simulate"]
+__all__ = [
+    "DEMO_CONFIG",
+    "DEMO_DAYS",
+    "PACK",
+    "WorldConfig",
+    "date_of",
+    "day_of",
+    "iter_days",
+    "simulate",
+]

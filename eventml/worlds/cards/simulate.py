@@ -11,8 +11,11 @@ in the sequence of events, not in one payment:
 - **account takeover**: a profile change (email, phone), then large online payments within hours.
 Fraud is a column on the payment (`is_fraud`), confirmed within the pack's 14-day horizon and
 followed by a chargeback, so it matures within days: delayed-label monitoring can act inside
-the world's span. A shift (`shift_day`, `shift_strength`) multiplies the attack rates (a fraud
-ring arrives), which is the decay the performance sensor is there to catch.
+the world's span. A shift (`shift_day`, `shift_strength`) is a counterfeit ring arriving: the
+attack rates are multiplied, and from that day skimmed cards are cloned onto plastic and spent in
+person at physical shops instead of online. A model that learned "card present is safe" ranks
+those payments low: the decay the performance sensor is there to catch, which only labels of
+post-shift payments show.
 
 The oracle: each payment records `true_p_fraud`, the probability with which the simulator drew
 its `is_fraud` (a holder's own payment has a small base rate; an attacker's is nearly always
@@ -48,6 +51,9 @@ MCC_MEDIAN = np.array([35, 45, 30, 12, 60, 400, 350, 8.0])
 MCC_WEIGHT = np.array([30, 12, 20, 10, 14, 3, 3, 8.0])
 ONLINE = np.isin(MCCS, ("online_retail", "digital_goods"))  # card-not-present merchants
 ATTACK_MCCS = np.flatnonzero(np.isin(MCCS, ("electronics", "online_retail", "digital_goods")))
+# Where counterfeit copies are spent in person: everyday shops, where card-present payments at an
+# unfamiliar merchant are common, at a few times the usual ticket.
+COUNTERFEIT_MCCS = np.flatnonzero(np.isin(MCCS, ("grocery", "fuel", "restaurant")))
 TESTING_MCC = MCCS.index("digital_goods")
 PROFILE_FIELDS = PACK.categories["profile_field"]
 REGIONS = PACK.categories["region"]
@@ -61,9 +67,10 @@ CHARGEBACK_DAYS = (3, 13)  # after a reported fraud; the label's horizon covers 
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """One world. The defaults are the reference world (~1.5M events); tests shrink it."""
+    """One world. The defaults are the reference world (~245,000 events, a counterfeit ring from
+    day 130); tests shrink it."""
 
-    n_users: int = 5_000  # cards, one holder each
+    n_users: int = 1_000  # cards, one holder each
     n_days: int = 365
     start: str = "2025-01-01"  # day 0, midnight UTC
     seed: int = 11
@@ -76,7 +83,9 @@ class WorldConfig:
     testing_rate: float = 0.0006  # per card and day: a card-testing attack
     takeover_rate: float = 0.0004  # per card and day: an account takeover
     profile_changes_per_year: float = 0.6  # the holders' own
-    shift_day: int | None = None  # from this day, attack rates are multiplied by shift_strength
+    # From this day attack rates are multiplied by shift_strength, and skimmed copies spend in
+    # person (counterfeit cards) rather than online.
+    shift_day: int | None = 130
     shift_strength: float = 3.0
 
     def __post_init__(self) -> None:
@@ -86,8 +95,11 @@ class WorldConfig:
             )
         date.fromisoformat(self.start)
 
+    def shifted(self, day: int) -> bool:
+        return self.shift_day is not None and day >= self.shift_day
+
     def attack_factor(self, day: int) -> float:
-        return self.shift_strength if self.shift_day is not None and day >= self.shift_day else 1.0
+        return self.shift_strength if self.shifted(day) else 1.0
 
 
 def _rng(config: WorldConfig, day: int, stream: int) -> np.random.Generator:
@@ -200,9 +212,13 @@ class _World:
             later = day + int(r.integers(2, 11))
             k = int(r.integers(1, 5))
             ts = later * US_PER_DAY + np.sort(r.integers(0, US_PER_DAY, k))
-            self.pending[later].append(
-                self._attack(r, np.full(k, card), ts, r.lognormal(np.log(250), 0.6, k))
-            )
+            if c.shifted(later):  # a counterfeit ring: in person, at a few times the ticket
+                mcc = COUNTERFEIT_MCCS[r.integers(0, COUNTERFEIT_MCCS.size, k)]
+                amounts = MCC_MEDIAN[mcc] * r.lognormal(np.log(3), 0.4, k)
+                copies = self._payments(r, np.full(k, card), ts, amounts, mcc, ATTACK_FRAUD)
+            else:
+                copies = self._attack(r, np.full(k, card), ts, r.lognormal(np.log(250), 0.6, k))
+            self.pending[later].append(copies)
 
         # Card testing: tiny online payments within half an hour, then a large one.
         r = _rng(c, day, 4)

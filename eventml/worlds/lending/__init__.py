@@ -13,8 +13,10 @@ from eventml.worlds.lending.simulate import (
 
 # The demo's "today": the eve of the regime shift, so `make advance` has a future to move into.
 DEMO_DAYS = WorldConfig.shift_day or WorldConfig.n_days
+DEMO_CONFIG: dict = {}  # the reference world and the shipped training settings
 
 __all__ = [
+    "DEMO_CONFIG",
     "DEMO_DAYS",
     "PACK",
     "WorldConfig",

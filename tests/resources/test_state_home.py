@@ -1,0 +1,32 @@
+"""A state folder serves one dataset pack: its UI's code location is named after the pack, and
+another pack is refused with the way out, so two sources' tables and champions never mix."""
+
+import pytest
+import yaml
+
+from eventml.home import StateHome
+from resources.state import HomeHoldsAnotherPack, dagster_home, prepare
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> StateHome:
+    monkeypatch.delenv("EVENTML_POSTGRES_URL", raising=False)
+    monkeypatch.delenv("EVENTML_PACK", raising=False)
+    return StateHome(tmp_path / "home")
+
+
+def test_the_ui_workspace_names_the_code_location_after_the_pack(home, monkeypatch):
+    monkeypatch.setenv("EVENTML_PACK", "cards")
+    lines = prepare(home)
+    workspace = yaml.safe_load((dagster_home(home) / "workspace.yaml").read_text())
+    (location,) = workspace["load_from"]
+    assert location["python_module"]["location_name"] == "cards_sim"
+    assert any("pack cards_sim" in line for line in lines)
+
+
+def test_a_home_set_up_for_one_pack_refuses_another(home, monkeypatch):
+    prepare(home)  # the default pack: the lending world
+    assert prepare(home)  # the same pack again is fine
+    monkeypatch.setenv("EVENTML_PACK", "cards")
+    with pytest.raises(HomeHoldsAnotherPack, match="'lending_sim'.*'cards_sim'.*own EVENTML_HOME"):
+        prepare(home)
