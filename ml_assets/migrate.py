@@ -89,12 +89,12 @@ def plan(tables: DeltaTables, pack: DatasetPack) -> Migration:
     if rejects is not None and (added := [k for k in pack.event_schema() if k not in rejects]):
         migration.columns["event_rejects"] = dict.fromkeys(added, pl.String)
     features = tables.schema("decision_features")
-    names = set(DECISION_KEYS) | set(pack.feature_set().names)
-    if features is not None and set(features) != names:
-        migration.stale = [t for t in (*REBUILT, *MONITORING) if tables.schema(t) is not None]
     served = tables.schema("served_predictions")
+    names = set(DECISION_KEYS) | set(pack.feature_set().names)
     scores = {f"p_{label.name}" for label in pack.labels}
-    if served is not None and not scores <= set(served):
+    if (features is not None and set(features) != names) or (
+        served is not None and not scores <= set(served)
+    ):  # the features or the labels changed: a new generation of derived tables
         migration.stale = [t for t in (*REBUILT, *MONITORING) if tables.schema(t) is not None]
     if migration.needed:
         days = tables.scan("raw_events").select(pl.col(DAY).min().alias("a"), pl.col(DAY).max())
