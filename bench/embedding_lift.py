@@ -53,7 +53,6 @@ import yaml
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from eventml.embedding import SequenceModelConfig, embedding_table, train_sequence_model
-from eventml.features import compute_features
 from eventml.labels import build_decisions
 from eventml.pack import DatasetPack
 from eventml.risk_model import embedding_columns, model_table
@@ -83,7 +82,7 @@ def load(name: str, users: int | None, days: int | None, options: dict):
     events = module.simulate(config, range(days))
     pack = module.PACK
     decisions = build_decisions(events, pack)
-    features = compute_features(events, decisions, pack.feature_set())
+    features = pack.compute_features(events, decisions)
     return events, decisions, features, pack
 
 

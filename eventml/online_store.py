@@ -12,6 +12,10 @@ published, and a row per event cost a Python object per value on every read (a b
 decisions reads ~30k events: ~100 ms as SQLite rows, ~15 ms as 256 packed histories). A write
 or a delete re-packs only the entities it touches. A key-value backend (Redis) would keep the
 same value under one key per entity behind the same methods.
+
+Keyed features (per terminal, per merchant) read another table: each key's activity per day
+(`eventml.features.key_activity`), published with the same days as the events, in the same
+transaction, so a request reads both as of the same publication.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import polars as pl
 
+from eventml.features import ACTIVITY_SCHEMA
 from eventml.home import interprocess_lock
 from eventml.schema import DatasetSpec
 from eventml.sequences import _utc_us
@@ -61,12 +66,23 @@ class OnlineStore(Protocol):
     ) -> pl.DataFrame:
         """Many entities' events at once (see `SQLiteOnlineStore.histories`)."""
 
+    def write_activity(self, activity: pl.DataFrame) -> int:
+        """Insert or replace keys' activity rows (by key column, key, day and measure)."""
+
+    def activity(self, keys: dict[str, list[str]]) -> pl.DataFrame:
+        """Every stored activity row of these keys (key column → key values), in
+        `ACTIVITY_SCHEMA`."""
+
 
 def _us(ts: datetime) -> int:
     """µs since the epoch, exactly (a naive datetime is UTC)."""
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
     return (ts - _EPOCH) // timedelta(microseconds=1)
+
+
+def _day(d: date) -> int:
+    return (d - date(1970, 1, 1)).days
 
 
 def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
@@ -100,6 +116,12 @@ class SQLiteOnlineStore:
                     "packed BLOB NOT NULL)"
                 )
                 db.execute("CREATE INDEX IF NOT EXISTS by_last_event ON histories (last_ts)")
+                # Days since the epoch; one row per (key, day, measure) with a count.
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS key_activity (key_column TEXT NOT NULL, "
+                    "key TEXT NOT NULL, day INTEGER NOT NULL, measure TEXT NOT NULL, "
+                    "count INTEGER NOT NULL, PRIMARY KEY (key_column, key, day, measure))"
+                )
         if convert:
             self._migrate_event_rows()
 
@@ -192,11 +214,51 @@ class SQLiteOnlineStore:
         with self._writing() as db:
             return self._delete(db, start, end)
 
-    def replace_between(self, start: datetime, end: datetime, events: pl.DataFrame) -> int:
+    def replace_between(
+        self,
+        start: datetime,
+        end: datetime,
+        events: pl.DataFrame,
+        activity: pl.DataFrame | None = None,
+    ) -> int:
+        """As the interface says; with `activity`, the keys' rows of the same days too."""
         with self._writing() as db:
             deleted = self._delete(db, start, end)
             self._merge(db, events)
+            if activity is not None:
+                # Activity rows are whole days: the days of [start, end), given as midnights.
+                span = (_day(start.date()), _day(end.date()))
+                db.execute("DELETE FROM key_activity WHERE day >= ? AND day < ?", span)
+                self._put_activity(db, activity)
         return deleted
+
+    def write_activity(self, activity: pl.DataFrame) -> int:
+        with self._writing() as db:
+            self._put_activity(db, activity)
+        return activity.height
+
+    @staticmethod
+    def _put_activity(db: sqlite3.Connection, activity: pl.DataFrame) -> None:
+        rows = activity.select(
+            "key_column", "key", (pl.col("day") - pl.date(1970, 1, 1)).dt.total_days(), "measure",
+            "count",
+        ).rows()  # fmt: skip
+        db.executemany("INSERT OR REPLACE INTO key_activity VALUES (?, ?, ?, ?, ?)", rows)
+
+    def activity(self, keys: dict[str, list[str]]) -> pl.DataFrame:
+        rows = []
+        db = self._connect()
+        for column, values in keys.items():
+            for chunk in _chunks(sorted({v for v in values if v is not None})):
+                marks = ", ".join("?" for _ in chunk)
+                rows += db.execute(
+                    "SELECT key_column, key, day, measure, count FROM key_activity "
+                    f"WHERE key_column = ? AND key IN ({marks})",
+                    [column, *chunk],
+                ).fetchall()
+        names = list(ACTIVITY_SCHEMA)
+        frame = pl.DataFrame(rows, schema={**ACTIVITY_SCHEMA, "day": pl.Int32}, orient="row")
+        return frame.with_columns(pl.col("day").cast(pl.Date)).select(names)
 
     def _merge(self, db: sqlite3.Connection, events: pl.DataFrame) -> None:
         new = (

@@ -16,7 +16,14 @@ from typing import Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from eventml.features import FeatureFamilies, FeatureSet, build_feature_set
+from eventml.features import (
+    FeatureFamilies,
+    FeatureSet,
+    build_feature_set,
+    compute_features,
+    key_activity,
+    lookback_days,
+)
 from eventml.promotion import PromotionRules
 from eventml.schema import DatasetSpec
 
@@ -107,6 +114,25 @@ class DatasetPack(DatasetSpec):
 
     def feature_set(self) -> FeatureSet:
         return build_feature_set(self, self.features)
+
+    def activity_for(
+        self, events: pl.DataFrame | pl.LazyFrame, decisions: pl.DataFrame
+    ) -> pl.DataFrame:
+        """The keys' activity that the decisions' keyed features read, from `events` (which
+        must hold every event of the days before the decisions that the windows reach)."""
+        fs = self.feature_set()
+        days = decisions["ts"].dt.date()
+        lookback = lookback_days(fs)
+        start = self.source_start.date() if lookback is None else days.min() - timedelta(lookback)
+        return key_activity(events, self, fs, start, days.max())
+
+    def compute_features(
+        self, events: pl.DataFrame | pl.LazyFrame, decisions: pl.DataFrame
+    ) -> pl.DataFrame:
+        """`eventml.features.compute_features` of this pack's feature set, with the activity of
+        keyed families taken from the same events: for tables that hold every entity's events."""
+        activity = self.activity_for(events, decisions) if decisions.height else None
+        return compute_features(events, decisions, self.feature_set(), activity)
 
     @property
     def partition_range(self) -> Partitions:

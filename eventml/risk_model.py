@@ -81,10 +81,17 @@ class RiskModel:
 
     # ------------------------------------------------------------ one live decision
 
-    def score_one(self, history: pl.DataFrame, decision: dict, top_reasons: int = 4) -> dict:
+    def score_one(
+        self,
+        history: pl.DataFrame,
+        decision: dict,
+        activity: pl.DataFrame | None = None,
+        top_reasons: int = 4,
+    ) -> dict:
         """Probabilities, decision and reasons for one decision, from its entity's events strictly
-        before `decision["ts"]` (later rows in `history` are ignored)."""
-        features = features_for_one(history, decision, self.feature_set)
+        before `decision["ts"]` (later rows in `history` are ignored) and, for keyed features,
+        its keys' `activity`."""
+        features = features_for_one(history, decision, self.feature_set, activity)
         arrays = self.sequence_model.arrays_for_one(history, decision["ts"])
         with torch.inference_mode():  # no autograd bookkeeping at all (no_grad still keeps some)
             encoded = self.sequence_model.output_columns(arrays)

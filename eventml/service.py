@@ -38,7 +38,7 @@ import torch
 from pydantic import BaseModel, Field
 from threadpoolctl import threadpool_limits
 
-from eventml.features import compute_features
+from eventml.features import KEYED_KINDS, compute_features
 from eventml.online_store import SQLiteOnlineStore
 from eventml.pack import DatasetPack
 from eventml.prediction_log import PredictionLog
@@ -129,6 +129,8 @@ class RiskService:
         self.event_schema = self.spec.event_schema()
         self.decision_schema = {**self.event_schema, "ts": TS_TYPE}
         self.store = SQLiteOnlineStore(os.environ["EVENTML_ONLINE_STORE"], self.spec, convert=False)
+        # Columns whose values key features of their own (a terminal, a merchant).
+        self.key_columns = sorted({f.column for f in self.model.feature_set.of_kind(*KEYED_KINDS)})
         self.log = PredictionLog(os.environ["EVENTML_PREDICTION_LOG"])
         self.versions = ModelVersions(
             bento_model=str(ref.tag),
@@ -168,6 +170,13 @@ class RiskService:
         )
         return pl.concat([stored, recent]).unique("event_id", keep="first", maintain_order=True)
 
+    def activity(self, decisions: list[dict]) -> pl.DataFrame | None:
+        """The stored daily activity of the decisions' keys (None: the model has no keyed
+        features)."""
+        if not self.key_columns:
+            return None
+        return self.store.activity({c: [d.get(c) for d in decisions] for c in self.key_columns})
+
     def _response(self, r: ScoreRequest, scored: dict, history_events: int) -> ScoreResponse:
         return ScoreResponse(
             request_id=uuid.uuid4().hex,
@@ -181,8 +190,9 @@ class RiskService:
         )
 
     def _score_one(self, r: ScoreRequest) -> ScoreResponse:
-        history = self.history(r)
-        return self._response(r, self.model.score_one(history, decision_of(r)), history.height)
+        history, decision = self.history(r), decision_of(r)
+        scored = self.model.score_one(history, decision, self.activity([decision]))
+        return self._response(r, scored, history.height)
 
     def _score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
         """Many decisions through the batch functions training uses (`compute_features`,
@@ -227,7 +237,8 @@ class RiskService:
             )
             events = pl.concat([events, fresh])
         n_prior = dict(events.group_by("entity_id").len().iter_rows())
-        features = compute_features(events, decisions, model.feature_set)
+        activity = self.activity(decisions.to_dicts())
+        features = compute_features(events, decisions, model.feature_set, activity)
         encoded = model.sequence_model.output_columns(
             model.sequence_model.arrays(events, decisions)
         )

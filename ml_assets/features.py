@@ -73,7 +73,9 @@ def decision_features(
         .rename({"event_id": "decision_id"})
         .collect()
     )
-    features = compute_features(history, todays, feature_set)
+    # Keyed families (per terminal, per merchant) read every entity's events of the days before.
+    activity = spec.activity_for(history, todays) if todays.height else None
+    features = compute_features(history, todays, feature_set, activity)
     table = todays.select("decision_id", "entity_id", "ts", pl.col("ts").dt.date().alias(DAY)).join(
         features, on="decision_id", how="left"
     )
@@ -91,11 +93,11 @@ def decision_features(
             "feature_set": dg.MetadataValue.json({"names": feature_set.names[:200]}),
         },
     )
-    yield _parity_check(history, todays, table, feature_set)
+    yield _parity_check(history, todays, table, feature_set, activity)
 
 
 def _parity_check(
-    history: pl.LazyFrame, todays: pl.DataFrame, table: pl.DataFrame, feature_set
+    history: pl.LazyFrame, todays: pl.DataFrame, table: pl.DataFrame, feature_set, activity
 ) -> dg.AssetCheckResult:
     """Recompute a sample through the live-request path, from events strictly before each
     decision: a feature that saw the future, or batch/online drift, shows up as a mismatch."""
@@ -105,7 +107,10 @@ def _parity_check(
     mismatches = []
     for decision in sample.iter_rows(named=True):
         online = features_for_one(
-            entities.filter(pl.col("entity_id") == decision["entity_id"]), decision, feature_set
+            entities.filter(pl.col("entity_id") == decision["entity_id"]),
+            decision,
+            feature_set,
+            activity,
         )
         offline = batch.filter(pl.col("decision_id") == decision["decision_id"]).row(0, named=True)
         for name in feature_set.names:

@@ -8,6 +8,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from eventml.features import key_activity
 from eventml.risk_model import RiskModel
 from eventml.sources import DAY, midnight
 from eventml.traffic import score_requests
@@ -47,8 +48,13 @@ def online_store(
         .drop(DAY)
         .collect()
     )
-    store = serving.store(event_source.spec())
-    deleted = store.replace_between(midnight(start), midnight(end), events)
+    spec = event_source.spec()
+    store = serving.store(spec)
+    # Keyed families' activity of the same days; labels maturing on them read a horizon before.
+    activity = key_activity(
+        tables.scan("raw_events").drop(DAY), spec, spec.feature_set(), start, end
+    )
+    deleted = store.replace_between(midnight(start), midnight(end), events, activity)
     written = events.height
     context.log.info(f"{start}..{end}: replaced {deleted:,} stored events with {written:,}")
     return dg.MaterializeResult(
@@ -56,22 +62,25 @@ def online_store(
             "path": serving.online_store,
             "events_deleted": deleted,
             "events_written": written,
+            "key_activity_rows": activity.height,
             **store.stats(),
         }
     )
 
 
 def served_vs_offline(serving: Serving, bento_tag: str, model: RiskModel, events: pl.DataFrame,
-                      decisions: pl.DataFrame, features: pl.DataFrame, spec) -> pl.DataFrame:  # fmt: skip
+                      decisions: pl.DataFrame, features: pl.DataFrame, spec,
+                      activity: pl.DataFrame) -> pl.DataFrame:  # fmt: skip
     """Per decision and task: the offline probability (`score_tables` on the batch features and
     the model's own embeddings) and the one the built Bento serves over HTTP, from an online
-    store holding exactly these entities' events."""
+    store holding exactly these entities' events and the keys' `activity`."""
     import bentoml  # only the client: the stores are the child processes' (resources.bento)
 
     offline = model.score_tables(features, model.embed_decisions(events, decisions))
     with tempfile.TemporaryDirectory() as tmp:
         store = Serving.under(Path(tmp)).store(spec)
         store.write(events.filter(pl.col("entity_id").is_in(decisions["entity_id"].implode())))
+        store.write_activity(activity)
         with serving.serve(
             bento_tag, online_store=str(store.path), prediction_log=f"{tmp}/predictions"
         ) as url:
@@ -131,7 +140,10 @@ def risk_service_bento(
         .drop(DAY)
         .collect()
     )
-    compared = served_vs_offline(serving, built["bento_tag"], model, events, sample, features, spec)
+    activity = spec.activity_for(tables.scan("raw_events").drop(DAY), sample)
+    compared = served_vs_offline(
+        serving, built["bento_tag"], model, events, sample, features, spec, activity
+    )
     diffs = [(compared[f"p_{t}"] - compared[f"served_{t}"]).abs() for t in model.tasks]
     worst = (
         max((float(d.fill_null(np.inf).max()) for d in diffs), default=0.0)

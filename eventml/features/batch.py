@@ -20,12 +20,14 @@ import polars as pl
 
 from eventml.features import kernels
 from eventml.features.declare import (
+    KEYED_KINDS,
     STAT_KINDS,
     EventFilter,
     FeatureSet,
     encode_expr,
     window_us,
 )
+from eventml.features.keyed import keyed_features, require_activity
 
 HASH_SEED = 0  # polars' hash is stable within one process, which is all the batch path needs
 
@@ -311,18 +313,23 @@ def _plan(fs: FeatureSet, filters: _Filters, value: str = "amount") -> dict:
 
 
 def compute_features(
-    events: pl.DataFrame | pl.LazyFrame, decisions: pl.DataFrame, feature_set: FeatureSet
+    events: pl.DataFrame | pl.LazyFrame,
+    decisions: pl.DataFrame,
+    feature_set: FeatureSet,
+    activity: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """One row per decision, in (entity, time) order: decision_id and every feature of the set.
 
     `events` must hold every event of the decisions' entities before the decisions (more is
     fine: other entities and later events are ignored). The work scales with the decisions and
     their entities' histories, so computing one day at a time costs one day of work; pass a
-    LazyFrame scan to let the entity filter reach the storage.
+    LazyFrame scan to let the entity filter reach the storage. Keyed features (per terminal,
+    per merchant) read `activity`, the keys' `key_activity` of the days before the decisions.
     """
     fs = feature_set
     if decisions.height == 0:
         return pl.DataFrame(schema={"decision_id": pl.String(), **fs.schema()})
+    require_activity(fs, activity)
     filters = _Filters(fs)
     plan = _plan(fs, filters)
     b = _Batch(events, decisions, fs, filters)
@@ -353,5 +360,10 @@ def compute_features(
 
     columns = [b.decision_id]
     for f in fs.features:
-        columns.append(pl.Series(f.name, res[f.name], nan_to_null=True).cast(f.dtype))
-    return pl.DataFrame(columns)
+        if f.kind not in KEYED_KINDS:
+            columns.append(pl.Series(f.name, res[f.name], nan_to_null=True).cast(f.dtype))
+    table = pl.DataFrame(columns)
+    if fs.of_kind(*KEYED_KINDS):
+        keyed = keyed_features(activity, decisions, fs)
+        table = table.join(keyed, on="decision_id", how="left", maintain_order="left")
+    return table.select("decision_id", *fs.names)

@@ -38,9 +38,15 @@ Kind = Literal[
     "decision_value",  # the decision event's own numeric attribute
     "decision_category",  # the decision event's own categorical attribute, as a vocabulary code
     "seen_before",  # prior events carrying the decision's own value of `column` (e.g. its device)
+    # Keyed by the decision's value of `column` rather than its entity, over whole days before
+    # the decision's day (`eventml.features.keyed`):
+    "key_count",  # events matching `events` at that key
+    "key_positives",  # decisions at that key whose `label` matured positive
+    "key_rate",  # those positives per decision at that key whose `label` matured
 ]
 STAT_KINDS = {"sum", "mean", "max"}
-FLOAT_KINDS = {*STAT_KINDS, "days_since", "ratio", "decision_value"}
+FLOAT_KINDS = {*STAT_KINDS, "days_since", "ratio", "decision_value", "key_rate"}
+KEYED_KINDS = {"key_count", "key_positives", "key_rate"}
 WINDOWED_KINDS = {"count", *STAT_KINDS, "distinct", "trend", "ratio"}
 
 
@@ -93,6 +99,7 @@ class Feature:
     events: EventFilter | None = None
     denominator: EventFilter | None = None
     column: str | None = None
+    label: str | None = None  # the label a keyed positives count or rate reads
 
     @property
     def dtype(self) -> pl.DataType:
@@ -121,13 +128,23 @@ class FeatureSet:
             window_us(f.window)
             if f.kind in {"trend"} and f.window == "all":
                 raise ValueError(f"feature {f.name!r}: a trend needs a finite window")
-            needs_events = f.kind in WINDOWED_KINDS - {"distinct"} or f.kind == "days_since"
+            needs_events = f.kind in WINDOWED_KINDS - {"distinct"} or f.kind in {
+                "days_since",
+                "key_count",
+            }
             if needs_events and f.events is None:
                 raise ValueError(f"feature {f.name!r}: kind {f.kind!r} needs `events`")
             if f.kind == "ratio" and f.denominator is None:
                 raise ValueError(f"feature {f.name!r}: kind 'ratio' needs `denominator`")
             needs_col = {"distinct", "static", "decision_value", "decision_category", "seen_before",
-                         *STAT_KINDS}  # fmt: skip
+                         *STAT_KINDS, *KEYED_KINDS}  # fmt: skip
+            if f.kind in KEYED_KINDS - {"key_count"} and not f.label:
+                raise ValueError(f"feature {f.name!r}: kind {f.kind!r} needs `label`")
+            if f.kind in KEYED_KINDS and f.window != "all" and window_us(f.window) % US_PER_DAY:
+                raise ValueError(
+                    f"feature {f.name!r}: keyed features count whole days ('7d', 'all'), "
+                    f"not {f.window!r}"
+                )
             if f.kind in needs_col and not f.column:
                 raise ValueError(f"feature {f.name!r}: kind {f.kind!r} needs `column`")
             if f.kind in {"static", "decision_category"} and f.column not in self.vocab:

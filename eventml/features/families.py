@@ -50,6 +50,20 @@ class Statistics(BaseModel):
     windows: tuple[str, ...] | None = None  # None: the families' windows
 
 
+class Keyed(BaseModel):
+    """Aggregates per value of another column than the entity (a terminal, a merchant, a
+    device), over whole days before the decision's day: `<key>_n_<type>_<w>` events at the
+    key, and per label `<key>_n_<label>_<w>` positives and `<key>_<label>_rate_<w>` their share
+    among the key's decisions, counted only once each label has matured."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str
+    windows: tuple[str, ...] = ("7d", "30d")
+    count_event_types: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+
+
 class FeatureFamilies(BaseModel):
     """Which feature families to build; every field names the pack's own columns or types."""
 
@@ -67,6 +81,7 @@ class FeatureFamilies(BaseModel):
     trend_event_types: tuple[str, ...] = ()
     trend_window: str = "30d"
     ratios: tuple[Ratio, ...] = ()
+    keyed: tuple[Keyed, ...] = ()
 
 
 def _span(window: str) -> str:
@@ -105,6 +120,18 @@ def _check_columns(spec: DatasetSpec, families: FeatureFamilies) -> None:
                         f"{where}.ratios.{ratio.name}.{side}.where: {col!r} is not an input "
                         "categorical column"
                     )
+    labels = [x.name for x in spec.labels]
+    for i, keyed in enumerate(families.keyed):
+        if keyed.key not in categorical:
+            problems.append(
+                f"{where}.keyed[{i}].key: {keyed.key!r} is not an input categorical column"
+            )
+        if unknown := [x for x in keyed.labels if x not in labels]:
+            problems.append(f"{where}.keyed[{i}].labels: {unknown} are not labels (have {labels})")
+        if unknown := [t for t in keyed.count_event_types if t not in spec.event_types]:
+            problems.append(f"{where}.keyed[{i}].count_event_types: {unknown} are not event types")
+        if bad := [w for w in keyed.windows if w != "all" and not w.endswith("d")]:
+            problems.append(f"{where}.keyed[{i}].windows: {bad}: keyed features count whole days")
     if problems:
         raise ValueError("; ".join(problems) + " (labels and undeclared columns cannot be inputs)")
 
@@ -185,6 +212,26 @@ def build_feature_set(spec: DatasetSpec, families: FeatureFamilies) -> FeatureSe
             Feature(f"n_prior_same_{col}", "seen_before",
                     f"earlier events from this request's {col}", column=col)
         )  # fmt: skip
+    for keyed in families.keyed:
+        key = keyed.key
+        for w in keyed.windows:
+            for t in keyed.count_event_types:
+                feats.append(
+                    Feature(f"{key}_n_{t}_{w}", "key_count",
+                            f"{t} events at this {key} {_span(w)} (whole days)", w, EventFilter(t),
+                            column=key)
+                )  # fmt: skip
+            for label in keyed.labels:
+                feats.append(
+                    Feature(f"{key}_n_{label}_{w}", "key_positives",
+                            f"known {label} cases at this {key} {_span(w)}", w, column=key,
+                            label=label)
+                )  # fmt: skip
+                feats.append(
+                    Feature(f"{key}_{label}_rate_{w}", "key_rate",
+                            f"share of known {label} at this {key} {_span(w)}", w, column=key,
+                            label=label)
+                )  # fmt: skip
     coded = [*families.static_columns, *(c for c in decision_cols if c in spec.categorical)]
     if missing := [c for c in coded if c not in spec.categories]:
         raise ValueError(

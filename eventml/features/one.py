@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from eventml.features.declare import (
+    KEYED_KINDS,
     STAT_KINDS,
     US_PER_DAY,
     EventFilter,
@@ -21,6 +22,7 @@ from eventml.features.declare import (
     encode_value,
     window_us,
 )
+from eventml.features.keyed import keyed_features, require_activity
 
 
 def _ts_us(value: datetime | int) -> int:
@@ -31,13 +33,20 @@ def _ts_us(value: datetime | int) -> int:
     return int(value)
 
 
-def features_for_one(history: pl.DataFrame, decision: Mapping, feature_set: FeatureSet) -> dict:
+def features_for_one(
+    history: pl.DataFrame,
+    decision: Mapping,
+    feature_set: FeatureSet,
+    activity: pl.DataFrame | None = None,
+) -> dict:
     """Features for one live decision from its entity's events (any order, any extra rows:
-    only rows of the decision's entity, if given, with ts strictly before it are used).
+    only rows of the decision's entity, if given, with ts strictly before it are used), and its
+    keyed features from `activity` (the online store's rows of the decision's keys).
 
     Plain numpy on the history's columns: a request's history is a few hundred rows, where each
     Polars call's fixed cost would dominate. Masks are memoized per call, as many features share
     a window or an event filter."""
+    require_activity(feature_set, activity)
     t = _ts_us(decision["ts"])
     all_ts = history["ts"].dt.epoch("us").to_numpy()
     keep = all_ts < t
@@ -118,4 +127,12 @@ def features_for_one(history: pl.DataFrame, decision: Mapping, feature_set: Feat
         elif f.kind == "seen_before":
             v = decision.get(f.column)
             out[f.name] = None if v is None else n(cols[f.column] == v)
+    if keys := sorted({f.column for f in feature_set.of_kind(*KEYED_KINDS)}):
+        one = pl.DataFrame(
+            {"decision_id": ["_"], "ts": [t], **{c: [decision.get(c)] for c in keys}},
+            schema={"decision_id": pl.String, "ts": pl.Int64, **dict.fromkeys(keys, pl.String)},
+        ).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+        out.update(
+            keyed_features(activity, one, feature_set).drop("decision_id").row(0, named=True)
+        )
     return out

@@ -14,7 +14,6 @@ import polars as pl
 import pytest
 
 from eventml.embedding import SequenceModelConfig, embedding_table, train_sequence_model
-from eventml.features import compute_features
 from eventml.labels import build_decisions
 from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table
 from eventml.scorer import Scorer, ScorerConfig
@@ -84,7 +83,7 @@ def deployed(tmp_path_factory):
         # tests, and running them over a year costs minutes); the serving assets run in Dagster.
         events = simulate(source.world())
         splits = split_decisions(build_decisions(events, spec), spec)
-        features = compute_features(events, splits, spec.feature_set())
+        features = spec.compute_features(events, splits)
         events.with_columns(pl.col("ts").dt.date().alias(DAY)).write_delta(tables.uri("raw_events"))
         splits.with_columns(pl.col(pl.Enum, pl.Categorical).cast(pl.String)).write_delta(
             tables.uri("training_splits")

@@ -21,7 +21,6 @@ import pytest
 from loop import Loop
 from sklearn.metrics import roc_auc_score
 
-from eventml.features import compute_features
 from eventml.labels import build_decisions
 from eventml.risk_model import RiskModel
 from eventml.worlds.lending import simulate
@@ -133,7 +132,7 @@ def _post_shift_auc(world: Loop, versions: list[str]) -> dict[str, float]:
                                           date.fromisoformat(world.day(SHIFT_DAY + 44)))
         & pl.col(TASK).is_not_null()
     )  # fmt: skip
-    features = compute_features(events, decisions, spec.feature_set())
+    features = spec.compute_features(events, decisions)
     aucs = {}
     for version in versions:
         with tempfile.TemporaryDirectory() as tmp:

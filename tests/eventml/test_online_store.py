@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
+from eventml.features import ACTIVITY_SCHEMA
 from eventml.online_store import SQLiteOnlineStore
 from eventml.schema import DatasetSpec
 
@@ -194,3 +195,23 @@ def test_a_store_of_event_rows_is_packed_once_and_reads_the_same(tmp_path):
     assert reopened.stats()["events"] == 35
     assert SQLiteOnlineStore(path, SPEC).history("u2").equals(events(5, "u2"))  # nothing to redo
     assert SQLiteOnlineStore(path, SPEC, convert=False).history("u2").equals(events(5, "u2"))
+
+
+def activity(day: int, key: str = "m1", count: int = 3) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"key_column": ["mc"], "key": [key], "day": [T0.date() + timedelta(days=day)],
+         "measure": ["n_a"], "count": [count]},
+        schema=ACTIVITY_SCHEMA,
+    )  # fmt: skip
+
+
+def test_keys_activity_is_republished_with_its_days(store):
+    day = timedelta(days=1)
+    store.replace_between(T0, T0 + 2 * day, events(48), pl.concat([activity(0), activity(1)]))
+    store.write_activity(activity(0, key="m2", count=1))
+    # Day two again, with other counts: day one's rows stay, day two's are replaced.
+    store.replace_between(T0 + day, T0 + 2 * day, events(24, start=24), activity(1, count=7))
+    got = store.activity({"mc": ["m1", "m2", None]}).sort("key", "day")
+    expected = pl.concat([activity(0), activity(1, count=7), activity(0, key="m2", count=1)])
+    assert got.equals(expected)
+    assert store.activity({"mc": ["m9"]}).height == 0

@@ -1,7 +1,7 @@
 """The dataset pack: one file per source that every stage reads, checked when it loads, and
 whose labels never reach an input."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -9,7 +9,6 @@ import pytest
 import returns_world
 import yaml
 
-from eventml.features import compute_features
 from eventml.pack import DatasetPack
 from eventml.schema import SpecError, validate
 from eventml.sequences import SequenceSpec, build_sequences
@@ -37,14 +36,15 @@ PACKS = {
 }  # fmt: skip
 
 
-def inputs(pack: DatasetPack, events: pl.DataFrame) -> dict:
-    """Everything a model reads: decision features, encoder arrays and request bodies."""
+def inputs(pack: DatasetPack, events: pl.DataFrame, drop: list[str] = ()) -> dict:
+    """Everything a model reads (decision features but `drop`, encoder arrays and request
+    bodies)."""
     decisions = events.filter(pl.col("event_type").is_in(pack.decision_event_types)).rename(
         {"event_id": "decision_id"}
     )
     coding = SequenceSpec.fit(pack, events)
     return {
-        "features": compute_features(events, decisions, pack.feature_set()),
+        "features": pack.compute_features(events, decisions).drop(drop),
         "sequences": build_sequences(events, decisions, coding, max_len=16),
         "requests": score_requests(decisions, pack),
     }
@@ -56,13 +56,37 @@ def test_every_built_in_world_has_a_test_here():
 
 @pytest.mark.parametrize("name", PACKS)
 def test_permuting_the_label_and_oracle_columns_changes_no_input_byte(name):
+    """Except the keyed families' counts of matured labels (a terminal's known fraud), which
+    read labels once matured by design: the next test holds them to that."""
     make_pack, make_events = PACKS[name]
     pack, events = make_pack(), make_events()
     hidden = [*pack.label_columns, *pack.oracle_columns]
     assert hidden, "a pack without label or oracle columns proves nothing here"
     permuted = events.with_columns(pl.col(c).shuffle(seed=1) for c in hidden)
     assert not permuted.select(hidden).equals(events.select(hidden))
-    assert_same_inputs(inputs(pack, events), inputs(pack, permuted))
+    matured = [f.name for f in pack.feature_set().of_kind("key_positives", "key_rate")]
+    assert_same_inputs(inputs(pack, events, drop=matured), inputs(pack, permuted, drop=matured))
+
+
+def test_a_label_reaches_a_keyed_feature_only_once_it_has_matured():
+    """Permuting the labels of the last horizon's payments changes nothing the last day's
+    decisions read: none of those labels was known by then."""
+    pack, events = cards.PACK, PACKS["cards"][1]()
+    assert pack.feature_set().of_kind("key_rate"), "the card pack rates its terminals' fraud"
+    last = events["ts"].max().date()
+    horizon = max(x.horizon_days for x in pack.labels)
+    recent = pl.col("ts") >= datetime.combine(last, datetime.min.time(), UTC) - timedelta(horizon)
+    permuted = events.with_columns(
+        pl.when(recent).then(pl.col(c).shuffle(seed=1)).otherwise(pl.col(c)).alias(c)
+        for c in pack.label_columns
+    )
+    assert not permuted.equals(events)
+    on_last_day = pl.col("ts").dt.date() == last
+    decisions = events.filter(on_last_day, pl.col("event_type") == "payment")
+    decisions = decisions.rename({"event_id": "decision_id"})
+    before = pack.compute_features(events, decisions)
+    assert before["terminal_id_n_fraud_30d"].sum() > 0, "some fraud had matured by then"
+    assert before.equals(pack.compute_features(permuted, decisions))
 
 
 def test_the_lending_pack_is_a_file_like_any_users():
