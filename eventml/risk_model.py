@@ -2,9 +2,10 @@
 
 A sequence model (encoder + event coding), an XGBoost scorer on point-in-time features plus the
 encoder's embedding, the feature set both were trained with, and the thresholds that turn
-probabilities into a decision. `score_tables` scores decisions from the offline tables;
-`score_one` scores one live decision from the entity's history with the same functions, which is
-what the Bento runs and what the parity check compares.
+probabilities into a decision. `score_tables` scores decisions from the offline tables; `score`
+scores live decisions from their entities' events with the functions training uses, and
+`score_one` one decision through the request path, which agrees with them to the bit. The Bento
+runs the last two; the parity check compares them with the first.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import polars as pl
 import torch
 
 from eventml.embedding import SequenceModel, embedding_table
-from eventml.features import FeatureSet, features_for_one
-from eventml.scorer import Scorer
+from eventml.features import FeatureSet, compute_features, features_for_one
+from eventml.scorer import Scorer, to_matrix
 
 EMBEDDING_REASON = "recent activity pattern"
 
@@ -79,7 +80,25 @@ class RiskModel:
         champion is scored with its own encoder."""
         return embedding_table(self.sequence_model, events, decisions)
 
-    # ------------------------------------------------------------ one live decision
+    # ------------------------------------------------------------ live decisions
+
+    def score(
+        self,
+        events: pl.DataFrame,
+        decisions: pl.DataFrame,
+        activity: pl.DataFrame | None = None,
+        top_reasons: int = 4,
+    ) -> list[dict]:
+        """Probabilities, decision and reasons per decision (in order), from the entities'
+        events strictly before each: the batch functions training uses (`compute_features`,
+        the sequence arrays, one encoder pass, one scorer pass) for many decisions at once."""
+        features = compute_features(events, decisions, self.feature_set, activity)
+        encoded = self.sequence_model.output_columns(self.sequence_model.arrays(events, decisions))
+        table = decisions.select("decision_id").join(
+            features, on="decision_id", how="left", maintain_order="left"
+        )
+        table = table.with_columns(pl.Series(c, v) for c, v in encoded.items())
+        return self._judged(to_matrix(table, self.scorer.feature_names), top_reasons)
 
     def score_one(
         self,
@@ -88,9 +107,9 @@ class RiskModel:
         activity: pl.DataFrame | None = None,
         top_reasons: int = 4,
     ) -> dict:
-        """Probabilities, decision and reasons for one decision, from its entity's events strictly
-        before `decision["ts"]` (later rows in `history` are ignored) and, for keyed features,
-        its keys' `activity`."""
+        """`score` of one decision, through the request path (`features_for_one`, the sequence of
+        one history), which agrees with the batch functions to the bit at a fraction of their
+        fixed cost. Later rows in `history` are ignored; keyed features read `activity`."""
         features = features_for_one(history, decision, self.feature_set, activity)
         arrays = self.sequence_model.arrays_for_one(history, decision["ts"])
         with torch.inference_mode():  # no autograd bookkeeping at all (no_grad still keeps some)
@@ -102,14 +121,27 @@ class RiskModel:
             [[np.nan if row[c] is None else row[c] for c in self.scorer.feature_names]],
             dtype=np.float32,
         )
-        probabilities, contributions = self.scorer.score_rows(x)
-        probs = {task: float(p[0]) for task, p in probabilities.items()}
+        return self._judged(x, top_reasons)[0]
+
+    def _judged(self, matrix: np.ndarray, top_reasons: int) -> list[dict]:
+        """The one end of every live path: each booster's probabilities and SHAP values from one
+        matrix (`score_rows`), the policy's decision and the top reasons."""
+        probabilities, contributions = self.scorer.score_rows(matrix)
         reason_of = self.reason_of
         reasons = {
-            task: self.scorer.top_reasons(c, reason_of, top_reasons)[0]
+            task: self.scorer.top_reasons(c, reason_of, top_reasons)
             for task, c in contributions.items()
         }
-        return {"probabilities": probs, "decision": self.policy.decide(probs), "reasons": reasons}
+        probs = {task: p.tolist() for task, p in probabilities.items()}
+        out = []
+        for i in range(len(matrix)):
+            p = {task: probs[task][i] for task in self.tasks}
+            out.append({
+                "probabilities": p,
+                "decision": self.policy.decide(p),
+                "reasons": {task: reasons[task][i] for task in self.tasks},
+            })  # fmt: skip
+        return out
 
     # ------------------------------------------------------------ persistence (no pickle)
 

@@ -38,7 +38,7 @@ import torch
 from pydantic import BaseModel, Field
 from threadpoolctl import threadpool_limits
 
-from eventml.features import KEYED_KINDS, compute_features
+from eventml.features import KEYED_KINDS
 from eventml.online_store import SQLiteOnlineStore
 from eventml.pack import DatasetPack
 from eventml.prediction_log import PredictionLog
@@ -54,7 +54,6 @@ from eventml.score_api import (
     decision_of,
     request_models,
 )
-from eventml.scorer import to_matrix
 from eventml.serving_http import (
     Admission,
     AdmissionControl,
@@ -195,8 +194,7 @@ class RiskService:
         return self._response(r, scored, history.height)
 
     def _score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
-        """Many decisions through the batch functions training uses (`compute_features`,
-        `build_sequences`, one encoder pass, one scorer pass): the offline path itself. Each
+        """Many decisions through `RiskModel.score`, the batch functions training uses. Each
         request's history gets its own key, so one request's recent events never reach another
         decision of the same entity."""
         model, keys = self.model, [str(i) for i in range(len(requests))]
@@ -237,31 +235,10 @@ class RiskService:
             )
             events = pl.concat([events, fresh])
         n_prior = dict(events.group_by("entity_id").len().iter_rows())
-        activity = self.activity(decisions.to_dicts())
-        features = compute_features(events, decisions, model.feature_set, activity)
-        encoded = model.sequence_model.output_columns(
-            model.sequence_model.arrays(events, decisions)
-        )
-        table = decisions.select("decision_id").join(
-            features, on="decision_id", how="left", maintain_order="left"
-        )
-        table = table.with_columns(pl.Series(c, v) for c, v in encoded.items())
-        scorer, reason_of = model.scorer, model.reason_of
-        # One matrix for every booster's probabilities and SHAP values (`score_rows` gives what
-        # `predict` and `contributions` give, to the bit).
-        probs, contributions = scorer.score_rows(to_matrix(table, scorer.feature_names))
-        reasons = {t: scorer.top_reasons(contributions[t], reason_of) for t in model.tasks}
-        probs = {t: probs[t].tolist() for t in model.tasks}
-        out = []
-        for i, (r, k) in enumerate(zip(requests, keys)):
-            p = {t: probs[t][i] for t in model.tasks}
-            scored = {
-                "probabilities": p,
-                "decision": model.policy.decide(p),
-                "reasons": {t: reasons[t][i] for t in model.tasks},
-            }
-            out.append(self._response(r, scored, n_prior.get(k, 0)))
-        return out
+        scored = model.score(events, decisions, self.activity(decisions.to_dicts()))
+        return [
+            self._response(r, one, n_prior.get(k, 0)) for r, k, one in zip(requests, keys, scored)
+        ]
 
     def _log(self, requests: list[ScoreRequest], out: list[ScoreResponse]) -> None:
         self.log.append(
