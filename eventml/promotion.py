@@ -3,9 +3,10 @@ audit trail that answers "which model was in production on date X"."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict
@@ -71,6 +72,45 @@ AUDIT_SCHEMA = {
     "metrics": pl.String,  # JSON: challenger and champion metrics the decision used
     "dagster_run_id": pl.String,
 }
+
+
+def metrics_of(evaluation: pl.DataFrame, model: str) -> dict[str, dict[str, float]] | None:
+    """task -> {auc, ece} of one model in an evaluation table (None: the model is not in it)."""
+    rows = evaluation.filter(pl.col("model") == model).iter_rows(named=True)
+    return {r["task"]: {"auc": r["auc"], "ece": r["ece"]} for r in rows} or None
+
+
+def within_bounds(metrics: dict[str, dict[str, float]] | None, rules: PromotionRules) -> bool:
+    """Whether the model that serves (its metrics) is calibrated within the rule on every task."""
+    return metrics is not None and all(m["ece"] <= rules.max_ece for m in metrics.values())
+
+
+def audit_entry(
+    verdict: Verdict,
+    challenger_version: str,
+    champion_before: str | None,
+    challenger: dict | None,
+    champion: dict | None,
+    dagster_run_id: str,
+) -> pl.DataFrame:
+    """One row of the audit trail (`AUDIT_SCHEMA`): what was decided, on which metrics, by
+    which run."""
+    after = challenger_version if verdict.promote else champion_before
+    return pl.DataFrame(
+        [
+            {
+                "decided_at": datetime.now(UTC),
+                "action": "promoted" if verdict.promote else "refused",
+                "challenger_version": challenger_version,
+                "champion_before": champion_before,
+                "champion_after": after,
+                "reasons": "; ".join(verdict.reasons),
+                "metrics": json.dumps({"challenger": challenger, "champion": champion}),
+                "dagster_run_id": dagster_run_id,
+            }
+        ],
+        schema=AUDIT_SCHEMA,
+    )
 
 
 def champion_on(audit: pl.DataFrame, when: datetime) -> str | None:

@@ -75,6 +75,19 @@ class RiskModel:
             pl.Series(f"p_{task}", p.astype(np.float64)) for task, p in probs.items()
         )
 
+    def scores_on(
+        self, table: pl.DataFrame, events: pl.DataFrame, decisions: pl.DataFrame
+    ) -> dict[str, np.ndarray]:
+        """Probabilities for the rows of a model table (features, labels, and maybe another
+        model's encoder columns), with this model's own encoder columns in their place: a
+        champion is judged with its own encoder on the challenger's test rows, row for row."""
+        embeddings = self.embed_decisions(events, decisions)
+        own = [c for c in embeddings.columns if c != "decision_id"]
+        scored = table.drop(own, strict=False).join(
+            embeddings, on="decision_id", how="left", maintain_order="left"
+        )
+        return self.scorer.predict(scored)
+
     def embed_decisions(self, events: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
         """This model's own encoder columns (embedding and probabilities) of each decision: a
         champion is scored with its own encoder."""

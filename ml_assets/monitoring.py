@@ -17,9 +17,9 @@ from eventml.drift import drift_by_day, drift_plot, drift_verdict, monitored_fea
 from eventml.labels import build_decisions
 from eventml.performance import performance_by_day
 from eventml.prediction_log import read_prediction_log
+from eventml.report import REFERENCE_ARTIFACT
 from eventml.sources import DAY, midnight
 from eventml.traffic import replay
-from ml_assets.evaluation import REFERENCE_ARTIFACT
 from ml_assets.metadata import counts_md, png_md, table_md
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.partitions import daily, run_days

@@ -14,6 +14,7 @@ exists" for an answer.
 
 from __future__ import annotations
 
+import io
 import logging
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
 from eventml.home import interprocess_lock
 
@@ -153,6 +155,27 @@ class MlflowTracking(dg.ConfigurableResource):
         if version is None:
             return None
         return str(version.version), self.client().get_run(version.run_id)
+
+    def log_evaluation(self, run_id: str, report, reference) -> None:
+        """An out-of-time `eventml.report.Report` onto the challenger's run: its test metrics
+        (`test.<task>.<metric>`), the plots, and the monitoring reference sample."""
+        import tempfile
+
+        from PIL import Image
+
+        from eventml.report import METRICS, REFERENCE_ARTIFACT
+
+        client = self.client()
+        for row in report.table.filter(pl.col("model") == "challenger").iter_rows(named=True):
+            for metric in METRICS:
+                client.log_metric(run_id, f"test.{row['task']}.{metric}", row[metric])
+        for name, png in report.plots.items():
+            image = Image.open(io.BytesIO(png))
+            client.log_image(run_id, image, artifact_file=f"evaluation/{name}.png")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(REFERENCE_ARTIFACT).name
+            reference.write_parquet(path)
+            client.log_artifact(run_id, str(path), str(Path(REFERENCE_ARTIFACT).parent))
 
     def download_run_artifact(self, run_id: str, path: str, into: Path) -> Path:
         import mlflow
