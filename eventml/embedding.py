@@ -8,7 +8,7 @@ trained model is saved next to its `SequenceSpec` so serving codes events exactl
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -220,37 +220,22 @@ def train_sequence_model(
     # config give the same model in every process (unseeded, two runs differed by 0.2 in
     # validation AUC and 0.04 in the embedding lift).
     torch.manual_seed(config.seed)
+    # The model's shape and the training loop's settings are this config's fields of the same
+    # names; only what the data decides (input sizes, tasks, outlook targets) is added here.
     encoder = Encoder(
         EncoderConfig(
             **seq_spec.encoder_dims(),
-            max_len=config.max_len,
-            d_model=config.d_model,
-            n_layers=config.n_layers,
-            n_heads=config.n_heads,
-            dropout=config.dropout,
-            emb_dim=config.emb_dim,
+            **_fields_of(config, EncoderConfig),
             tasks=tasks,
             task_weights=(1.0,) * len(tasks),  # every label of the pack counts alike
-            aux_task=config.aux_task,
-            aux_weight=config.aux_weight,
             outlook=outlook,
-            outlook_weight=config.outlook_weight,
         )
     )
     result = train(
         encoder,
         train_arrays,
         valid_arrays,
-        TrainConfig(
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            patience=config.patience,
-            monitor="auc",
-            bucket_by_length=config.bucket_by_length,
-            seed=config.seed,
-            device=config.device,
-        ),
+        TrainConfig(**_fields_of(config, TrainConfig), monitor="auc"),
         log=log,
     )
     encoder.eval()
@@ -264,6 +249,12 @@ def embedding_table(
     (`encoder_<task>`), for every decision."""
     columns = model.output_columns(model.arrays(events, decisions))
     return pl.DataFrame({"decision_id": decisions["decision_id"], **columns})
+
+
+def _fields_of(config: SequenceModelConfig, target: type) -> dict:
+    """The settings of `config` that the dataclass `target` also has, by name."""
+    names = {f.name for f in fields(target)}
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.name in names}
 
 
 def config_dict(config: SequenceModelConfig) -> dict:

@@ -19,6 +19,7 @@ from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, mod
 from eventml.scorer import Scorer, ScorerConfig
 from eventml.sources import DAY
 from ml_assets.metadata import lineage, png_md
+from ml_assets.settings import settings_of
 from resources.delta import DeltaTables
 from resources.sources import EventSource
 from resources.tracking import MlflowTracking
@@ -26,32 +27,15 @@ from resources.tracking import MlflowTracking
 REGISTERED_MODEL = "eventml-risk"
 
 
-class EncoderSettings(dg.Config):
-    d_model: int = SequenceModelConfig.d_model
-    n_layers: int = SequenceModelConfig.n_layers
-    n_heads: int = SequenceModelConfig.n_heads
-    max_len: int = SequenceModelConfig.max_len
-    emb_dim: int = SequenceModelConfig.emb_dim
-    epochs: int = SequenceModelConfig.epochs
-    batch_size: int = SequenceModelConfig.batch_size
-    lr: float = SequenceModelConfig.lr
-    patience: int = SequenceModelConfig.patience
-    outlook_days: int = SequenceModelConfig.outlook_days
-    outlook_weight: float = SequenceModelConfig.outlook_weight
-    high_cardinality: str = SequenceModelConfig.high_cardinality
-    seed: int = SequenceModelConfig.seed
-    device: str = SequenceModelConfig.device
-
-
-class ScorerSettings(dg.Config):
-    n_estimators: int = ScorerConfig.n_estimators
-    learning_rate: float = ScorerConfig.learning_rate
-    max_depth: int = ScorerConfig.max_depth
-    early_stopping_rounds: int = ScorerConfig.early_stopping_rounds
-
-    def scorer_config(self, monotone: dict[str, int]) -> ScorerConfig:
-        """The scorer's config with the dataset pack's monotone constraints."""
-        return ScorerConfig(**self.model_dump(), monotone=monotone)
+EncoderSettings = settings_of(
+    SequenceModelConfig, "EncoderSettings", "The sequence encoder's shape and training."
+)
+ScorerSettings = settings_of(
+    ScorerConfig,
+    "ScorerSettings",
+    "XGBoost's settings for both scorers; the monotone constraints are the dataset pack's.",
+    exclude=("monotone",),
+)
 
 
 def _events(raw_events: pl.LazyFrame) -> pl.DataFrame:
@@ -77,7 +61,7 @@ def sequence_encoder(
     (which events each person has in the month after a decision) on train and gap histories up
     to the test window, none from anyone the scorers or validation see, and a masked-event task
     on every history."""
-    settings = SequenceModelConfig(**config.model_dump())
+    settings = config.make()
     with mlflow_tracking.start_run(
         "sequence_encoder", lineage(context, tables, ["raw_events", "training_splits"])
     ) as run:
@@ -137,7 +121,7 @@ def _fit(context, table: pl.DataFrame, names: list[str], pack, config: ScorerSet
         table.filter(pl.col("split") == "valid"),
         names,
         [label.name for label in pack.labels],
-        config.scorer_config(pack.monotone),
+        config.make(monotone=pack.monotone),
         log=context.log.info,
     )
 
