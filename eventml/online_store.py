@@ -51,9 +51,16 @@ class OnlineStore(Protocol):
     def delete_between(self, start: datetime, end: datetime) -> int:
         """Remove events with start <= ts < end; returns rows removed."""
 
-    def replace_between(self, start: datetime, end: datetime, events: pl.DataFrame) -> int:
-        """Re-publish days: remove events with start <= ts < end and write `events`, atomically
-        (a reader sees the old days or the new ones, never neither); returns rows removed."""
+    def replace_between(
+        self,
+        start: datetime,
+        end: datetime,
+        events: pl.DataFrame,
+        activity: pl.DataFrame | None = None,
+    ) -> int:
+        """Re-publish days: remove events with start <= ts < end and write `events`, and with
+        `activity` the keys' rows of the same days, atomically (a reader sees the old days or
+        the new ones, never neither); returns rows removed."""
 
     def history(
         self, entity_id: str, before: datetime | None = None, limit: int | None = None
@@ -221,7 +228,6 @@ class SQLiteOnlineStore:
         events: pl.DataFrame,
         activity: pl.DataFrame | None = None,
     ) -> int:
-        """As the interface says; with `activity`, the keys' rows of the same days too."""
         with self._writing() as db:
             deleted = self._delete(db, start, end)
             self._merge(db, events)

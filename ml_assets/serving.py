@@ -51,9 +51,8 @@ def online_store(
     spec = event_source.spec()
     store = serving.store(spec)
     # Keyed families' activity of the same days; labels maturing on them read a horizon before.
-    activity = key_activity(
-        tables.scan("raw_events").drop(DAY), spec, spec.feature_set(), start, end
-    )
+    before_end = tables.scan("raw_events").filter(pl.col(DAY) < end).drop(DAY)
+    activity = key_activity(before_end, spec, spec.feature_set(), start, end)
     deleted = store.replace_between(midnight(start), midnight(end), events, activity)
     written = events.height
     context.log.info(f"{start}..{end}: replaced {deleted:,} stored events with {written:,}")

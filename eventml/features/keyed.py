@@ -35,10 +35,8 @@ ACTIVITY_SCHEMA = {
 
 
 def window_days(window: str) -> int | None:
-    """A keyed window in whole days ('7d' → 7); 'all' → None."""
+    """A keyed window in whole days ('7d' → 7; `FeatureSet` refuses any other); 'all' → None."""
     w = window_us(window)
-    if w is not None and w % US_PER_DAY:
-        raise ValueError(f"keyed window {window!r}: keyed features count whole days ('7d', 'all')")
     return None if w is None else w // US_PER_DAY
 
 
