@@ -18,18 +18,17 @@ import resource
 import time
 from pathlib import Path
 
-import eventml.simulate
 import numpy as np
 import pandas as pd
 import polars as pl
 
 from eventml.features import (
-    US_PER_DAY,
     FeatureSet,
     compute_features,
     encode_value,
     window_us,
 )
+from eventml.features.declare import US_PER_DAY
 from eventml.home import StateHome
 from eventml.labels import build_decisions
 from eventml.splits import split_decisions, training_rows
@@ -41,7 +40,9 @@ TASK = LENDING_PACK.promotion_rules.task  # the label promotion decides on
 
 def world_events(config: WorldConfig) -> pl.DataFrame:
     # The simulator's source is part of the key: a changed world must not be read from cache.
-    version = hashlib.sha256(Path(eventml.simulate.__file__).read_bytes()).hexdigest()[:10]
+    world = Path(simulate.__code__.co_filename).parent
+    source = b"".join(p.read_bytes() for p in sorted(world.glob("*.py")))
+    version = hashlib.sha256(source + (world / "pack.yaml").read_bytes()).hexdigest()[:10]
     name = f"events_u{config.n_users}_d{config.n_days}_s{config.seed}_{version}.parquet"
     path = StateHome.from_env().root / "bench" / name
     if path.exists():

@@ -15,7 +15,9 @@ same value under one key per entity behind the same methods.
 
 Keyed features (per terminal, per merchant) read another table: each key's activity per day
 (`eventml.features.key_activity`), published with the same days as the events, in the same
-transaction, so a request reads both as of the same publication.
+transaction, so a request reads both as of the same publication. The pack's reference tables
+(`eventml.references`) are held whole, packed per key, for attaching them to a request's
+decision and recent events as ingest attached them to stored events.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import polars as pl
 from eventml.features import ACTIVITY_SCHEMA
 from eventml.home import interprocess_lock
 from eventml.schema import DatasetSpec
-from eventml.sequences import _utc_us
+from eventml.sequences import utc_us
 
 _NO_BOUND = 2**63 - 1  # µs after every datetime Python can hold: no bound
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -80,6 +82,12 @@ class OnlineStore(Protocol):
         """Every stored activity row of these keys (key column → key values), in
         `ACTIVITY_SCHEMA`."""
 
+    def write_references(self, name: str, rows: pl.DataFrame) -> int:
+        """Replace reference table `name` with `rows` (its clean rows), atomically."""
+
+    def references(self, name: str, keys: list[str]) -> pl.DataFrame | None:
+        """The rows of reference table `name` of these keys (None: the store has none)."""
+
 
 def _us(ts: datetime) -> int:
     """µs since the epoch, exactly (a naive datetime is UTC)."""
@@ -90,6 +98,13 @@ def _us(ts: datetime) -> int:
 
 def _day(d: date) -> int:
     return (d - date(1970, 1, 1)).days
+
+
+def _packed(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    # The oldest compat level: plain Arrow strings, which any Arrow reader understands.
+    frame.write_ipc_stream(buffer, compat_level=pl.CompatLevel.oldest())
+    return buffer.getvalue()
 
 
 def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
@@ -129,6 +144,11 @@ class SQLiteOnlineStore:
                     "key TEXT NOT NULL, day INTEGER NOT NULL, measure TEXT NOT NULL, "
                     "count INTEGER NOT NULL, PRIMARY KEY (key_column, key, day, measure))"
                 )
+                # Each key's rows of a reference table, packed as the histories are.
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS reference_rows (name TEXT NOT NULL, "
+                    "key TEXT NOT NULL, packed BLOB NOT NULL, PRIMARY KEY (name, key))"
+                )
         if convert:
             self._migrate_event_rows()
 
@@ -160,11 +180,8 @@ class SQLiteOnlineStore:
         for (entity_id,), events in frame.partition_by(
             "entity_id", maintain_order=True, as_dict=True
         ).items():
-            buffer = io.BytesIO()
-            # The oldest compat level: plain Arrow strings, which any Arrow reader understands.
-            events.write_ipc_stream(buffer, compat_level=pl.CompatLevel.oldest())
             us = events["ts"].to_numpy().view(np.int64)
-            rows.append((entity_id, events.height, int(us[0]), int(us[-1]), buffer.getvalue()))
+            rows.append((entity_id, events.height, int(us[0]), int(us[-1]), _packed(events)))
         return rows
 
     def _put(self, db: sqlite3.Connection, frame: pl.DataFrame) -> None:
@@ -266,9 +283,34 @@ class SQLiteOnlineStore:
         frame = pl.DataFrame(rows, schema={**ACTIVITY_SCHEMA, "day": pl.Int32}, orient="row")
         return frame.with_columns(pl.col("day").cast(pl.Date)).select(names)
 
+    def write_references(self, name: str, rows: pl.DataFrame) -> int:
+        key = rows.columns[0]  # reference_schema: the key first
+        packed = [
+            (name, value, _packed(part))
+            for (value,), part in rows.partition_by(key, as_dict=True, maintain_order=True).items()
+            if value is not None
+        ]
+        with self._writing() as db:
+            db.execute("DELETE FROM reference_rows WHERE name = ?", (name,))
+            db.executemany("INSERT INTO reference_rows VALUES (?, ?, ?)", packed)
+        return rows.height
+
+    def references(self, name: str, keys: list[str]) -> pl.DataFrame | None:
+        db, frames = self._connect(), []
+        for chunk in _chunks(sorted({k for k in keys if k is not None})):
+            marks = ", ".join("?" for _ in chunk)
+            frames += [
+                pl.read_ipc_stream(packed)
+                for (packed,) in db.execute(
+                    f"SELECT packed FROM reference_rows WHERE name = ? AND key IN ({marks})",
+                    [name, *chunk],
+                )
+            ]
+        return pl.concat(frames) if frames else None
+
     def _merge(self, db: sqlite3.Connection, events: pl.DataFrame) -> None:
         new = (
-            events.with_columns(_utc_us(events["ts"]))  # naive instants are UTC
+            events.with_columns(utc_us(events["ts"]))  # naive instants are UTC
             .select(pl.col(c).cast(t) for c, t in self.schema.items())
             # Within one write as across writes, the last row of an (entity, event_id) wins.
             .unique(["entity_id", "event_id"], keep="last", maintain_order=True)

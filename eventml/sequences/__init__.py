@@ -1,5 +1,4 @@
-"""History → tensors: each decision's most recent prior events, and the decision event itself, as
-fixed-size arrays for the encoder.
+"""History → tensors: each decision's most recent prior events as fixed-size arrays for the encoder.
 
 - `coding`: how each column becomes ids or numbers (`SequenceSpec`, fitted at training and
   saved with the model) and the per-event inputs both builders share.
@@ -12,12 +11,6 @@ Choices a reader should know:
   treated as after it (the decision event itself, or anything logged with it).
 - The last K events are kept, oldest first, right-aligned: padding is on the left and position
   K-1 always holds the most recent event.
-- The decision token: with it (every spec fitted now), the last K-1 events are kept and slot K-1
-  holds the decision event itself, as known when it is judged: its type, time of day, amount and
-  attributes (a label column never is one). An encoder that sees the payment it judges can
-  compare it with the history (a payment at an hour this card never pays); one that sees only
-  the history can say only how risky the card's next payment is. Specs saved before it have
-  none, and are built as they were trained.
 - Ties in time are ordered by event_id, so a shuffled event table builds the same arrays.
 - Time since the previous event is measured inside the window (the oldest kept event gets 0), so
   serving needs only the entity's last K events to reproduce training inputs.
@@ -29,11 +22,8 @@ Choices a reader should know:
   in which order the value first appeared among the kept events: the history's first device is
   1, the next new one 2, a return to the first device 1 again ("first seen" coding, capped). A
   global id per value would let the encoder recognise people by their devices and memorise
-  their outcomes instead of learning what histories look like (on the demo world its
-  default AUC was 0.96 on the people it learned labels from and 0.56 out of time; coded by
-  first appearance, 0.64-0.66 and 0.62 after the same 8 epochs, 0.69-0.74 and 0.63-0.65 after
-  16: bench/embedding_lift.py). The order keeps what
-  generalises: a new device among familiar ones. `high_cardinality="hash"` instead hashes each
+  their outcomes instead of learning what histories look like (docs/embedding-lift.md measures
+  both). The order keeps what generalises: a new device among familiar ones. `high_cardinality="hash"` instead hashes each
   value into `hash_buckets`, for identifiers whose identity is the signal (a merchant, say).
   Values are compared, and hashed, by BLAKE2b of their UTF-8 bytes, not polars' `hash` or
   Python's `hash()`: those change across library versions and processes, and a model must see

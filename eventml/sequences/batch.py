@@ -12,7 +12,6 @@ from eventml.sequences.coding import (
     SequenceSpec,
     code_first_seen,
     event_inputs,
-    history_slots,
     time_inputs,
     utc_us,
 )
@@ -25,20 +24,18 @@ def build_sequences(
     max_len: int = 128,
     label_columns: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
-    """Arrays for each decision row, in the decisions' order: its entity's last events strictly
-    before the decision's `ts` (`max_len` of them, or `max_len - 1` and then the decision event
-    itself when the spec has a decision token).
+    """Arrays for each decision row, in the decisions' order: its entity's last `max_len` events
+    strictly before the decision's `ts`.
 
-    `decisions` needs `entity_id` and `ts`, and with a decision token the decision event's own
-    columns (`SequenceSpec.decision_columns`; `eventml.labels.build_decisions` has them);
-    `label_columns` (nullable, e.g. 0/1 with null where unmatured) become `labels` (N, n)
-    float32 with NaN for null. Returns event_type (N, K) int32, cats (N, K, C) int32, nums
-    (N, K, F) float32, time (N, K, 6) float32, mask (N, K) bool and labels when asked for.
+    `decisions` needs `entity_id` and `ts`; `label_columns` (nullable, e.g. 0/1 with null where
+    unmatured) become `labels` (N, n) float32 with NaN for null. Returns event_type (N, K) int32,
+    cats (N, K, C) int32, nums (N, K, F) float32, time (N, K, 6) float32, mask (N, K) bool and
+    labels when asked for.
     """
-    H = history_slots(spec, max_len)
-    ev = events.select(
-        "entity_id", "ts", "event_id", *spec.decision_columns
-    ).with_columns(utc_us(events["ts"])).sort("entity_id", "ts", "event_id")  # fmt: skip
+    K = max_len
+    columns = ("event_type", "amount", *(c.name for c in spec.categorical), *spec.numeric)
+    ev = events.select("entity_id", "ts", "event_id", *columns)
+    ev = ev.with_columns(utc_us(ev["ts"])).sort("entity_id", "ts", "event_id")
     feats = event_inputs(ev, spec)
 
     # Entity codes: the index of an entity's run in the sorted events; its events are the
@@ -70,24 +67,20 @@ def build_sequences(
     end = np.empty(len(dec_code), np.int64)  # one past the last prior event's row
     end[order[is_dec] - n_ev] = events_before[is_dec]
     n_prior = np.zeros(len(dec), np.int64)
-    n_prior[has_events] = np.minimum(end - first[dec_code], H)
+    n_prior[has_events] = np.minimum(end - first[dec_code], K)
     end_all = np.zeros(len(dec), np.int64)
     end_all[has_events] = end
 
-    # Right-aligned gather: slot j of a row holds event end-H+j, real when j >= H - n_prior.
+    # Right-aligned gather: slot j of a row holds event end-K+j, real when j >= K - n_prior.
     # Padding slots point at an appended all-zero row, so a gather alone pads them.
-    j = np.arange(H)
-    mask = j[None, :] >= (H - n_prior)[:, None]  # (N, H)
-    rows = np.where(mask, end_all[:, None] - H + j[None, :], n_ev)
+    j = np.arange(K)
+    mask = j[None, :] >= (K - n_prior)[:, None]  # (N, K)
+    rows = np.where(mask, end_all[:, None] - K + j[None, :], n_ev)
 
     def gather(a: np.ndarray) -> np.ndarray:
         return np.take(np.concatenate([a, np.zeros((1, *a.shape[1:]), a.dtype)]), rows, axis=0)
 
     slots = {k: gather(feats[k]) for k in ("event_type", "cats", "keys", "nums", "clock", "ts")}
-    if spec.decision_token:  # the decision event itself in the last slot
-        own = event_inputs(_decision_events(decisions, spec, dec["ts"]), spec)
-        slots = {k: np.concatenate([v, own[k][:, None]], axis=1) for k, v in slots.items()}
-        mask = np.concatenate([mask, np.ones((len(dec), 1), bool)], axis=1)
     code_first_seen(slots["cats"], slots["keys"], spec)
     arrays = {
         "event_type": slots["event_type"],
@@ -105,14 +98,3 @@ def build_sequences(
             axis=1,
         ).astype(np.float32)
     return arrays
-
-
-def _decision_events(decisions: pl.DataFrame, spec: SequenceSpec, ts: pl.Series) -> pl.DataFrame:
-    """The decision events as event rows, in the decisions' order, for the decision slot."""
-    missing = [c for c in spec.decision_columns if c not in decisions.columns]
-    if missing:
-        raise ValueError(
-            f"decisions lack {missing}: the encoder reads the decision event itself (its last "
-            "slot), so pass the decision events' columns (eventml.labels.build_decisions has them)"
-        )
-    return decisions.select(spec.decision_columns).with_columns(ts)

@@ -95,9 +95,6 @@ class SequenceSpec:
     event_types: tuple[str, ...]
     categorical: tuple[CategoricalCoding, ...] = ()
     numeric: tuple[str, ...] = ()
-    # The last slot holds the decision event itself (what is known of it when it is judged:
-    # its type, time, amount and attributes, never a label). False in specs saved before it.
-    decision_token: bool = False
 
     @classmethod
     def fit(
@@ -109,7 +106,6 @@ class SequenceSpec:
         high_cardinality: Literal["first_seen", "hash"] = "first_seen",
         first_seen: int = 8,
         hash_buckets: int = 1024,
-        decision_token: bool = True,
     ) -> SequenceSpec:
         """Each categorical column's coding: the spec's declared categories where it has them
         (so an id means what the feature codes mean), else learned from (training) events; a
@@ -149,7 +145,6 @@ class SequenceSpec:
             event_types=tuple(spec.event_types),
             categorical=tuple(codings),
             numeric=spec.input_numeric,  # a label column is never an encoder input
-            decision_token=decision_token,
         )
 
     # The encoder's input sizes; pass them on as EncoderConfig(**seq_spec.encoder_dims(), ...).
@@ -158,7 +153,7 @@ class SequenceSpec:
             "n_event_types": len(self.event_types) + 1,  # + the padding id 0
             "cat_cardinalities": tuple(c.cardinality for c in self.categorical),
             "n_numeric": 2 * (1 + len(self.numeric)),  # value and is-null flag, amount included
-            "ntime_inputs": len(TIME_FEATURES),
+            "n_time_features": len(TIME_FEATURES),
         }
 
     def to_json(self) -> str:
@@ -186,23 +181,8 @@ class SequenceSpec:
             for c in d["categorical"]
         )
         return cls(
-            event_types=tuple(d["event_types"]),
-            categorical=codings,
-            numeric=tuple(d["numeric"]),
-            decision_token=d.get("decision_token", False),  # specs saved before it had none
+            event_types=tuple(d["event_types"]), categorical=codings, numeric=tuple(d["numeric"])
         )
-
-    @property
-    def decision_columns(self) -> tuple[str, ...]:
-        """The decision event's columns the decision slot reads."""
-        return ("event_type", "amount", *(c.name for c in self.categorical), *self.numeric)
-
-
-def history_slots(spec: SequenceSpec, max_len: int) -> int:
-    """How many of the `max_len` slots hold prior events: all, or all but the decision's."""
-    if max_len < 1 + spec.decision_token:
-        raise ValueError(f"max_len={max_len}: a sequence needs a slot for history")
-    return max_len - spec.decision_token
 
 
 def check_event_types(present: set[str | None], spec: SequenceSpec) -> None:
