@@ -11,6 +11,10 @@ rewriting the old one).
 
 One unreadable file never stops the others: it is quarantined with its reason, and every other
 file goes on. Admission runs under a lock, so the sensor and a run admitting at once agree.
+
+Reference tables (`eventml.references`) have a folder each, `<inbox>/references/<name>/`: small
+tables that are read whole on every run (`read_reference_files`), oldest file name first, so a
+later file's row for the same key and time corrects an earlier one.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from pathlib import Path
 import polars as pl
 
 from eventml.home import interprocess_lock
-from eventml.schema import ISO_UTC, REQUIRED_COLUMNS, DatasetSpec, map_columns, parse_ts
+from eventml.schema import ISO_UTC, REQUIRED_COLUMNS, DatasetSpec, Reference
+from eventml.validation import map_columns, parse_ts
 
 LANDING_SUFFIXES = (".parquet", ".csv")
 LANDED, QUARANTINE = "_landed", "_quarantine"
+REFERENCES = "references"  # <inbox>/references/<name>/: a reference table's files
 CHUNK = 1 << 20
 
 
@@ -208,6 +214,34 @@ def read_landed(inbox: str | Path, spec: DatasetSpec) -> pl.DataFrame:
         return pl.DataFrame(schema={c: pl.String for c in [*spec.event_schema(), "source"]})
     # A file that predates a column the pack added holds it as null.
     return pl.concat(frames, how="diagonal")
+
+
+def reference_folder(inbox: str | Path, ref: Reference) -> Path:
+    return Path(inbox) / REFERENCES / ref.name
+
+
+def read_reference_files(
+    inbox: str | Path, ref: Reference, spec: DatasetSpec
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Every row of the reference table's files, oldest name first, as text with its file's name
+    in `source`; and each file that cannot be read, with why (the others are still read)."""
+    frames, unreadable = [], {}
+    for path in landing_files(reference_folder(inbox, ref)):
+        try:
+            frame = _read(path)
+        except LandingFileError as error:
+            unreadable[path.name] = str(error)
+            continue
+        typed = [c for c, t in frame.schema.items() if isinstance(t, pl.Datetime | pl.Date)]
+        frames.append(
+            frame.with_columns(
+                *[parse_ts(pl.col(c), frame.schema[c], spec).dt.strftime(ISO_UTC) for c in typed]
+            ).with_columns(pl.all().cast(pl.String), pl.lit(path.name).alias("source"))
+        )
+    rows = (
+        pl.concat(frames, how="diagonal") if frames else pl.DataFrame(schema={"source": pl.String})
+    )
+    return rows, unreadable
 
 
 def manifest(inbox: str | Path) -> pl.DataFrame:

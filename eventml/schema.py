@@ -1,14 +1,14 @@
-"""The event contract: one generic event table, a dataset spec per source, and validation.
+"""The event contract: one generic event table, and a dataset spec per source.
 
 Every source (the simulator, a landing zone of a user's own files) is mapped onto the same
-table by a `DatasetSpec` and then split by `validate` into clean rows and rejected rows with a
-reason each. Nothing is dropped: every input row is in exactly one of the two outputs.
+table by a `DatasetSpec`: its columns and their roles, event types, decisions, labels, reference
+tables and bounds. `eventml.validation` splits a source's rows by it into clean events and
+rejects.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -64,6 +64,20 @@ class Label(BaseModel):
         return self
 
 
+class Reference(BaseModel):
+    """A reference table: attributes of an entity or of another key (a holder's region, a
+    terminal's kind) that hold from a time on, attached to every event point in time
+    (`eventml.references`). Its rows carry `key`, `valid_from` and `columns`, in the source's
+    names where the spec's `columns` map them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str  # its table is reference_<name>; its files land in landing/references/<name>/
+    key: str  # the event column it is keyed by: entity_id or a categorical column
+    columns: tuple[str, ...]  # the attribute columns it supplies (declared as usual)
+    valid_from: str = "valid_from"  # the source's column of the time a row starts to hold
+
+
 class DatasetSpec(BaseModel):
     """How one source maps onto the event table, and what its decisions and labels are."""
 
@@ -90,6 +104,9 @@ class DatasetSpec(BaseModel):
     # Attribute columns kept in the tables but never an input (a feature, an encoder input, a
     # request field): an internal reference, a free-text note, a column under review.
     excluded: tuple[str, ...] = ()
+    # Reference tables (a customer's profile, a terminal's kind): each supplies some of the
+    # attribute columns above from its own rows, by key and validity time, never the event feed.
+    references: tuple[Reference, ...] = ()
     # canonical column name -> the source's column name, for sources with their own names.
     columns: dict[str, str] = Field(default_factory=dict)
     # canonical column name -> the value every row has when the source has no such column
@@ -163,7 +180,62 @@ class DatasetSpec(BaseModel):
         unknown = set(self.columns) - set(self.event_schema())
         if unknown:
             raise ValueError(f"columns: {sorted(unknown)} are not canonical or declared columns")
+        self._check_references()
         return self
+
+    def _check_references(self) -> None:
+        supplied: dict[str, str] = {}
+        for ref in self.references:
+            where = f"references.{ref.name}"
+            if not ref.name.isidentifier():
+                raise ValueError(f"{where}: the name must be an identifier (it names a table)")
+            if ref.name in {r.name for r in self.references if r is not ref}:
+                raise ValueError(f"{where}: two references share this name")
+            if ref.key not in ("entity_id", *self.categorical):
+                raise ValueError(
+                    f"{where}.key: {ref.key!r} is not entity_id or a categorical column"
+                )
+            for col in ref.columns:
+                if col not in (*self.categorical, *self.numeric):
+                    raise ValueError(
+                        f"{where}.columns: {col!r} is not a declared attribute; declare it under "
+                        "categorical or numeric"
+                    )
+                if col in self.label_columns or col in self.oracle_columns:
+                    raise ValueError(f"{where}.columns: {col!r} holds a label or an oracle")
+                if col in supplied or col == ref.key:
+                    raise ValueError(
+                        f"{where}.columns: {col!r} is already supplied "
+                        f"({'its key' if col == ref.key else 'by ' + supplied[col]})"
+                    )
+                supplied[col] = ref.name
+        for ref in self.references:
+            if ref.key in supplied:
+                raise ValueError(
+                    f"references.{ref.name}.key: {ref.key!r} is supplied by "
+                    f"{supplied[ref.key]}; a key must come from the events"
+                )
+        for label in self.labels:
+            if bad := sorted(set(label.applies_when) & set(supplied)):
+                raise ValueError(
+                    f"labels.{label.name}.applies_when: {bad} come from a reference table; "
+                    "a label's condition reads the decision event's own columns"
+                )
+
+    @property
+    def referenced_columns(self) -> dict[str, str]:
+        """Attribute column -> the reference table that supplies it."""
+        return {col: ref.name for ref in self.references for col in ref.columns}
+
+    @property
+    def request_categorical(self) -> tuple[str, ...]:
+        """The categorical fields of a scoring request: inputs the caller sends, not those a
+        reference table supplies (the server attaches them)."""
+        return tuple(c for c in self.input_categorical if c not in self.referenced_columns)
+
+    @property
+    def request_numeric(self) -> tuple[str, ...]:
+        return tuple(c for c in self.input_numeric if c not in self.referenced_columns)
 
     @property
     def oracle_columns(self) -> tuple[str, ...]:
@@ -222,185 +294,3 @@ class DatasetSpec(BaseModel):
         if not isinstance(data, dict):
             raise SpecError(f"dataset pack {path} must be a YAML mapping of fields")
         return cls.from_dict(data, origin=f"dataset pack {path}")
-
-
-@dataclass(frozen=True)
-class Validated:
-    clean: pl.DataFrame
-    rejects: pl.DataFrame
-
-    def reject_counts(self) -> dict[str, int]:
-        """Rejected rows per reason, e.g. {'unknown_event_type': 3}."""
-        counts = self.rejects.group_by("reason").len().sort("reason")
-        return dict(zip(counts["reason"], counts["len"], strict=True))
-
-
-def map_columns(raw: pl.DataFrame, spec: DatasetSpec) -> pl.DataFrame:
-    """Rename a source's columns to canonical names; columns the spec does not declare are dropped
-    and declared ones that are absent take the spec's constant, or null (rows missing a
-    required one are rejected)."""
-    renamed = raw.rename({src: dst for dst, src in spec.columns.items() if src in raw.columns})
-    return renamed.select(
-        pl.col(c)
-        if c in renamed.columns
-        else pl.lit(spec.constants.get(c), dtype=pl.String()).alias(c)
-        for c in spec.event_schema()
-    )
-
-
-def parse_ts(col: pl.Expr, dtype: pl.DataType, spec: DatasetSpec) -> pl.Expr:
-    if isinstance(dtype, pl.Datetime):
-        if dtype.time_zone is None:
-            return (
-                col.dt.replace_time_zone(spec.timezone)
-                .dt.convert_time_zone("UTC")
-                .dt.cast_time_unit("us")
-            )
-        return col.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
-    if isinstance(dtype, pl.Date):
-        return (
-            col.cast(pl.Datetime("us"))
-            .dt.replace_time_zone(spec.timezone)
-            .dt.convert_time_zone("UTC")
-        )
-    text = col.cast(pl.String).str.strip_chars()
-    # ISO 8601: with an offset it names its own instant; without, it is read in the spec's zone.
-    iso = text.str.replace(r"Z$", "+00:00").str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T")
-    aware = iso.str.strptime(pl.Datetime("us"), "%Y-%m-%dT%H:%M:%S%.f%z", strict=False)
-    naive = pl.coalesce(
-        iso.str.strptime(pl.Datetime("us"), "%Y-%m-%dT%H:%M:%S%.f", strict=False),
-        iso.str.strptime(pl.Datetime("us"), "%Y-%m-%d", strict=False),
-    )
-    if (
-        spec.ts_format
-    ):  # the source's own format first; ISO still parses (typed columns arrive as ISO)
-        naive = pl.coalesce(
-            text.str.strptime(pl.Datetime("us"), spec.ts_format, strict=False), naive
-        )
-    local = naive.dt.replace_time_zone(spec.timezone, non_existent="null", ambiguous="earliest")
-    return pl.coalesce(aware.dt.convert_time_zone("UTC"), local.dt.convert_time_zone("UTC"))
-
-
-def validate(
-    raw: pl.DataFrame,
-    spec: DatasetSpec,
-    now: datetime | None = None,
-    source: str | pl.Series = "unknown",
-    days: tuple[date, date] | None = None,
-) -> Validated:
-    """Split source rows into clean events and rejects with one reason each.
-
-    Checks, first failure wins: a required field missing; a timestamp or number that does not
-    parse; an event type outside the vocabulary; a categorical value outside its declared
-    `categories`; a non-finite number or one past
-    `spec.max_abs_value`; text past `spec.max_text_length`; a negative amount; a timestamp
-    before `spec.source_start` or after `now`; an event id already seen (the first copy is kept).
-    `source` (one name, or one per row) is recorded on rejects so a user can find the bad file.
-    With `days` ([first, end) of the partitions), an otherwise clean event on a day outside them
-    is rejected as `outside_partitions`: there is no day to keep it on.
-    """
-    now = now or datetime.now(UTC)
-    mapped = map_columns(raw, spec).with_columns(
-        (source if isinstance(source, pl.Series) else pl.lit(source))
-        .cast(pl.String)
-        .alias("__source")
-    )
-    schema = spec.event_schema()
-    numeric_cols = [c for c, t in schema.items() if t == pl.Float64()]
-
-    parsed = mapped.with_columns(
-        parse_ts(pl.col("ts"), mapped.schema["ts"], spec).alias("__ts"),
-        *[pl.col(c).cast(pl.Float64, strict=False).alias(f"__{c}") for c in numeric_cols],
-        *[
-            pl.col(c).cast(pl.String).str.strip_chars().alias(f"__{c}")
-            for c in ("entity_id", "event_id", "event_type")
-        ],
-        # Categorical values as the request models read them: stripped, and blank is missing.
-        *[
-            pl.col(c).cast(pl.String).str.strip_chars().replace("", None).alias(f"__{c}")
-            for c in spec.categorical
-        ],
-    )
-
-    def blank(c: str) -> pl.Expr:
-        return pl.col(f"__{c}").is_null() | (pl.col(f"__{c}") == "")
-
-    # (condition, reason, field); reasons name their field so counts by reason say what to fix.
-    checks: list[tuple[pl.Expr, str, str]] = [
-        *[
-            (blank(c) if c != "ts" else pl.col("ts").is_null(), f"missing_{c}", c)
-            for c in REQUIRED_COLUMNS
-        ],
-        (pl.col("__ts").is_null(), "unparseable_ts", "ts"),
-        (~pl.col("__event_type").is_in(list(spec.event_types)), "unknown_event_type", "event_type"),
-        *[
-            (
-                ~pl.col(f"__{c}").is_in(list(values)) & pl.col(f"__{c}").is_not_null(),
-                f"unknown_{c}",
-                c,
-            )
-            for c, values in spec.categories.items()
-        ],
-        *[
-            (pl.col(c).is_not_null() & pl.col(f"__{c}").is_null(), f"unparseable_{c}", c)
-            for c in numeric_cols
-        ],
-        *[(~pl.col(f"__{c}").is_finite(), f"non_finite_{c}", c) for c in numeric_cols],
-        *[
-            (pl.col(f"__{c}").abs() > spec.max_abs_value, f"out_of_range_{c}", c)
-            for c in numeric_cols
-        ],
-        *[
-            (pl.col(f"__{c}").str.len_chars() > spec.max_text_length, f"too_long_{c}", c)
-            for c in ("entity_id", "event_id", "event_type", *spec.categorical)
-        ],
-        (pl.col("__amount") < 0, "negative_amount", "amount"),
-        (pl.col("__ts") < spec.source_start, "ts_before_source_start", "ts"),
-        (pl.col("__ts") > now, "ts_in_future", "ts"),
-    ]
-    if days is not None:
-        day = pl.col("__ts").dt.date()
-        checks.append((~((day >= days[0]) & (day < days[1])), "outside_partitions", "ts"))
-    reason = pl.lit(None, dtype=pl.String)
-    field = pl.lit(None, dtype=pl.String)
-    for cond, why, col in reversed(checks):  # the first check listed takes precedence
-        hit = cond.fill_null(False)
-        reason = pl.when(hit).then(pl.lit(why)).otherwise(reason)
-        field = pl.when(hit).then(pl.lit(col)).otherwise(field)
-    tagged = parsed.with_columns(reason.alias("reason"), field.alias("field"))
-
-    # Duplicates are judged among otherwise valid rows so a broken copy cannot shadow a good one.
-    tagged = tagged.with_columns(
-        pl.when(
-            pl.col("reason").is_null()
-            & (pl.int_range(pl.len()).over("__event_id", pl.col("reason").is_null()) > 0)
-        )
-        .then(pl.lit("duplicate_event_id"))
-        .otherwise(pl.col("reason"))
-        .alias("reason"),
-    ).with_columns(
-        pl.when(pl.col("reason") == "duplicate_event_id")
-        .then(pl.lit("event_id"))
-        .otherwise(pl.col("field"))
-        .alias("field")
-    )
-
-    clean = tagged.filter(pl.col("reason").is_null()).select(
-        (
-            pl.col("__ts")
-            if c == "ts"
-            else pl.col(f"__{c}")
-            if f"__{c}" in tagged.columns
-            else pl.col(c)
-        )
-        .cast(t)
-        .alias(c)
-        for c, t in schema.items()
-    )
-    rejects = tagged.filter(pl.col("reason").is_not_null()).select(
-        *[pl.col(c).cast(pl.String).alias(c) for c in schema],
-        "reason",
-        "field",
-        pl.col("__source").alias("source"),
-    )
-    return Validated(clean=clean, rejects=rejects)

@@ -124,13 +124,14 @@ def _types(spec: DatasetSpec) -> dict[str, Any]:
 
 def _attributes(spec: DatasetSpec, types: dict[str, Any]) -> dict[str, Any]:
     """The optional attribute fields of an event: categoricals (an enum where the pack declares
-    the values) and numbers; never a label column, never an oracle column."""
+    the values) and numbers; never a label or oracle column, nor one a reference table supplies
+    (the server attaches those)."""
     fields: dict[str, Any] = {}
-    for column in spec.input_categorical:
+    for column in spec.request_categorical:
         values = spec.categories.get(column)
         kind = Literal[tuple(values)] if values else types["text"]  # type: ignore[misc]
         fields[column] = (kind | None, None)
-    for column in spec.input_numeric:
+    for column in spec.request_numeric:
         fields[column] = (types["number"] | None, None)
     return fields
 

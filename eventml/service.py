@@ -42,6 +42,7 @@ from eventml.features import KEYED_KINDS
 from eventml.online_store import SQLiteOnlineStore
 from eventml.pack import DatasetPack
 from eventml.prediction_log import PredictionLog
+from eventml.references import attach
 from eventml.risk_model import RiskModel
 from eventml.schema import TS_TYPE
 from eventml.score_api import (
@@ -167,7 +168,19 @@ class RiskService:
             [{"entity_id": request.entity_id, **e.model_dump()} for e in request.recent_events],
             schema=self.event_schema,
         )
+        recent = self.with_references(recent)
         return pl.concat([stored, recent]).unique("event_id", keep="first", maintain_order=True)
+
+    def with_references(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """A request's decisions or recent events with the columns the pack's reference tables
+        supply, as of each row's time: as ingest attached them to the stored events."""
+        if not self.spec.references or frame.is_empty():
+            return frame
+        tables = {
+            ref.name: self.store.references(ref.name, frame[ref.key].to_list())
+            for ref in self.spec.references
+        }
+        return attach(frame, {k: v for k, v in tables.items() if v is not None}, self.spec)
 
     def activity(self, decisions: list[dict]) -> pl.DataFrame | None:
         """The stored daily activity of the decisions' keys (None: the model has no keyed
@@ -190,6 +203,9 @@ class RiskService:
 
     def _score_one(self, r: ScoreRequest) -> ScoreResponse:
         history, decision = self.history(r), decision_of(r)
+        if self.spec.references:
+            one = pl.DataFrame([decision], schema=self.decision_schema)
+            decision = {**decision, **self.with_references(one).row(0, named=True)}
         scored = self.model.score_one(history, decision, self.activity([decision]))
         return self._response(r, scored, history.height)
 
@@ -198,10 +214,9 @@ class RiskService:
         request's history gets its own key, so one request's recent events never reach another
         decision of the same entity."""
         model, keys = self.model, [str(i) for i in range(len(requests))]
-        decisions = pl.DataFrame(
-            [{**decision_of(r), "entity_id": k, "decision_id": k} for k, r in zip(keys, requests)],
-            schema={**self.decision_schema, "decision_id": pl.String},
-        )  # fmt: skip
+        decisions = self.with_references(
+            pl.DataFrame([decision_of(r) for r in requests], schema=self.decision_schema)
+        ).with_columns(pl.Series("entity_id", keys), pl.Series("decision_id", keys))
         # Only events strictly before each request's own decision, as `history` reads for /score:
         # the store stops at the latest decision of each entity, and the join with each request's
         # key drops what is after that request's decision before its recent events are added.
@@ -218,7 +233,7 @@ class RiskService:
             .rename({"key": "entity_id"})
         )
         recent = [
-            {**e.model_dump(), "entity_id": k}
+            {**e.model_dump(), "entity_id": r.entity_id, "__key": k}
             for k, r in zip(keys, requests)
             for e in r.recent_events
         ]
@@ -228,8 +243,11 @@ class RiskService:
             # (key, event_id) counts, stored before recent — the rows a `unique` of all of them
             # keeps, without hashing every stored event.
             id_ = ["entity_id", "event_id"]
+            arrived = pl.DataFrame(recent, schema={**self.event_schema, "__key": pl.String})
             fresh = (
-                pl.DataFrame(recent, schema=self.event_schema)
+                self.with_references(arrived)
+                .with_columns(pl.col("__key").alias("entity_id"))
+                .drop("__key")
                 .unique(id_, keep="first", maintain_order=True)
                 .join(events.select(id_), on=id_, how="anti", maintain_order="left")
             )

@@ -14,7 +14,8 @@ from datetime import UTC, date, datetime, time
 import numpy as np
 import polars as pl
 
-from eventml.schema import DatasetSpec, Validated, parse_ts, validate
+from eventml.schema import DatasetSpec
+from eventml.validation import Validated, parse_ts, validate
 
 DAY = "day"  # the partition column of raw_events and event_rejects (a UTC date)
 

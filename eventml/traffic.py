@@ -20,7 +20,7 @@ def score_requests(decisions: pl.DataFrame, spec: DatasetSpec) -> list[dict]:
     `event_id`), `entity_id`, `ts`, `event_type`, `amount` and the decision's own attributes (the request
     fields `eventml.score_api` makes from `spec`)."""
     id_column = "decision_id" if "decision_id" in decisions.columns else "event_id"
-    attributes = [*spec.input_categorical, *spec.input_numeric]
+    attributes = [*spec.request_categorical, *spec.request_numeric]
     rows = decisions.select(
         "entity_id", pl.col("ts").dt.to_string(ISO_UTC), "amount",
         *(["event_type"] if "event_type" in decisions.columns else []),

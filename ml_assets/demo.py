@@ -233,6 +233,9 @@ def main() -> int:
     print(f"full log: {log_path}", flush=True)
     try:
         keys = daily.get_partition_keys()[: args.days]
+        if DEMO.PACK.references:  # unpartitioned, before the days that attach them
+            materialize("reference tables:", materialize_command(("references",), None, config),
+                        log_path)  # fmt: skip
         materialize(f"ingest and features, {keys[0]}..{keys[-1]}:",
                     materialize_command(INGEST, (keys[0], keys[-1]), config), log_path)  # fmt: skip
         materialize("training:", materialize_command(TRAIN, None, config), log_path)

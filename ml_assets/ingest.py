@@ -1,8 +1,10 @@
-"""Group `ingest`: validated events per day, and every row that failed the contract.
+"""Group `ingest`: the pack's reference tables, validated events per day, and every row that
+failed the contract.
 
-The two tables are written together (`DeltaTables.write_days_together`): readers see a run's
-days in both or in neither. A landing file that cannot be read is quarantined, not ingested,
-and named in the run's metadata and in the `landing_files` table.
+The two daily tables are written together (`DeltaTables.write_days_together`): readers see a
+run's days in both or in neither. A landing file that cannot be read is quarantined, not
+ingested, and named in the run's metadata and in the `landing_files` table. Every event takes
+the reference tables' columns as of its time (`eventml.references`) before it is stored.
 """
 
 from datetime import UTC, date, datetime, timedelta
@@ -12,6 +14,7 @@ import polars as pl
 
 from eventml.landing import manifest
 from eventml.quality import check_events, check_no_day_shrinks
+from eventml.references import attach, validate_reference
 from eventml.sources import DAY, ingest_days
 from ml_assets.metadata import check_result, counts_md, table_md
 from ml_assets.partitions import PARTITION_DAYS, daily, run_days
@@ -34,13 +37,52 @@ class IngestConfig(dg.Config):
     allow_shrinking_days: bool = False
 
 
+REFERENCE_REJECTS = "reference_rejects"
+
+
+def reference_table(name: str) -> str:
+    return f"reference_{name}"
+
+
+def stored_references(tables: DeltaTables, spec) -> dict[str, pl.DataFrame]:
+    """The pack's reference tables as the `references` asset last wrote them (absent: never)."""
+    found = {r.name: tables.scan(reference_table(r.name)) for r in spec.references}
+    return {name: lazy.collect() for name, lazy in found.items() if lazy is not None}
+
+
+@dg.asset(
+    group_name="ingest",
+    description="The pack's reference tables (a holder's profile, a shop's terms), each row "
+    "holding from its valid_from on; rejected rows in reference_rejects.",
+)
+def references(context: dg.AssetExecutionContext, event_source: EventSource, tables: DeltaTables):
+    spec, metadata, rejected = event_source.spec(), {}, []
+    for ref in spec.references:
+        rows, unreadable = event_source.reference_rows(ref)
+        for name, why in unreadable.items():
+            context.log.warning(f"reference {ref.name}: cannot read {name}: {why}")
+        checked = validate_reference(rows.drop("source"), ref, spec, rows["source"])
+        version = tables.overwrite(reference_table(ref.name), checked.clean)
+        rejected.append(checked.rejects.with_columns(pl.lit(ref.name).alias("table")))
+        metadata[ref.name] = dg.MetadataValue.json({
+            "rows": checked.clean.height, "keys": checked.clean[ref.key].n_unique(),
+            "rejected": checked.rejects.height, "delta_version": version,
+            "rejects_by_reason": checked.reject_counts(), "unreadable_files": unreadable,
+        })  # fmt: skip
+    if rejected:
+        tables.overwrite(REFERENCE_REJECTS, pl.concat(rejected, how="diagonal"))
+    return dg.MaterializeResult(metadata={"tables": len(spec.references), **metadata})
+
+
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(
             "raw_events",
             group_name="ingest",
-            description="Validated events of one day, one row per event (the event contract).",
+            description="Validated events of one day, one row per event (the event contract), "
+            "with the reference tables' columns as of each event's time.",
             metadata={"partition_expr": DAY},
+            deps=["references"],
         ),
         dg.AssetSpec(
             "event_rejects",
@@ -68,6 +110,12 @@ def ingest(
     raw = event_source.raw_rows(start, end)
     checked = ingest_days(raw, spec, start, end, now=datetime.now(UTC), partitions=PARTITION_DAYS)
     clean, rejects = checked.clean, checked.rejects
+    refs = stored_references(tables, spec)
+    if missing := [r.name for r in spec.references if r.name not in refs]:
+        context.log.warning(
+            f"reference tables {missing} were never materialized: their columns are null"
+        )
+    clean = attach(clean, refs, spec)
     context.log.info(
         f"{start}..{end - timedelta(days=1)}: {clean.height:,} clean rows, {rejects.height:,} rejected"
     )

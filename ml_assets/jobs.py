@@ -6,7 +6,9 @@ from ml_assets.partitions import daily
 
 ingest_job = dg.define_asset_job(
     "ingest_job",
-    selection=dg.AssetSelection.groups("ingest"),
+    # The days only: the reference tables are unpartitioned, materialized on their own when
+    # their files change (a run over a range of days cannot carry them).
+    selection=dg.AssetSelection.groups("ingest") - dg.AssetSelection.assets("references"),
     partitions_def=daily,
     description="Validate a range of days from the event source into raw_events and event_rejects.",
 )

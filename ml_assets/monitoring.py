@@ -90,8 +90,10 @@ def prediction_log(
         bento = serving.bento_for(version)
         if bento is None:
             raise dg.Failure(f"no Bento serves champion v{version}: materialize risk_service_bento")
+        # The requests the champion understands: its own pack's fields, whatever the
+        # deployment's pack has become since it was trained.
         with serving.serve(bento["tag"]) as url:
-            counts, served_by = replay(url, decisions, spec), bento["tag"]
+            counts, served_by = replay(url, decisions, serving.served_pack(bento)), bento["tag"]
     context.log.info(f"{start}..{end}: {counts['sent']:,} applications scored by {served_by}")
     return dg.MaterializeResult(
         metadata={**counts, "served_by": served_by, "log": serving.prediction_log}

@@ -12,6 +12,7 @@ from eventml.features import key_activity
 from eventml.risk_model import RiskModel
 from eventml.sources import DAY, midnight
 from eventml.traffic import score_requests
+from ml_assets.ingest import stored_references
 from ml_assets.metadata import table_md
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.partitions import daily, run_days
@@ -53,6 +54,10 @@ def online_store(
     # Keyed families' activity of the same days; labels maturing on them read a horizon before.
     before_end = tables.scan("raw_events").filter(pl.col(DAY) < end).drop(DAY)
     activity = key_activity(before_end, spec, spec.feature_set(), start, end)
+    # The reference tables whole, for the requests' own decisions and recent events.
+    references = stored_references(tables, spec)
+    for name, rows in references.items():
+        store.write_references(name, rows)
     deleted = store.replace_between(midnight(start), midnight(end), events, activity)
     written = events.height
     context.log.info(f"{start}..{end}: replaced {deleted:,} stored events with {written:,}")
@@ -62,6 +67,7 @@ def online_store(
             "events_deleted": deleted,
             "events_written": written,
             "key_activity_rows": activity.height,
+            "reference_rows": sum(rows.height for rows in references.values()),
             **store.stats(),
         }
     )
@@ -69,10 +75,11 @@ def online_store(
 
 def served_vs_offline(serving: Serving, bento_tag: str, model: RiskModel, events: pl.DataFrame,
                       decisions: pl.DataFrame, features: pl.DataFrame, spec,
-                      activity: pl.DataFrame) -> pl.DataFrame:  # fmt: skip
+                      activity: pl.DataFrame,
+                      references: dict[str, pl.DataFrame]) -> pl.DataFrame:  # fmt: skip
     """Per decision and task: the offline probability (`score_tables` on the batch features and
     the model's own embeddings) and the one the built Bento serves over HTTP, from an online
-    store holding exactly these entities' events and the keys' `activity`."""
+    store holding exactly these entities' events, the keys' `activity` and the `references`."""
     import bentoml  # only the client: the stores are the child processes' (resources.bento)
 
     offline = model.score_tables(features, model.embed_decisions(events, decisions))
@@ -80,6 +87,8 @@ def served_vs_offline(serving: Serving, bento_tag: str, model: RiskModel, events
         store = Serving.under(Path(tmp)).store(spec)
         store.write(events.filter(pl.col("entity_id").is_in(decisions["entity_id"].implode())))
         store.write_activity(activity)
+        for name, rows in references.items():
+            store.write_references(name, rows)
         with serving.serve(
             bento_tag, online_store=str(store.path), prediction_log=f"{tmp}/predictions"
         ) as url:
@@ -141,8 +150,9 @@ def risk_service_bento(
     )
     activity = spec.activity_for(tables.scan("raw_events").drop(DAY), sample)
     compared = served_vs_offline(
-        serving, built["bento_tag"], model, events, sample, features, spec, activity
-    )
+        serving, built["bento_tag"], model, events, sample, features, spec, activity,
+        stored_references(tables, spec),
+    )  # fmt: skip
     diffs = [(compared[f"p_{t}"] - compared[f"served_{t}"]).abs() for t in model.tasks]
     worst = (
         max((float(d.fill_null(np.inf).max()) for d in diffs), default=0.0)

@@ -29,6 +29,7 @@ import dagster as dg
 import yaml
 
 from eventml.online_store import SQLiteOnlineStore
+from eventml.pack import DatasetPack
 from eventml.schema import DatasetSpec
 from eventml.score_api import MODEL_NAME, SPEC_FILE
 
@@ -98,6 +99,14 @@ class Serving(dg.ConfigurableResource):
         return next(
             (b for b in self.bentos() if b["labels"].get("mlflow_version") == str(mlflow_version)),
             None,
+        )
+
+    def served_pack(self, bento: dict) -> DatasetPack:
+        """The dataset pack a built Bento's model was trained on (saved beside it): what its
+        request models are made from, whatever the deployment's pack has become since."""
+        name, version = bento["model_tag"].split(":")
+        return DatasetPack.model_validate_json(
+            Path(self.home, "models", name, version, SPEC_FILE).read_text()
         )
 
     def publish(self, model_dir: Path, spec_json: str, mlflow_version: str) -> dict:

@@ -17,8 +17,9 @@ import dagster as dg
 import polars as pl
 
 from eventml.home import StateHome
-from eventml.landing import Arrival, admit, read_landed
+from eventml.landing import Arrival, admit, read_landed, read_reference_files
 from eventml.pack import DatasetPack
+from eventml.schema import Reference
 from eventml.sources import inject_faults
 from eventml.worlds import load_pack, selected_pack, world
 
@@ -80,3 +81,18 @@ class EventSource(dg.ConfigurableResource):
                 schema={c: pl.String for c in [*self.spec().event_schema(), "source"]}
             )
         return pl.concat(frames)
+
+    def reference_rows(self, ref: Reference) -> tuple[pl.DataFrame, dict[str, str]]:
+        """The reference table's rows as delivered (with `source`), and the files that could not
+        be read with why: the landing zone's `references/<name>/` files, or the simulated
+        world's table over its whole span (each row holds only from its own time on)."""
+        if self.kind == "landing":
+            return read_reference_files(self.landing_path, ref, self.spec())
+        module = world(self.pack)
+        tables = module.references(self.world()) if hasattr(module, "references") else {}
+        if ref.name not in tables:
+            raise ValueError(
+                f"the pack declares reference table {ref.name!r} but world {self.pack!r} makes "
+                f"{sorted(tables) or 'none'}"
+            )
+        return tables[ref.name].with_columns(pl.lit(f"simulator/{ref.name}").alias("source")), {}

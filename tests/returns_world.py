@@ -2,8 +2,10 @@
 order whether it will be returned, with its own column names, its own pack and its own files.
 
 Not a built-in world: nothing in `eventml` knows it. Customers visit, order and sometimes return;
-an order is returned more often by customers who returned before and for large baskets, and a
-dispute flag on the order (a column label, known 30 days later) follows earlier disputes.
+an order is returned more often by customers who returned before, for large baskets and where the
+shop's return window is long, and a dispute flag on the order (a column label, known 30 days
+later) follows earlier disputes. The shops' return windows are a reference table of their own
+(`shops`, keyed by shop, each row in force from its `effective` date): they change mid-year.
 """
 
 from datetime import UTC, datetime, timedelta
@@ -18,8 +20,10 @@ source_start: 2025-01-01T00:00:00Z
 partitions: {start: 2025-01-01, days: 365}
 event_types: [visit, order, return_request]
 categorical: [shop]
-numeric: [basket_items, was_disputed]
+numeric: [basket_items, was_disputed, return_days]
 categories: {shop: [books, garden, toys]}
+references:
+  - {name: shops, key: shop, columns: [return_days], valid_from: effective}
 columns: {entity_id: customer, event_id: id, ts: when, event_type: what, amount: value}
 decision_event_types: [order]
 labels:
@@ -30,7 +34,7 @@ features:
   statistics: [{event_types: [order, return_request]},
                {column: basket_items, event_types: [order], stats: [mean, max]}]
   distinct_columns: [shop]
-  decision_columns: [amount, basket_items, shop]
+  decision_columns: [amount, basket_items, shop, return_days]
 monotone: {n_return_request_all: 1}
 segments: [{name: history, feature: n_order_all, breaks: [0], labels: [first order, returning]}]
 policy: {returned_14d: 0.6, disputed: 0.5}
@@ -38,6 +42,27 @@ promotion: {task: returned_14d, max_ece: 0.2}
 """
 START = datetime(2025, 1, 1, tzinfo=UTC)
 SHOPS = ("books", "garden", "toys")
+# Each shop's return window in days, from a date on (the `shops` reference table).
+TERMS = (
+    ("books", START, 14.0),
+    ("garden", START, 14.0),
+    ("garden", START + timedelta(days=60), 30.0),
+    ("toys", START, 30.0),
+    ("toys", START + timedelta(days=90), 14.0),
+)
+
+
+def return_days(shop: str, at: datetime) -> float:
+    return max((t for t in TERMS if t[0] == shop and t[1] <= at), key=lambda t: t[1])[2]
+
+
+def shops() -> pl.DataFrame:
+    """The `shops` reference table in the marketplace's own names, as text."""
+    return pl.DataFrame(
+        [(shop, at.strftime("%Y-%m-%d"), str(days)) for shop, at, days in TERMS],
+        schema=["shop", "effective", "return_days"],
+        orient="row",
+    )
 
 
 def events(n_customers: int = 400, n_days: int = 150, seed: int = 0) -> pl.DataFrame:
@@ -60,6 +85,7 @@ def events(n_customers: int = 400, n_days: int = 150, seed: int = 0) -> pl.DataF
                 shop = "toys" if disputer and rng.random() < 0.9 else str(rng.choice(SHOPS))
                 value = round(float(rng.lognormal(3.5, 0.6)) * items, 2)
                 logit = -3.2 + 1.2 * returner + 0.5 * min(returns, 3) + 0.25 * (items - 4)
+                logit += 0.9 * (return_days(shop, t) > 14)
                 disputed = rng.random() < 1 / (
                     1 + np.exp(-(-4.0 + 3.0 * disputer + 0.5 * min(disputes, 2)))
                 )
@@ -96,8 +122,10 @@ def events(n_customers: int = 400, n_days: int = 150, seed: int = 0) -> pl.DataF
 
 
 def land(zone: Path, frame: pl.DataFrame) -> Path:
-    """The pack and one CSV file per month in a landing zone; returns the pack's path."""
-    zone.mkdir(parents=True, exist_ok=True)
+    """The pack, one CSV file per month and the shops' terms in a landing zone; returns the
+    pack's path."""
+    (zone / "references" / "shops").mkdir(parents=True, exist_ok=True)
+    shops().write_csv(zone / "references" / "shops" / "terms.csv")
     pack = zone / "pack.yaml"
     pack.write_text(PACK)
     month = pl.col("when").str.slice(0, 7)

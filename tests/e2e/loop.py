@@ -42,6 +42,7 @@ class Loop:
         self.defs = build_definitions(self.resources)
         self.cursors: dict[str, str | None] = dict.fromkeys(SENSORS)
         self.log: list[dict] = []  # one entry per tick
+        self.references_ingested = False
 
     def day(self, n: int) -> str:
         return date_of(self.source.world(), n).isoformat()
@@ -54,7 +55,13 @@ class Loop:
         }
 
     def ingest(self, first: int, end: int) -> None:
-        """Days [first, end) land: events, rejects, the online store and the features."""
+        """Days [first, end) land: events, rejects, the online store and the features (the
+        reference tables first, once: the events take them as of their time)."""
+        if self.source.spec().references and not self.references_ingested:
+            references = dg.materialize(list(self.defs.assets), selection=["references"],
+                                        resources=self.resources, instance=self.instance)  # fmt: skip
+            assert references.success
+            self.references_ingested = True
         result = dg.materialize(
             list(self.defs.assets),
             selection=["raw_events", "event_rejects", "online_store", "decision_features"],

@@ -30,6 +30,18 @@ def test_the_files_become_the_events_of_the_users_own_contract(marketplace):
     assert marketplace["tables"].scan("event_rejects").collect().height == 0
 
 
+def test_every_event_takes_its_shops_return_window_as_of_its_own_time(marketplace):
+    """The shops' terms are a reference table keyed by another column than the customer, each
+    row in force from its date: an order before a shop's change has the old window, after it
+    the new one."""
+    events = marketplace["tables"].scan("raw_events").collect()
+    expected = [returns_world.return_days(s, t) for s, t in events.select("shop", "ts").rows()]
+    assert events["return_days"].to_list() == expected
+    assert events["return_days"].n_unique() == 2
+    stored = marketplace["tables"].scan("reference_shops").collect()
+    assert stored.height == len(returns_world.TERMS)
+
+
 def test_the_model_learns_both_labels_and_is_judged_out_of_time(marketplace):
     evaluation = marketplace["tables"].scan("model_evaluation").collect()
     challenger = evaluation.filter(pl.col("model") == "challenger")
@@ -56,3 +68,5 @@ def test_the_built_bento_serves_the_packs_own_request(marketplace):
     schemas = docs["components"]["schemas"]
     fields = set(next(v for k, v in schemas.items() if k.startswith("ScoreRequest"))["properties"])
     assert {"shop", "basket_items"} <= fields and "was_disputed" not in fields
+    # The server attaches the shop's return window itself: no request carries it.
+    assert "return_days" not in fields

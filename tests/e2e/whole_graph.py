@@ -34,7 +34,7 @@ def whole_graph(root, source: EventSource, days: tuple[str, str]):
     in one run, then the rest), on private tables, models, MLflow and BentoML stores."""
     from ml_assets.evaluation import champion, model_evaluation
     from ml_assets.features import decision_features, decisions, training_splits
-    from ml_assets.ingest import ingest
+    from ml_assets.ingest import ingest, references
     from ml_assets.models import (
         baseline_scorer,
         decision_embeddings,
@@ -50,14 +50,15 @@ def whole_graph(root, source: EventSource, days: tuple[str, str]):
                  "model_io_manager": ModelIOManager(root=str(root / "models")),
                  "mlflow_tracking": MlflowTracking.embedded(root / "mlflow"),
                  "event_source": source, "serving": serving}  # fmt: skip
-    assets = [ingest, decision_features, online_store, decisions, training_splits,
+    assets = [references, ingest, decision_features, online_store, decisions, training_splits,
               sequence_encoder, decision_embeddings, baseline_scorer, risk_scorer,
               model_evaluation, champion, risk_service_bento]  # fmt: skip
     tags = {ASSET_PARTITION_RANGE_START_TAG: days[0], ASSET_PARTITION_RANGE_END_TAG: days[1]}
     with dg.instance_for_test() as instance:
+        dg.materialize(assets, selection=["references"], resources=resources, instance=instance)
         daily = ["raw_events", "event_rejects", "decision_features", "online_store"]
         dg.materialize(assets, selection=daily, resources=resources, instance=instance, tags=tags)
-        rest = [k for a in assets[3:] for k in a.keys_by_output_name.values()]
+        rest = [k for a in assets[4:] for k in a.keys_by_output_name.values()]
         trained = dg.materialize(assets, selection=rest, resources=resources, instance=instance,
                                  run_config={"ops": WHOLE_GRAPH_OPS})  # fmt: skip
         yield {"tables": tables, "serving": serving, "result": trained, "pack": source.spec()}

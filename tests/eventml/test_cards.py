@@ -1,15 +1,16 @@
 """The card world: deterministic, streamable, valid against its own pack, with fraud that
 matures late and that only the order of events reveals."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from eventml.labels import build_decisions
-from eventml.schema import validate
-from eventml.worlds.cards import PACK, WorldConfig, iter_days, simulate
+from eventml.references import validate_reference
+from eventml.validation import validate
+from eventml.worlds.cards import PACK, WorldConfig, iter_days, references, simulate
 
 WORLD = WorldConfig(n_users=400, n_days=90, seed=3)
 
@@ -22,8 +23,29 @@ def events() -> pl.DataFrame:
 def test_the_same_seed_makes_the_same_world_and_a_day_alone_equals_the_bulk_day(events):
     assert simulate(WORLD).equals(events)
     ((day, alone),) = list(iter_days(WORLD, range(41, 42)))
-    assert alone.equals(events.filter(pl.col("ts").dt.date() == alone["ts"].dt.date()[0]))
+    feed = pl.concat([frame for _, frame in iter_days(WORLD)])
+    assert alone.equals(feed.filter(pl.col("ts").dt.date() == alone["ts"].dt.date()[0]))
     assert not simulate(WorldConfig(n_users=400, n_days=90, seed=4)).equals(events)
+
+
+def test_a_holders_region_comes_from_the_reference_table_as_of_each_event(events):
+    """The feed carries no region or age band: the `holders` table does, from the card's issue
+    on, and a move is a new row. Each event has the row valid at its own time."""
+    ((_, feed),) = list(iter_days(WORLD, range(50, 51)))
+    assert feed["region"].is_null().all() and feed["age_band"].is_null().all()
+    holders = references(WORLD)["holders"]
+    checked = validate_reference(holders, PACK.references[0], PACK)
+    assert checked.rejects.height == 0 and checked.clean.height == holders.height
+    movers = holders.group_by("entity_id").len().filter(pl.col("len") > 1)["entity_id"]
+    assert movers.len() > 0
+    for mover in movers:
+        rows = holders.filter(pl.col("entity_id") == mover).sort("valid_from")
+        own = events.filter(pl.col("entity_id") == mover)
+        assert own["region"].null_count() == 0 and rows["region"].n_unique() > 1
+        ends = [*rows["valid_from"][1:], own["ts"].max() + timedelta(1)]
+        for start, end, region in zip(rows["valid_from"], ends, rows["region"], strict=True):
+            held = own.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
+            assert (held["region"] == region).all()
 
 
 def test_every_event_is_valid_against_the_pack(events):

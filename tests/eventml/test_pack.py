@@ -10,9 +10,10 @@ import returns_world
 import yaml
 
 from eventml.pack import DatasetPack
-from eventml.schema import SpecError, validate
+from eventml.schema import SpecError
 from eventml.sequences import SequenceSpec, build_sequences
 from eventml.traffic import score_requests
+from eventml.validation import validate
 from eventml.worlds import WORLDS, cards, lending, load_pack
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

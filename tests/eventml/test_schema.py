@@ -5,7 +5,8 @@ from datetime import UTC, datetime
 import polars as pl
 import pytest
 
-from eventml.schema import DatasetSpec, SpecError, validate
+from eventml.schema import DatasetSpec, SpecError
+from eventml.validation import validate
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -14,10 +14,11 @@ import pytest
 from pydantic import ValidationError
 
 from eventml.prediction_log import PredictionLog
-from eventml.schema import DatasetSpec, validate
+from eventml.schema import DatasetSpec
 from eventml.score_api import decision_of, request_models, ts_pattern
 from eventml.serving_http import QuietClientErrors, corrected_openapi
 from eventml.traffic import score_requests
+from eventml.validation import validate
 from eventml.worlds.lending import PACK as LENDING_PACK
 
 ScoreRequest, RecentEvent = request_models(LENDING_PACK)

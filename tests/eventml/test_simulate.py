@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from eventml.schema import validate
+from eventml.validation import validate
 from eventml.worlds.lending import (
     PACK as LENDING_PACK,
 )

@@ -19,7 +19,8 @@ from resources.sources import EventSource
 ASSETS = [ingest, decision_features, online_store]
 DAILY = ["raw_events", "event_rejects", "decision_features", "online_store"]
 GROWN = returns_world.PACK.replace(
-    "numeric: [basket_items, was_disputed]", "numeric: [basket_items, was_disputed, coupon]"
+    "numeric: [basket_items, was_disputed, return_days]",
+    "numeric: [basket_items, was_disputed, return_days, coupon]",
 ).replace("windows: [7d, 30d, all]", "windows: [7d, 30d, 90d, all]")
 
 
@@ -27,7 +28,8 @@ def test_a_grown_pack_is_migrated_and_nothing_stored_is_lost(
     tmp_path, tables, instance, range_tags, resources_for
 ):
     zone = tmp_path / "landing"
-    frame = returns_world.events(n_customers=120, n_days=90)
+    # Enough customers that no March day is an outlier to the daily_volume check.
+    frame = returns_world.events(n_customers=200, n_days=90)
     month = pl.col("when").str.slice(0, 7)
     pack_path = returns_world.land(zone, frame.filter(month < "2025-03"))
     source = EventSource(kind="landing", landing_dir=str(zone), pack=str(pack_path))

@@ -2,7 +2,7 @@
 of its cards, merchants, terminals and planted fraud (`simulate`)."""
 
 from eventml.worlds.calendar import date_of, day_of
-from eventml.worlds.cards.simulate import PACK, WorldConfig, iter_days, simulate
+from eventml.worlds.cards.simulate import PACK, WorldConfig, iter_days, references, simulate
 
 # The demo: the reference world's first four months (its counterfeit ring arrives on day 130,
 # for `make advance` to bring and the sensors to catch). Every payment is a decision, so the
@@ -18,5 +18,6 @@ __all__ = [
     "date_of",
     "day_of",
     "iter_days",
+    "references",
     "simulate",
 ]

@@ -2,13 +2,19 @@
 only order and timing reveal.
 
 Every payment is a decision. A cardholder pays mostly at a few favourite merchants, in person
-(card present) or online (card not present). Three kinds of fraud are planted, each visible only
-in the sequence of events, not in one payment:
+(card present) or online (card not present), and away from them often online at shops never
+used before (each holder has their own share); and pays in a daily rhythm of their own (most in
+the daytime, some in the evening, a few at night, each within an hour or two of their centre).
+Attackers keep their own hours, which are some other holder's: the hour of a payment says
+nothing by itself, only against the card's own history. Three kinds of fraud are planted, each
+visible only in the sequence of events, not in one payment:
 - **compromised terminals**: a physical terminal is skimmed for a week; a card that pays there is
-  copied with some chance, and days later the copy spends online at merchants the holder never
-  used;
+  copied with some chance, and days later the copy spends online, at everyday online shops and
+  for everyday amounts, out of the holder's rhythm;
 - **card testing**: a burst of tiny online payments at digital-goods merchants, then a large one;
 - **account takeover**: a profile change (email, phone), then large online payments within hours.
+A holder's region and age band are not in the feed but in the `holders` reference table (a row
+from the day the card is issued, a new region when the holder moves: `references`).
 Fraud is a column on the payment (`is_fraud`), confirmed within the pack's 14-day horizon and
 followed by a chargeback, so it matures within days: delayed-label monitoring can act inside
 the world's span. A shift (`shift_day`, `shift_strength`) is a counterfeit ring arriving: the
@@ -39,6 +45,7 @@ import numpy as np
 import polars as pl
 
 from eventml.pack import DatasetPack
+from eventml.references import attach
 
 PACK = DatasetPack.from_yaml(Path(__file__).with_name("pack.yaml"))
 EVENT_TYPES = PACK.event_types
@@ -55,14 +62,20 @@ ATTACK_MCCS = np.flatnonzero(np.isin(MCCS, ("electronics", "online_retail", "dig
 # unfamiliar merchant are common, at a few times the usual ticket.
 COUNTERFEIT_MCCS = np.flatnonzero(np.isin(MCCS, ("grocery", "fuel", "restaurant")))
 TESTING_MCC = MCCS.index("digital_goods")
+ONLINE_MCCS = np.flatnonzero(ONLINE)
 PROFILE_FIELDS = PACK.categories["profile_field"]
+ADDRESS = PROFILE_FIELDS.index("address")
 REGIONS = PACK.categories["region"]
 AGE_BANDS = PACK.categories["age_band"]
 
 US_PER_HOUR, US_PER_DAY = 3_600_000_000, 86_400_000_000
+_UNIX_DAY = date(1970, 1, 1).toordinal()
 BASE_FRAUD = 0.0008  # a holder's own payment is reported as fraud this often (x3 online)
 ATTACK_FRAUD = 0.92  # an attacker's payment is reported this often
 CHARGEBACK_DAYS = (3, 13)  # after a reported fraud; the label's horizon covers it
+# Daily rhythms, (share of holders, centre hour, spread of the centres): most pay in the daytime,
+# some in the evening, a few at night; each holder within an hour or two of their own centre.
+RHYTHMS = ((0.55, 13.0, 2.5), (0.30, 19.5, 1.5), (0.15, 2.0, 2.0))
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,9 @@ class WorldConfig:
     n_merchants: int = 400
     payments_per_day: float = 0.8
     favourite_share: float = 0.75  # of payments at one of a holder's five favourite merchants
+    # Of a holder's payments away from their favourites, the share online (on average: each
+    # holder has their own), so paying online at a shop never used before is nothing unusual.
+    online_share: float = 0.4
     compromised_terminals_per_day: float = 0.5
     compromise_days: int = 7
     skim_probability: float = 0.3  # a card paying at a compromised terminal is copied
@@ -131,6 +147,7 @@ class _World:
         )
         self.region = rng.integers(0, len(REGIONS), n)
         self.age_band = rng.choice(len(AGE_BANDS), n, p=[0.2, 0.3, 0.35, 0.15])
+        self.profiles: list[tuple[np.ndarray, ...]] = [(np.zeros(0, np.int64),) * 4]
         self.rate = c.payments_per_day * rng.gamma(2.0, 0.5, n)
         self.mcc = rng.choice(len(MCCS), c.n_merchants, p=MCC_WEIGHT / MCC_WEIGHT.sum())
         self.mcc[: len(MCCS)] = np.arange(len(MCCS))  # every category has a merchant
@@ -143,6 +160,26 @@ class _World:
         self.favourites = rng.choice(c.n_merchants, (n, 5))
         self.compromised_until = np.full(self.terminal_merchant.size, -1)
         self.pending: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
+        rng = _rng(c, -1, 1)
+        share, centre, spread = (np.array(x) for x in zip(*RHYTHMS, strict=True))
+        kind = rng.choice(len(RHYTHMS), n, p=share)
+        self.hour_centre = (centre[kind] + spread[kind] * rng.standard_normal(n)) % 24
+        self.hour_spread = rng.uniform(0.75, 1.75, n)
+        self.favourite_share = np.clip(rng.normal(c.favourite_share, 0.12, n), 0.4, 0.95)
+        self.online_share = rng.beta(5 * c.online_share, 5 * (1 - c.online_share), n)
+        self.online_merchants = np.flatnonzero(ONLINE[self.mcc])
+        self.physical_merchants = np.flatnonzero(~ONLINE[self.mcc])
+
+    def _clock(self, rng, cards: np.ndarray, day: int) -> np.ndarray:
+        """Times on `day` in the daily rhythm of each of `cards`."""
+        hour = self.hour_centre[cards] + self.hour_spread[cards] * rng.standard_normal(cards.size)
+        return day * US_PER_DAY + ((hour % 24) * US_PER_HOUR).astype(np.int64)
+
+    def _attacker_clock(self, rng, days: np.ndarray) -> np.ndarray:
+        """Sorted times on `days` in one attacker's rhythm: some holder's, not the card's own, so
+        the hour alone says nothing and only the card's history shows it is out of place."""
+        attacker = np.full(days.size, rng.integers(0, self.hour_centre.size))
+        return np.sort(self._clock(rng, attacker, 0) + days * US_PER_DAY)
 
     # ------------------------------------------------------------ the day's events
 
@@ -182,21 +219,24 @@ class _World:
 
         issued = np.flatnonzero(self.issue_day == day)
         r = _rng(c, day, 1)
-        chunks.append(_chunk(issued.size, card=issued, etype=ISSUED,
-                             ts=t0 + r.integers(6 * US_PER_HOUR, 22 * US_PER_HOUR, issued.size)))  # fmt: skip
+        at = t0 + r.integers(6 * US_PER_HOUR, 22 * US_PER_HOUR, issued.size)
+        chunks.append(_chunk(issued.size, card=issued, etype=ISSUED, ts=at))
+        self._profile(issued, np.full(issued.size, t0))  # the account holds from the day's start
 
         # The holders' own payments, mostly at their favourite merchants, by day.
         r = _rng(c, day, 2)
         count = r.poisson(self.rate[active])
         cards = np.repeat(active, count)
-        fav = r.random(cards.size) < c.favourite_share
-        merchants = np.where(
-            fav,
-            self.favourites[cards, r.integers(0, 5, cards.size)],
-            r.integers(0, c.n_merchants, cards.size),
+        fav = r.random(cards.size) < self.favourite_share[cards]
+        online = r.random(cards.size) < self.online_share[cards]
+        elsewhere = np.where(
+            online,
+            self.online_merchants[r.integers(0, self.online_merchants.size, cards.size)],
+            self.physical_merchants[r.integers(0, self.physical_merchants.size, cards.size)],
         )
+        merchants = np.where(fav, self.favourites[cards, r.integers(0, 5, cards.size)], elsewhere)
         amounts = r.lognormal(np.log(MCC_MEDIAN[self.mcc[merchants]]), 0.7)
-        ts = t0 + r.integers(6 * US_PER_HOUR, 23 * US_PER_HOUR, cards.size)
+        ts = self._clock(r, cards, day)
         own = self._payments(r, cards, ts, amounts, None, BASE_FRAUD, merchants=merchants)
         chunks.append(own)
 
@@ -209,33 +249,35 @@ class _World:
         )
         skimmed &= r.random(skimmed.size) < c.skim_probability
         for card in np.unique(own["card"][skimmed]):
-            later = day + int(r.integers(2, 11))
-            k = int(r.integers(1, 5))
-            ts = later * US_PER_DAY + np.sort(r.integers(0, US_PER_DAY, k))
+            # Cashed out over a few days, until the card is blocked.
+            later, k = day + int(r.integers(2, 11)), int(r.integers(2, 7))
+            ts = self._attacker_clock(r, later + np.sort(r.integers(0, r.integers(1, 4), k)))
             if c.shifted(later):  # a counterfeit ring: in person, at a few times the ticket
                 mcc = COUNTERFEIT_MCCS[r.integers(0, COUNTERFEIT_MCCS.size, k)]
                 amounts = MCC_MEDIAN[mcc] * r.lognormal(np.log(3), 0.4, k)
                 copies = self._payments(r, np.full(k, card), ts, amounts, mcc, ATTACK_FRAUD)
-            else:
-                copies = self._attack(r, np.full(k, card), ts, r.lognormal(np.log(250), 0.6, k))
-            self.pending[later].append(copies)
+            else:  # online, at everyday online shops, for everyday amounts
+                mcc = ONLINE_MCCS[r.integers(0, ONLINE_MCCS.size, k)]
+                amounts = r.lognormal(np.log(MCC_MEDIAN[mcc]), 0.7)
+                copies = self._payments(r, np.full(k, card), ts, amounts, mcc, ATTACK_FRAUD)
+            self._schedule(copies)
 
         # Card testing: tiny online payments within half an hour, then a large one.
         r = _rng(c, day, 4)
         for card in active[r.random(active.size) < c.testing_rate * attack]:
             k = int(r.integers(3, 7))
-            start = t0 + int(r.integers(0, 20 * US_PER_HOUR))
+            start = self._attacker_clock(r, np.array([day]))[0]
             ts = start + np.sort(r.integers(0, US_PER_HOUR // 2, k))
-            chunks.append(self._payments(r, np.full(k, card), ts, r.uniform(0.5, 2.0, k),
-                                         np.full(k, TESTING_MCC), ATTACK_FRAUD, online=True))  # fmt: skip
+            self._schedule(self._payments(r, np.full(k, card), ts, r.uniform(0.5, 2.0, k),
+                                          np.full(k, TESTING_MCC), ATTACK_FRAUD, online=True))  # fmt: skip
             big = ts[-1] + int(r.integers(US_PER_HOUR // 6, US_PER_HOUR))
-            chunks.append(self._attack(r, np.array([card]), np.array([big]),
-                                       r.lognormal(np.log(400), 0.5, 1)))  # fmt: skip
+            self._schedule(self._attack(r, np.array([card]), np.array([big]),
+                                        r.lognormal(np.log(400), 0.5, 1)))  # fmt: skip
 
         # Takeovers: a profile change, then large online payments within a day.
         r = _rng(c, day, 5)
         for card in active[r.random(active.size) < c.takeover_rate * attack]:
-            at = t0 + int(r.integers(0, 22 * US_PER_HOUR))
+            at = self._attacker_clock(r, np.array([day]))[0]
             chunks.append(_chunk(1, card=card, ts=at, etype=PROFILE_CHANGE,
                                  field=int(r.integers(0, 2))))  # fmt: skip
             k = int(r.integers(1, 4))
@@ -245,9 +287,15 @@ class _World:
         # The holders' own profile changes.
         r = _rng(c, day, 6)
         moved = active[r.random(active.size) < c.profile_changes_per_year / 365]
-        chunks.append(_chunk(moved.size, card=moved, etype=PROFILE_CHANGE,
-                             ts=t0 + r.integers(6 * US_PER_HOUR, 23 * US_PER_HOUR, moved.size),
-                             field=r.integers(0, len(PROFILE_FIELDS), moved.size)))  # fmt: skip
+        field = r.integers(0, len(PROFILE_FIELDS), moved.size)
+        at = self._clock(r, moved, day)
+        chunks.append(_chunk(moved.size, card=moved, etype=PROFILE_CHANGE, ts=at, field=field))
+        # A new address is a new region from the change on: a new row of the holder's profile.
+        address = field == ADDRESS
+        self.region[moved[address]] = (
+            self.region[moved[address]] + r.integers(1, len(REGIONS), address.sum())
+        ) % len(REGIONS)
+        self._profile(moved[address], at[address])
 
         # Every reported fraud is charged back days later.
         r = _rng(c, day, 7)
@@ -257,6 +305,21 @@ class _World:
         self._schedule(_chunk(fraud.size, card=today["card"][fraud], etype=CHARGEBACK,
                               ts=today["ts"][fraud] + delay, amount=today["amount"][fraud]))  # fmt: skip
         return [today]
+
+    def _profile(self, cards: np.ndarray, at: np.ndarray) -> None:
+        """The holders' profile (the `holders` reference table) as it is from `at` on."""
+        self.profiles.append((cards, at, self.region[cards], self.age_band[cards]))
+
+    def holders(self) -> pl.DataFrame:
+        """Every profile row so far, in the columns of the pack's `holders` reference."""
+        card, at, region, age = (np.concatenate(c) for c in zip(*self.profiles, strict=True))
+        epoch = datetime.fromisoformat(self.cfg.start).date().toordinal() - _UNIX_DAY
+        return pl.DataFrame({
+            "entity_id": _ids("c", card, width=7),
+            "valid_from": pl.Series(at + epoch * US_PER_DAY).cast(pl.Datetime("us", "UTC")),
+            "region": _decode(REGIONS, region),
+            "age_band": _decode(AGE_BANDS, age),
+        }).sort("valid_from", "entity_id")  # fmt: skip
 
     def _schedule(self, chunk: dict[str, np.ndarray]) -> None:
         """Events of any later day into the pending days they fall on; today's stay today."""
@@ -271,10 +334,7 @@ class _World:
         cols = {k: v[order] for k, v in cols.items()}
         n = cols["card"].size
         card = cols["card"]
-        issued = cols["etype"] == ISSUED
-        epoch = (
-            datetime.fromisoformat(self.cfg.start).date().toordinal() - date(1970, 1, 1).toordinal()
-        )
+        epoch = datetime.fromisoformat(self.cfg.start).date().toordinal() - _UNIX_DAY
         payment = cols["etype"] == PAYMENT
         frame = pl.DataFrame({
             "entity_id": _ids("c", card, width=7),
@@ -287,8 +347,9 @@ class _World:
             "merchant_id": _ids("m", cols["merchant"]),
             "terminal_id": _ids("t", cols["terminal"]),
             "profile_field": _decode(PROFILE_FIELDS, cols["field"]),
-            "region": _decode(REGIONS, np.where(issued, self.region[card], -1)),
-            "age_band": _decode(AGE_BANDS, np.where(issued, self.age_band[card], -1)),
+            # A holder's region and age band are the `holders` reference table's (`references`).
+            "region": _decode(REGIONS, np.full(n, -1)),
+            "age_band": _decode(AGE_BANDS, np.full(n, -1)),
             "is_fraud": pl.Series(np.where(payment, cols["fraud"], np.nan), nan_to_null=True),
             "true_p_fraud": pl.Series(cols["p"], nan_to_null=True),
         })  # fmt: skip
@@ -316,20 +377,39 @@ def _ids(prefix: str, codes: np.ndarray, width: int = 5) -> pl.Series:
     ).to_series()
 
 
-def iter_days(config: WorldConfig, days: range | None = None) -> Iterator[tuple[int, pl.DataFrame]]:
-    """Each requested day's events, in order; the state is stepped from day 0 whatever the
-    range, so a day is the same whichever run produced it."""
-    days = range(config.n_days) if days is None else days
-    if days.step != 1 or (len(days) and (days.start < 0 or days.stop > config.n_days)):
-        raise ValueError(f"days must be a contiguous range inside [0, {config.n_days}), got {days}")
-    world = _World(config)
+def _days(world: _World, days: range | None) -> Iterator[tuple[int, pl.DataFrame]]:
+    days = range(world.cfg.n_days) if days is None else days
+    if days.step != 1 or (len(days) and (days.start < 0 or days.stop > world.cfg.n_days)):
+        raise ValueError(
+            f"days must be a contiguous range inside [0, {world.cfg.n_days}), got {days}"
+        )
     for day in range(days.stop):
         chunks = world.step(day)
         if day >= days.start:
             yield day, world.frame(day, chunks)
 
 
+def iter_days(config: WorldConfig, days: range | None = None) -> Iterator[tuple[int, pl.DataFrame]]:
+    """Each requested day's events as the card feed delivers them (a holder's region and age
+    band come from the `holders` reference table), in order; the state is stepped from day 0
+    whatever the range, so a day is the same whichever run produced it."""
+    yield from _days(_World(config), days)
+
+
+def references(config: WorldConfig) -> dict[str, pl.DataFrame]:
+    """The pack's reference tables over the world's whole span: `holders`, each card's region
+    and age band from the day it is issued, and a new region from each move."""
+    world = _World(config)
+    for _ in _days(world, None):
+        pass
+    return {"holders": world.holders()}
+
+
 def simulate(config: WorldConfig, days: range | None = None) -> pl.DataFrame:
-    """Events of `days` (default: all), sorted by time, in `PACK`'s schema."""
-    frames = [frame for _, frame in iter_days(config, days)]
-    return pl.concat(frames) if frames else pl.DataFrame(schema=PACK.event_schema())
+    """Events of `days` (default: all), sorted by time, in `PACK`'s schema, with the reference
+    tables' columns attached as ingest attaches them."""
+    world = _World(config)
+    frames = [frame for _, frame in _days(world, days)]
+    if not frames:
+        return pl.DataFrame(schema=PACK.event_schema())
+    return attach(pl.concat(frames), {"holders": world.holders()}, PACK)
