@@ -244,6 +244,16 @@ def read_reference_files(
     return rows, unreadable
 
 
+def reference_files_digest(inbox: str | Path, spec: DatasetSpec) -> str:
+    """One hash of every reference table's files (names and contents): it changes when a file
+    is added, replaced or removed."""
+    digest = hashlib.sha256()
+    for ref in spec.references:
+        for path in landing_files(reference_folder(inbox, ref)):
+            digest.update(f"{ref.name}/{path.name}:{_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def manifest(inbox: str | Path) -> pl.DataFrame:
     """The arrivals as a table (what the `landing_files` side table holds)."""
     rows = [{**asdict(a), "days": len(a.days), "first_day": min(a.days, default=None),

@@ -59,10 +59,12 @@ class OnlineStore(Protocol):
         end: datetime,
         events: pl.DataFrame,
         activity: pl.DataFrame | None = None,
+        references: dict[str, pl.DataFrame] | None = None,
     ) -> int:
-        """Re-publish days: remove events with start <= ts < end and write `events`, and with
-        `activity` the keys' rows of the same days, atomically (a reader sees the old days or
-        the new ones, never neither); returns rows removed."""
+        """Re-publish days: remove events with start <= ts < end and write `events`, with
+        `activity` the keys' rows of the same days and with `references` these reference tables
+        whole, atomically (a reader sees the old days or the new ones, never neither); returns
+        rows removed."""
 
     def history(
         self, entity_id: str, before: datetime | None = None, limit: int | None = None
@@ -244,10 +246,13 @@ class SQLiteOnlineStore:
         end: datetime,
         events: pl.DataFrame,
         activity: pl.DataFrame | None = None,
+        references: dict[str, pl.DataFrame] | None = None,
     ) -> int:
         with self._writing() as db:
             deleted = self._delete(db, start, end)
             self._merge(db, events)
+            for name, rows in (references or {}).items():
+                self._put_references(db, name, rows)
             if activity is not None:
                 # Activity rows are whole days: the days of [start, end), given as midnights.
                 span = (_day(start.date()), _day(end.date()))
@@ -284,16 +289,20 @@ class SQLiteOnlineStore:
         return frame.with_columns(pl.col("day").cast(pl.Date)).select(names)
 
     def write_references(self, name: str, rows: pl.DataFrame) -> int:
+        with self._writing() as db:
+            self._put_references(db, name, rows)
+        return rows.height
+
+    @staticmethod
+    def _put_references(db: sqlite3.Connection, name: str, rows: pl.DataFrame) -> None:
         key = rows.columns[0]  # reference_schema: the key first
         packed = [
             (name, value, _packed(part))
             for (value,), part in rows.partition_by(key, as_dict=True, maintain_order=True).items()
             if value is not None
         ]
-        with self._writing() as db:
-            db.execute("DELETE FROM reference_rows WHERE name = ?", (name,))
-            db.executemany("INSERT INTO reference_rows VALUES (?, ?, ?)", packed)
-        return rows.height
+        db.execute("DELETE FROM reference_rows WHERE name = ?", (name,))
+        db.executemany("INSERT INTO reference_rows VALUES (?, ?, ?)", packed)
 
     def references(self, name: str, keys: list[str]) -> pl.DataFrame | None:
         db, frames = self._connect(), []

@@ -60,7 +60,12 @@ def validate_reference(
     present = {c: src for c, src in names.items() if src in raw.columns}
     mapped = raw.select(
         *[pl.col(src).alias(c) for c, src in present.items()],
-        *[pl.lit(None, dtype=pl.String).alias(c) for c in schema if c not in present],
+        # As many nulls as rows, even when no column is present (a literal alone is one row).
+        *[
+            pl.repeat(None, raw.height, dtype=pl.String).alias(c)
+            for c in schema
+            if c not in present
+        ],
     ).with_columns(
         (source if isinstance(source, pl.Series) else pl.lit(source))
         .cast(pl.String)
@@ -104,8 +109,12 @@ def attach(
         return events
     out = events.with_row_index("__row").sort("ts")
     for ref in spec.references:
-        rows = tables.get(ref.name)
-        rows = (empty_reference(ref, spec) if rows is None else rows).sort(VALID_FROM)
+        # In the pack's columns: a table written before the pack grew a column holds it as null.
+        stored = tables.get(ref.name, empty_reference(ref, spec))
+        rows = stored.select(
+            pl.col(c).cast(t) if c in stored.columns else pl.lit(None, dtype=t).alias(c)
+            for c, t in reference_schema(ref, spec).items()
+        ).sort(VALID_FROM)
         out = out.drop(ref.columns).join_asof(
             rows, left_on="ts", right_on=VALID_FROM, by=ref.key, strategy="backward",
             check_sortedness=False,

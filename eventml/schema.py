@@ -185,15 +185,20 @@ class DatasetSpec(BaseModel):
 
     def _check_references(self) -> None:
         supplied: dict[str, str] = {}
+        if self.references and "valid_from" in (*self.categorical, *self.numeric):
+            raise ValueError(
+                "an attribute is named valid_from, a reference table's time: rename it"
+            )
         for ref in self.references:
             where = f"references.{ref.name}"
             if not ref.name.isidentifier():
                 raise ValueError(f"{where}: the name must be an identifier (it names a table)")
             if ref.name in {r.name for r in self.references if r is not ref}:
                 raise ValueError(f"{where}: two references share this name")
-            if ref.key not in ("entity_id", *self.categorical):
+            if ref.key not in ("entity_id", *self.input_categorical):
                 raise ValueError(
-                    f"{where}.key: {ref.key!r} is not entity_id or a categorical column"
+                    f"{where}.key: {ref.key!r} is not entity_id or a categorical input column (a "
+                    "request must carry the key for the service to attach the table)"
                 )
             for col in ref.columns:
                 if col not in (*self.categorical, *self.numeric):

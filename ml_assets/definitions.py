@@ -6,8 +6,19 @@ import dagster as dg
 
 from eventml.home import StateHome
 from ml_assets import evaluation, features, ingest, models, monitoring, serving
-from ml_assets.jobs import ingest_job, retrain_job, time_machine_job, weekly_retrain
-from ml_assets.sensors import drift_sensor, landing_zone_sensor, performance_sensor
+from ml_assets.jobs import (
+    ingest_job,
+    references_job,
+    retrain_job,
+    time_machine_job,
+    weekly_retrain,
+)
+from ml_assets.sensors import (
+    drift_sensor,
+    landing_zone_sensor,
+    performance_sensor,
+    reference_files_sensor,
+)
 from resources.bento import Serving
 from resources.delta import DeltaTables
 from resources.models import ModelIOManager
@@ -48,9 +59,9 @@ def build_definitions(resources: dict) -> dg.Definitions:
     return dg.Definitions(
         assets=dg.load_assets_from_modules(MODULES),
         asset_checks=dg.load_asset_checks_from_modules(MODULES),
-        jobs=[ingest_job, retrain_job, time_machine_job],
+        jobs=[ingest_job, references_job, retrain_job, time_machine_job],
         schedules=[weekly_retrain],
-        sensors=[landing_zone_sensor, drift_sensor, performance_sensor],
+        sensors=[landing_zone_sensor, reference_files_sensor, drift_sensor, performance_sensor],
         resources=resources,
         executor=STEP_PROCESSES,
     )

@@ -112,8 +112,11 @@ def ingest(
     clean, rejects = checked.clean, checked.rejects
     refs = stored_references(tables, spec)
     if missing := [r.name for r in spec.references if r.name not in refs]:
-        context.log.warning(
-            f"reference tables {missing} were never materialized: their columns are null"
+        # Stored events keep what they were attached: null columns would be trained on.
+        raise dg.Failure(
+            f"the pack's reference tables {missing} were never materialized: materialize "
+            "`references` first (it reads landing/references/<name>/; with no files yet, its "
+            "tables are empty and the events' columns null)"
         )
     clean = attach(clean, refs, spec)
     context.log.info(

@@ -1,5 +1,6 @@
-"""Sensors: files landed in the landing zone become ingest runs for the days they hold; drift or
-live-performance decay past the `monitoring` thresholds becomes a retrain, once per champion."""
+"""Sensors: files landed in the landing zone become ingest runs for the days they hold, and a
+change to the reference tables' files a `references` run; drift or live-performance decay past
+the `monitoring` thresholds becomes a retrain, once per champion."""
 
 import json
 from datetime import date
@@ -10,8 +11,8 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from eventml.landing import arrivals
-from ml_assets.jobs import ingest_job, retrain_job
+from eventml.landing import arrivals, reference_files_digest
+from ml_assets.jobs import ingest_job, references_job, retrain_job
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.partitions import PARTITION_DAYS, daily
 from resources.monitoring import Monitoring
@@ -60,6 +61,26 @@ def landing_zone_sensor(context: dg.SensorEvaluationContext, event_source: Event
             )
         )
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(sorted(requested)))
+
+
+@dg.sensor(
+    job=references_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING
+)
+def reference_files_sensor(context: dg.SensorEvaluationContext, event_source: EventSource):
+    """A `references` run whenever the reference tables' files change (one added, replaced or
+    removed under landing/references/<name>/). The run_key is their digest, so the same files
+    are never run twice; the days already ingested keep the rows they were attached (ingest
+    them again to attach a correction dated in the past)."""
+    if event_source.kind != "landing":
+        return dg.SkipReason("event_source is the simulator: `make demo` materializes references")
+    spec = event_source.spec()
+    if not spec.references:
+        return dg.SkipReason(f"pack {spec.name!r} declares no reference tables")
+    digest = reference_files_digest(event_source.landing_path, spec)
+    if digest == context.cursor:
+        return dg.SkipReason("no reference file changed")
+    request = dg.RunRequest(run_key=digest, tags={"eventml/trigger": "reference_files"})
+    return dg.SensorResult(run_requests=[request], cursor=digest)
 
 
 def _judged(context: dg.SensorEvaluationContext, asset: str):

@@ -56,9 +56,7 @@ def online_store(
     activity = key_activity(before_end, spec, spec.feature_set(), start, end)
     # The reference tables whole, for the requests' own decisions and recent events.
     references = stored_references(tables, spec)
-    for name, rows in references.items():
-        store.write_references(name, rows)
-    deleted = store.replace_between(midnight(start), midnight(end), events, activity)
+    deleted = store.replace_between(midnight(start), midnight(end), events, activity, references)
     written = events.height
     context.log.info(f"{start}..{end}: replaced {deleted:,} stored events with {written:,}")
     return dg.MaterializeResult(

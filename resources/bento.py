@@ -104,6 +104,8 @@ class Serving(dg.ConfigurableResource):
     def served_pack(self, bento: dict) -> DatasetPack:
         """The dataset pack a built Bento's model was trained on (saved beside it): what its
         request models are made from, whatever the deployment's pack has become since."""
+        if not bento.get("model_tag"):
+            raise ValueError(f"Bento {bento['tag']} names no model: rebuild it (risk_service_bento)")
         name, version = bento["model_tag"].split(":")
         return DatasetPack.model_validate_json(
             Path(self.home, "models", name, version, SPEC_FILE).read_text()

@@ -160,3 +160,12 @@ def test_reference_files_are_read_oldest_first_and_an_unreadable_one_is_named(tm
     assert list(unreadable) == ["c.csv"] and "empty" in unreadable["c.csv"]
     checked = validate_reference(rows.drop("source"), SHOPS, SPEC, rows["source"])
     assert checked.clean["tier"].to_list() == ["gold"]
+
+
+def test_no_rows_or_rows_in_no_known_column_lose_nothing():
+    empty = validate_reference(pl.DataFrame(), SHOPS, SPEC, pl.Series([], dtype=pl.String))
+    assert empty.clean.height == 0 and empty.rejects.height == 0
+    strangers = pl.DataFrame({"what": ["a", "b", "c"]})
+    checked = validate_reference(strangers, SHOPS, SPEC, source="odd.csv")
+    assert checked.clean.height == 0
+    assert checked.rejects["reason"].to_list() == ["missing_shop"] * 3

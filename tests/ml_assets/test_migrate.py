@@ -10,13 +10,13 @@ import polars as pl
 import returns_world
 
 from ml_assets.features import decision_features
-from ml_assets.ingest import ingest
+from ml_assets.ingest import ingest, references
 from ml_assets.migrate import apply, plan
 from ml_assets.serving import online_store
 from resources.bento import Serving
 from resources.sources import EventSource
 
-ASSETS = [ingest, decision_features, online_store]
+ASSETS = [references, ingest, decision_features, online_store]
 DAILY = ["raw_events", "event_rejects", "decision_features", "online_store"]
 GROWN = returns_world.PACK.replace(
     "numeric: [basket_items, was_disputed, return_days]",
@@ -39,7 +39,8 @@ def test_a_grown_pack_is_migrated_and_nothing_stored_is_lost(
         return dg.materialize(ASSETS, selection=DAILY, resources=resources, instance=instance,
                               tags=range_tags(first, last), raise_on_error=False)  # fmt: skip
 
-    assert run("2025-01-01", "2025-02-28").success
+    made = dg.materialize(ASSETS, selection=["references"], resources=resources, instance=instance)
+    assert made.success and run("2025-01-01", "2025-02-28").success
     before = tables.scan("raw_events").collect()
 
     # The marketplace starts sending a coupon value with each order, and wants a 90-day window.

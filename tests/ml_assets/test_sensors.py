@@ -6,8 +6,8 @@ import dagster as dg
 import pytest
 
 from eventml.landing import arrivals
-from ml_assets.ingest import ingest
-from ml_assets.sensors import landing_zone_sensor
+from ml_assets.ingest import ingest, references
+from ml_assets.sensors import landing_zone_sensor, reference_files_sensor
 from resources.sources import EventSource
 
 SPEC = """
@@ -120,3 +120,60 @@ def test_an_unreadable_file_is_quarantined_and_a_good_file_after_it_still_runs(z
     quarantined = {a.name: a.reason for a in arrivals(zone) if a.status == "quarantined"}
     assert quarantined.keys() == {"a_empty.csv", "b_latin1.csv"}
     assert "not UTF-8" in quarantined["b_latin1.csv"] and "empty" in quarantined["a_empty.csv"]
+
+
+REFERENCED = (
+    SPEC
+    + """numeric: [rating]
+references: [{name: stores, key: store, columns: [rating]}]
+"""
+)
+
+
+def test_a_change_to_the_reference_files_requests_one_references_run(zone, instance):
+    (zone / "pack.yaml").write_text(REFERENCED)
+    source = EventSource(kind="landing", landing_dir=str(zone), pack=str(zone / "pack.yaml"))
+
+    def tick(cursor=None):
+        context = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"event_source": source}
+        )
+        return reference_files_sensor(context)
+
+    folder = zone / "references" / "stores"
+    folder.mkdir(parents=True)
+    (folder / "2025-01.csv").write_text("shop,valid_from,rating\nnorth,2025-01-01,4.5\n")
+    first = tick()
+    (request,) = first.run_requests
+    assert request.run_key == first.cursor  # the files' digest: the same files never run twice
+    assert isinstance(tick(first.cursor), dg.SkipReason)  # the same files: nothing to do
+    (folder / "2025-02.csv").write_text("shop,valid_from,rating\nnorth,2025-02-01,3.0\n")
+    second = tick(first.cursor)
+    assert len(second.run_requests) == 1 and second.cursor != first.cursor
+
+
+def test_days_are_not_ingested_before_the_reference_tables_exist(
+    zone, tables, instance, range_tags
+):
+    """Stored events keep what they were attached: ingesting before the tables exist would
+    store null columns that training would learn from, so the run refuses and says what to do."""
+    (zone / "pack.yaml").write_text(REFERENCED)
+    source = EventSource(kind="landing", landing_dir=str(zone), pack=str(zone / "pack.yaml"))
+    resources = {"event_source": source, "tables": tables, "io_manager": tables.io_manager()}
+    refused = dg.materialize([references, ingest], selection=["raw_events", "event_rejects"],
+                             resources=resources, instance=instance,
+                             tags=range_tags("2025-01-02", "2025-01-03"), raise_on_error=False)  # fmt: skip
+    assert not refused.success
+    (failure,) = [e for e in refused.all_events if e.is_step_failure]
+    assert "materialize `references` first" in failure.step_failure_data.error.to_string()
+
+    # With no reference file yet the table is empty: the days are ingested, the rating null (the
+    # file's own bad rows fail a blocking check after the write; that is not this test's).
+    made = dg.materialize([references, ingest], selection=["references"], resources=resources,
+                          instance=instance)  # fmt: skip
+    assert made.success
+    dg.materialize([references, ingest], selection=["raw_events", "event_rejects"],
+                   resources=resources, instance=instance,
+                   tags=range_tags("2025-01-02", "2025-01-03"), raise_on_error=False)  # fmt: skip
+    stored = tables.scan("raw_events").collect()
+    assert stored.height == 2 and stored["rating"].is_null().all()

@@ -400,8 +400,8 @@ def references(config: WorldConfig) -> dict[str, pl.DataFrame]:
     """The pack's reference tables over the world's whole span: `holders`, each card's region
     and age band from the day it is issued, and a new region from each move."""
     world = _World(config)
-    for _ in _days(world, None):
-        pass
+    for day in range(config.n_days):
+        world.step(day)
     return {"holders": world.holders()}
 
 
