@@ -119,7 +119,8 @@ def base() -> dict:
         ({"identifiers": ["basket_items"]}, "identifiers: ['basket_items'] are not categorical"),
         ({"identifiers": ["shop"]}, "identifiers: ['shop'] also have declared categories"),
         ({"excluded": ["coupon"]}, "excluded: ['coupon'] are not declared attribute columns"),
-        ({"excluded": ["shop"]}, "features.distinct_columns: 'shop' is not an input"),
+        ({"excluded": ["shop"], "references": []}, "features.distinct_columns: 'shop' is not an input"),
+        ({"excluded": ["shop"]}, "references.shops.key: 'shop' is not entity_id or a categorical input"),
     ],
 )  # fmt: skip
 def test_a_pack_that_cannot_work_names_the_key_and_the_fix(change, names):
