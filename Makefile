@@ -21,7 +21,7 @@ export EVENTML_HOME := $(abspath $(EVENTML_HOME))
 export DAGSTER_HOME ?= $(EVENTML_HOME)/dagster
 LOGS := $(EVENTML_HOME)/logs
 
-.PHONY: install setup services services-stop lock demo advance migrate test ui mlflow serve bench fuzz lint clean clean-all
+.PHONY: install setup services services-stop lock demo advance migrate test ui mlflow serve stream stream-produce bench fuzz lint clean clean-all
 
 # Quiet on success; on failure the log's tail and its path.
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -56,8 +56,9 @@ lock:
 setup: install
 	@$(PY) -m resources.state
 
-# The production counterparts, for real: a throwaway Postgres under $(EVENTML_HOME)/services.
-# Then EVENTML_POSTGRES_URL=$$(scripts/services.sh url) puts Dagster and MLflow on it.
+# The production counterparts, for real: a throwaway Postgres and Redis under $(EVENTML_HOME)/services.
+# Then EVENTML_POSTGRES_URL=$$(scripts/services.sh url) puts Dagster and MLflow on Postgres, and
+# EVENTML_REDIS_URL=$$(scripts/services.sh redis-url) the online store on Redis.
 services:
 	@scripts/services.sh start
 
@@ -77,10 +78,12 @@ advance: install
 migrate: install
 	$(PY) -m ml_assets.migrate $(ARGS)
 
-# Postgres is started for its tests; where it cannot start they skip, saying why (CI fails).
+# Postgres and Redis are started for their tests; where one cannot start its tests skip, saying
+# why (CI fails).
 test: install
-	@scripts/services.sh start || echo "postgres did not start: its tests skip (under CI they fail)"
-	EVENTML_TEST_POSTGRES_URL=$$(scripts/services.sh url) $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
+	@scripts/services.sh start || echo "a service did not start: its tests skip (under CI they fail)"
+	EVENTML_TEST_POSTGRES_URL=$$(scripts/services.sh url) EVENTML_TEST_REDIS_URL=$$(scripts/services.sh redis-url) \
+	  $(PY) -m pytest -q -n 2 --no-loadscope-reorder --durations=25
 
 # The code location is named after the pack (written by `make setup`); UI_PORT=3001 runs a
 # second world's UI beside the first.
@@ -89,6 +92,16 @@ ui: setup
 
 mlflow: setup
 	$(BIN)/mlflow ui --backend-store-uri $$($(PY) -c "from eventml.home import StateHome; from resources.state import mlflow_tracking; print(mlflow_tracking(StateHome.from_env()).tracking_uri)") --port 5000
+
+# Real time (after `make services`): the stream consumer, until stopped, reading the world's
+# stream into the online store (on Redis) and landing it in Delta. Publish days into the stream
+# beside it: `make stream-produce DAYS=0:7` (docs/streaming.md).
+REDIS_ENV = EVENTML_REDIS_URL=$${EVENTML_REDIS_URL:-$$(scripts/services.sh redis-url)}
+stream: setup
+	$(REDIS_ENV) $(PY) -m eventml.stream consume
+
+stream-produce: install
+	$(REDIS_ENV) $(PY) -m eventml.stream produce --days $(or $(DAYS),0:7)
 
 # The MLflow champion's Bento (built by `risk_service_bento`), on http://127.0.0.1:3000 (PORT=… to change).
 serve: install

@@ -13,7 +13,8 @@ field; a non-JSON body is a 415; a worker at its limit of calls in flight answer
 second after each 429 its `/readyz` answers 503 (`eventml.serving_http`).
 
 Configuration (environment, read once per worker):
-- `EVENTML_ONLINE_STORE`: the SQLite online store (required; `ml_assets.serving` publishes it).
+- `EVENTML_ONLINE_STORE`: the online store, a SQLite file or a redis:// URL (required;
+  `ml_assets.serving` publishes it).
 - `EVENTML_PREDICTION_LOG`: the prediction-log folder (required).
 - `EVENTML_MAX_IN_FLIGHT`: scoring calls a worker holds at once (default 64).
 
@@ -39,7 +40,7 @@ from pydantic import BaseModel, Field
 from threadpoolctl import threadpool_limits
 
 from eventml.features import KEYED_KINDS
-from eventml.online_store import SQLiteOnlineStore
+from eventml.online_store import open_store
 from eventml.pack import DatasetPack
 from eventml.prediction_log import PredictionLog
 from eventml.references import attach
@@ -128,7 +129,7 @@ class RiskService:
         self.spec = SPEC
         self.event_schema = self.spec.event_schema()
         self.decision_schema = {**self.event_schema, "ts": TS_TYPE}
-        self.store = SQLiteOnlineStore(os.environ["EVENTML_ONLINE_STORE"], self.spec, convert=False)
+        self.store = open_store(os.environ["EVENTML_ONLINE_STORE"], self.spec, convert=False)
         # Columns whose values key features of their own (a terminal, a merchant).
         self.key_columns = sorted({f.column for f in self.model.feature_set.of_kind(*KEYED_KINDS)})
         self.log = PredictionLog(os.environ["EVENTML_PREDICTION_LOG"])

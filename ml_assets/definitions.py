@@ -28,31 +28,41 @@ from resources.state import mlflow_tracking
 
 
 def build_resources(home: StateHome | None = None) -> dict:
-    """Embedded defaults under EVENTML_HOME; EVENTML_TABLES_URI points the tables elsewhere
-    (e.g. s3://bucket/eventml), EVENTML_POSTGRES_URL puts MLflow (and, through the dagster.yaml
-    that `resources.state` writes, Dagster's instance) on Postgres, and EVENTML_SOURCE=landing
-    ingests the landing zone."""
+    """Embedded defaults under EVENTML_HOME, each moved by one setting: EVENTML_TABLES_URI the
+    tables (e.g. s3://bucket/eventml), EVENTML_REDIS_URL the online store to Redis (both read by
+    `eventml.home.StateHome`), EVENTML_POSTGRES_URL MLflow (and, through the dagster.yaml that
+    `resources.state` writes, Dagster's instance) to Postgres; EVENTML_SOURCE=landing ingests the
+    landing zone."""
     home = home or StateHome.from_env()
-    tables = DeltaTables(root_uri=os.environ.get("EVENTML_TABLES_URI", str(home.tables)))
+    tables = DeltaTables(root_uri=home.tables_uri)
     return {
         "tables": tables,
         "io_manager": tables.io_manager(),
         "model_io_manager": ModelIOManager(root=str(home.root / "models")),
         "mlflow_tracking": mlflow_tracking(home),
         "event_source": EventSource(kind=os.environ.get("EVENTML_SOURCE", "simulator")),
-        "serving": Serving.under(home.root),
+        "serving": Serving.configured(home),
         "monitoring": Monitoring(),
     }
 
 
 MODULES = [ingest, features, models, evaluation, serving, monitoring]
 
-# Each step in its own process, forked from a server that imported this code location once: a
-# fresh interpreter per step spent 6-9 s importing torch, mlflow and dagster on 2 cores, more
-# than most steps compute.
-STEP_PROCESSES = dg.multiprocess_executor.configured(
-    {"start_method": {"forkserver": {"preload_modules": ["ml_assets.definitions"]}}}
-)
+
+@dg.configured(
+    dg.multi_or_in_process_executor,
+    config_schema={"in_process": dg.Field(bool, default_value=False,
+                                          description="every step in the run's own process")},
+)  # fmt: skip
+def STEP_PROCESSES(config: dict) -> dict:
+    """Each step in its own process, forked from a server that imported this code location
+    once: a fresh interpreter per step spent 6-9 s importing torch, mlflow and dagster on 2
+    cores, more than most steps compute. A run that needs no isolation between its steps (a
+    short one, a test's) may ask for `in_process` instead and spare the server's start."""
+    if config["in_process"]:
+        return {"in_process": {}}
+    return {"multiprocess": {"start_method": {"forkserver": {
+        "preload_modules": ["ml_assets.definitions"]}}}}  # fmt: skip
 
 
 def build_definitions(resources: dict) -> dg.Definitions:

@@ -60,6 +60,7 @@ def run_config_for(selection: tuple[str, ...], config: dict) -> dict:
     ops = {op_of[name] for name in selection}
     own = {k: v for k, v in (config.get("ops") or {}).items() if k in ops}
     return {**({"resources": config["resources"]} if config.get("resources") else {}),
+            **({"execution": config["execution"]} if config.get("execution") else {}),
             **({"ops": own} if own else {})}  # fmt: skip
 
 

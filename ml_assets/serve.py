@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--tag", help="a Bento tag; default: the MLflow champion's")
     args = ap.parse_args()
     prepare()
-    serving = Serving.under(StateHome.from_env().root)
+    serving = Serving.configured(StateHome.from_env())
     bentos = serving.bentos()
     if not args.tag and not bentos:
         sys.exit(
@@ -45,7 +45,7 @@ def main() -> None:
         )
     tag = args.tag or champion_bento(serving, bentos)
     version = next((b["labels"].get("mlflow_version") for b in bentos if b["tag"] == tag), "?")
-    if not os.path.exists(serving.online_store):
+    if "://" not in serving.online_store and not os.path.exists(serving.online_store):
         print(
             f"warning: no online store at {serving.online_store}: every entity has no history",
             file=sys.stderr,

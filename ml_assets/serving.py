@@ -88,7 +88,7 @@ def served_vs_offline(serving: Serving, bento_tag: str, model: RiskModel, events
         for name, rows in references.items():
             store.write_references(name, rows)
         with serving.serve(
-            bento_tag, online_store=str(store.path), prediction_log=f"{tmp}/predictions"
+            bento_tag, online_store=store.location, prediction_log=f"{tmp}/predictions"
         ) as url:
             with bentoml.SyncHTTPClient(url, timeout=60) as client:
                 served = [client.score(request=r) for r in score_requests(decisions, spec)]

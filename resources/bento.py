@@ -28,7 +28,8 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from eventml.online_store import SQLiteOnlineStore
+from eventml.home import StateHome
+from eventml.online_store import OnlineStore, open_store
 from eventml.pack import DatasetPack
 from eventml.schema import DatasetSpec
 from eventml.score_api import MODEL_NAME, SPEC_FILE
@@ -39,6 +40,7 @@ SERVICE_NAME = "eventml_risk"
 # What the Bento's code imports (bentoml itself is added by the build).
 RUNTIME_PACKAGES = (
     "numpy", "numba", "polars", "pydantic", "pyyaml", "threadpoolctl", "xgboost", "torch",
+    "redis", "hiredis",
 )  # fmt: skip
 
 
@@ -62,19 +64,27 @@ def free_port() -> int:
 
 class Serving(dg.ConfigurableResource):
     home: str  # BENTOML_HOME: models/ and bentos/ live under it
-    online_store: str  # the SQLite online store the service reads histories from
+    online_store: str  # where the service reads histories: a SQLite file, or a redis:// URL
     prediction_log: str  # the folder of the service's prediction log (JSON lines)
 
     @classmethod
-    def under(cls, root: Path) -> Serving:
+    def under(cls, root: Path, online_store: str | None = None) -> Serving:
+        """Everything under `root`; the online store there too, unless `online_store` names
+        another (a redis:// URL)."""
         return cls(
             home=str(root / "bentoml"),
-            online_store=str(root / "online" / "store.sqlite"),
+            online_store=online_store or str(root / "online" / "store.sqlite"),
             prediction_log=str(root / "predictions"),
         )
 
-    def store(self, spec: DatasetSpec) -> SQLiteOnlineStore:
-        return SQLiteOnlineStore(self.online_store, spec)
+    @classmethod
+    def configured(cls, home: StateHome) -> Serving:
+        """The deployment's: under the state folder, the online store where `home` says
+        (on Redis where EVENTML_REDIS_URL is set)."""
+        return cls.under(home.root, online_store=home.online_store)
+
+    def store(self, spec: DatasetSpec) -> OnlineStore:
+        return open_store(self.online_store, spec)
 
     def env(self, **extra: str) -> dict[str, str]:
         # Usage analytics are on by default in bentoml; off here.
@@ -105,7 +115,9 @@ class Serving(dg.ConfigurableResource):
         """The dataset pack a built Bento's model was trained on (saved beside it): what its
         request models are made from, whatever the deployment's pack has become since."""
         if not bento.get("model_tag"):
-            raise ValueError(f"Bento {bento['tag']} names no model: rebuild it (risk_service_bento)")
+            raise ValueError(
+                f"Bento {bento['tag']} names no model: rebuild it (risk_service_bento)"
+            )
         name, version = bento["model_tag"].split(":")
         return DatasetPack.model_validate_json(
             Path(self.home, "models", name, version, SPEC_FILE).read_text()

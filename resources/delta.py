@@ -32,6 +32,8 @@ from dagster_deltalake_polars.deltalake_polars_type_handler import DeltaLakePola
 from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
+from eventml.home import table_uri
+
 
 class ConcurrentWriteError(RuntimeError):
     """Another writer committed to the same rows first; this write changed nothing."""
@@ -219,7 +221,7 @@ class DeltaTables(dg.ConfigurableResource):
     schema_name: str = "eventml"
 
     def uri(self, table: str) -> str:
-        return f"{self.root_uri.rstrip('/')}/{self.schema_name}/{table}"
+        return table_uri(self.root_uri, table, self.schema_name)
 
     def scan(self, table: str) -> pl.LazyFrame | None:
         """The table's current version (for a companion, the version its main table names), or

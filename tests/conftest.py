@@ -1,8 +1,9 @@
 """Every test runs against its own state folder: nothing touches the developer's .state/.
 
-Postgres (the production counterpart of the embedded SQLite stores) is the throwaway cluster
-that `make test` and `.ci/run` start (scripts/services.sh) at EVENTML_TEST_POSTGRES_URL. Where
-none answers, its tests skip and say so; under CI they fail instead, because CI must run them.
+Postgres and Redis (the production counterparts of the embedded SQLite stores) are the throwaway
+servers that `make test` and `.ci/run` start (scripts/services.sh) at EVENTML_TEST_POSTGRES_URL
+and EVENTML_TEST_REDIS_URL. Where none answers, their tests skip and say so; under CI they fail
+instead, because CI must run them.
 """
 
 import os
@@ -22,6 +23,7 @@ def pytest_configure(config):
     os.environ["DAGSTER_HOME"] = os.path.join(home, "dagster")
     os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
     os.environ.pop("EVENTML_POSTGRES_URL", None)  # the embedded default unless a test asks
+    os.environ.pop("EVENTML_REDIS_URL", None)
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +31,7 @@ def postgres_server() -> str:
     """The URL of a running Postgres server (database `postgres`)."""
     import sqlalchemy
 
-    url = (
-        os.environ.get("EVENTML_TEST_POSTGRES_URL")
-        or subprocess.run(
-            [str(REPO / "scripts" / "services.sh"), "url"], capture_output=True, text=True
-        ).stdout.strip()
-    )
+    url = _service_url("EVENTML_TEST_POSTGRES_URL", "url")
     try:
         server = sqlalchemy.engine.make_url(url).set(database="postgres")
         engine = sqlalchemy.create_engine(server)
@@ -42,11 +39,51 @@ def postgres_server() -> str:
             pass
         engine.dispose()
     except Exception as error:
-        why = f"no Postgres at {url or '(no URL)'} ({type(error).__name__}); `make services` starts one"
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(f"CI must run the Postgres tests: {why}")
-        pytest.skip(why)
+        _unavailable("Postgres", f"no Postgres at {url or '(no URL)'} ({type(error).__name__})")
     return server.render_as_string(hide_password=False)
+
+
+def _service_url(setting: str, command: str) -> str:
+    """The server's URL as `make test` passes it in `setting`, else as scripts/services.sh
+    names it."""
+    script = str(REPO / "scripts" / "services.sh")
+    return os.environ.get(setting) or (
+        subprocess.run([script, command], capture_output=True, text=True).stdout.strip()
+    )
+
+
+def _unavailable(service: str, why: str) -> None:
+    """Skip a test whose server is not running; under CI, fail it: CI must run them all."""
+    why = f"{why}; `make services` starts one"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI must run the {service} tests: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    """The URL of a running Redis server (EVENTML_TEST_REDIS_URL, as `make test` sets it)."""
+    import redis
+
+    url = _service_url("EVENTML_TEST_REDIS_URL", "redis-url")
+    try:
+        redis.Redis.from_url(url).ping()
+    except Exception as error:
+        _unavailable("Redis", f"no Redis at {url or '(no URL)'} ({type(error).__name__})")
+    return url
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """An online-store URL of a test's own: a key prefix no other test uses, its keys deleted
+    afterwards."""
+    import redis
+
+    prefix = f"eventml-test-{uuid.uuid4().hex[:10]}"
+    yield f"{redis_server}?prefix={prefix}"
+    client = redis.Redis.from_url(redis_server)
+    if keys := list(client.scan_iter(f"{prefix}:*", count=1000)):
+        client.delete(*keys)
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +111,24 @@ def new_postgres_url(postgres_server):
 @pytest.fixture
 def postgres_url(new_postgres_url) -> str:
     return new_postgres_url()
+
+
+# Test files that share a session-scoped fixture: one unit of work, so one worker builds it once.
+SHARED_FIXTURE = {
+    "tests/ml_assets/test_features_assets.py": "small_world_trained",
+    "tests/ml_assets/test_training_half.py": "small_world_trained",
+}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s workers take whole files (a worker builds a file's module fixtures once),
+    in collection order (`--no-loadscope-reorder`: the whole-system files, the longest, start
+    first), and the files of `SHARED_FIXTURE` together."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndSharedFixtures(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_FIXTURE.get(path, path)
+
+    return FilesAndSharedFixtures(config, log)

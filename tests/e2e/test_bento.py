@@ -24,9 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
+from eventml.sources import DAY
 from eventml.traffic import score_requests
 from ml_assets.serving import risk_service_bento
-from resources.bento import worker_pids
+from resources.bento import Serving, worker_pids
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,24 @@ def test_concurrent_batch_callers_each_get_their_own_answers(url, test_decisions
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(call, bodies))
     assert answers == [[r["decision_id"] for r in b] for b in bodies]
+
+
+def test_the_bento_serves_the_same_answers_from_the_redis_online_store(
+    deployed, bento_tag, client, test_decisions, requests_of, redis_url
+):
+    """The production counterpart of the SQLite store: the same events published to Redis, the
+    same Bento reading them gives every test decision the same scores and the same history."""
+    events = deployed["tables"].scan("raw_events").drop(DAY).collect()
+    Serving.under(deployed["root"], online_store=redis_url).store(deployed["spec"]).write(events)
+    body = requests_of(test_decisions.head(64))
+    from_sqlite = client.score_batch(requests=body)
+    with deployed["serving"].serve(bento_tag, online_store=redis_url) as redis_served:
+        with bentoml.SyncHTTPClient(redis_served, timeout=60) as on_redis:
+            from_redis = on_redis.score_batch(requests=body)
+    assert [(a["probabilities"], a["history_events"]) for a in from_redis] == [
+        (a["probabilities"], a["history_events"]) for a in from_sqlite
+    ]
+    assert sum(a["history_events"] for a in from_redis) > 0
 
 
 # ------------------------------------------------------------------ bad input
@@ -346,7 +365,7 @@ def test_docs_json_describes_the_models_own_contract(served_openapi, deployed):
 
 
 # Per operation; `make fuzz` runs the full count (docs/reliability.md).
-FUZZ_EXAMPLES = int(os.environ.get("EVENTML_FUZZ_EXAMPLES_HTTP", "300"))
+FUZZ_EXAMPLES = int(os.environ.get("EVENTML_FUZZ_EXAMPLES_HTTP", "150"))
 FUZZ_CALLS: list[int] = []
 FUZZ_REFUSALS: Counter = Counter()  # a 400's first field error: what the generator missed
 _strategies: dict = {}

@@ -63,8 +63,7 @@ def card_world(tmp_path_factory):
         with world.serving.serve(world.serving.bento_for(built["champion"])["tag"]) as url:
             built["answer"], built["docs"] = ask(url, world.tables, SOURCE.spec())
             # Until day 94 every matured label is a pre-shift payment's.
-            world.advance(TRAINED_THROUGH, SHIFT_DAY, url)
-            world.advance(SHIFT_DAY, SHIFT_DAY + HORIZON, url)
+            world.advance(TRAINED_THROUGH, SHIFT_DAY + HORIZON, url)
             start = SHIFT_DAY + HORIZON
             while start < SOURCE.n_days and not _performance(world.log[-1]):
                 world.advance(start, start + 10, url)

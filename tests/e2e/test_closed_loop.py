@@ -30,6 +30,7 @@ from resources.sources import EventSource
 
 TRAINED_THROUGH = 250  # the first champion learns from days [0, 250)
 SHIFT_DAY = 280
+TICK = 10  # days the time machine brings per tick
 # Promotion decides on default. At day 250 too few loans have matured for the first champion
 # to rank defaults at all; by the retrain, 45 more days of them have: the loop's gain is a
 # fresher, larger labelled history (post-shift labels are 90 days away and cannot help yet).
@@ -72,20 +73,20 @@ def loop(tmp_path_factory):
         outcome = {"stale": stale, "ticks": world.log}
         bento = world.serving.bento_for(stale)["tag"]
         with world.serving.serve(bento) as url:
-            for start in range(TRAINED_THROUGH, SHIFT_DAY, 5):  # before the shift
-                world.advance(start, start + 5, url)
+            for start in range(TRAINED_THROUGH, SHIFT_DAY, TICK):  # before the shift
+                world.advance(start, start + TICK, url)
             outcome["before_shift"] = len(world.log)
             start = SHIFT_DAY
             while start < SHIFT_DAY + 30:
-                tick = world.advance(start, start + 5, url)
-                start += 5
+                tick = world.advance(start, start + TICK, url)
+                start += TICK
                 if tick["requests"]:
                     break
             outcome["fired_at"] = start
             outcome["request"] = tick["requests"][0] if tick["requests"] else None
             outcome["same_data_again"] = world.tick()["requests"]
-            outcome["next_days"] = world.advance(start, start + 5, url)["requests"]
-            start += 5
+            outcome["next_days"] = world.advance(start, start + TICK, url)["requests"]
+            start += TICK
             # A retrain that fails (an encoder that cannot be built) must change nothing.
             broken = {"ops": {**RETRAIN_CONFIG["ops"],
                               "sequence_encoder": {"config": {**ENCODER, "n_heads": 3}}}}  # fmt: skip
@@ -110,7 +111,7 @@ def loop(tmp_path_factory):
                     ]["mlflow_version"]
                 # The new champion meets the same shifted world; its training data is days
                 # old, so no retrain is asked for however far the drift goes.
-                outcome["after_retrain"] = world.advance(start, start + 5, url)
+                outcome["after_retrain"] = world.advance(start, start + TICK, url)
         outcome["post_shift_auc"] = _post_shift_auc(world, [stale, outcome["champion_after"]])
         yield outcome
 
@@ -148,7 +149,7 @@ def _post_shift_auc(world: Loop, versions: list[str]) -> dict[str, float]:
 
 def test_no_retrain_is_requested_before_the_shift(loop):
     before = loop["ticks"][: loop["before_shift"]]
-    assert len(before) >= 6
+    assert len(before) == (SHIFT_DAY - TRAINED_THROUGH) // TICK
     assert all(t["drift"]["judged"] for t in before)
     assert [t["requests"] for t in before] == [[]] * len(before)
 
@@ -158,7 +159,7 @@ def test_the_drift_sensor_requests_one_retrain_when_the_shift_crosses_the_thresh
     fired = next(i for i, t in enumerate(after) if t["requests"])
     crossed = next(i for i, t in enumerate(after) if t["drift"]["retrain_recommended"])
     assert fired == crossed  # the first tick whose drift crosses the threshold
-    assert loop["fired_at"] <= SHIFT_DAY + 15
+    assert loop["fired_at"] <= SHIFT_DAY + 2 * TICK
     (request,) = after[fired]["requests"]
     assert request.run_key == f"drift:champion-v{loop['stale']}"
     assert request.tags["eventml/trigger"] == "drift"

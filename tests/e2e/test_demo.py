@@ -187,8 +187,13 @@ def before_kills(demo):
     return snapshot(home)
 
 
+# The runs below are the demo's CLI calls with every step in the run's own process: killing the
+# process group kills the writer either way, and a step server's start costs seconds per run.
+IN_PROCESS = {"execution": {"config": {"in_process": True}}}
+
+
 def ingest_run(home: Home, selection=INGEST, config=SMALL_WORLD) -> list[str]:
-    return materialize_command(selection, KILL_DAYS, config)
+    return materialize_command(selection, KILL_DAYS, {**config, **IN_PROCESS})
 
 
 # The killed runs ingest another world: had any of their rows become visible, it would show.
@@ -260,15 +265,14 @@ def test_a_retrain_killed_while_saving_the_encoder_leaves_the_champion_and_a_who
     home, _ = demo
     champion = champion_version(home)
     models = home.root / "models" / "sequence_encoder"
-    kill_when(home, materialize_command(TRAIN, None, SMALL_WORLD), new_files(models, "*"),
-              "a new encoder folder")  # fmt: skip
+    encoder_run = materialize_command(("sequence_encoder",), None, {**SMALL_WORLD, **IN_PROCESS})
+    kill_when(home, encoder_run, new_files(models, "*"), "a new encoder folder")
     assert champion_version(home) == champion
     # The pointer names a whole model, the old one or (if the kill came after the save) the new.
     SequenceModel.load(models / (models / "current").read_text().strip())
     # Re-running the killed step converges: a whole new model, and the pointer names it.
     pointer = (models / "current").read_text()
-    again = subprocess.run(materialize_command(("sequence_encoder",), None, SMALL_WORLD),
-                           cwd=REPO, env=home.env, capture_output=True, text=True)  # fmt: skip
+    again = subprocess.run(encoder_run, cwd=REPO, env=home.env, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:]
     assert (models / "current").read_text() != pointer
     SequenceModel.load(models / (models / "current").read_text().strip())

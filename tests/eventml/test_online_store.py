@@ -1,4 +1,6 @@
-"""The online store returns exactly the history the offline tables hold."""
+"""The online store returns exactly the history the offline tables hold, on the embedded SQLite
+store and on Redis, its production counterpart: every test here runs on both, and a random
+sequence of writes leaves both holding the same bytes."""
 
 import sqlite3
 import threading
@@ -8,7 +10,7 @@ import polars as pl
 import pytest
 
 from eventml.features import ACTIVITY_SCHEMA
-from eventml.online_store import SQLiteOnlineStore
+from eventml.online_store import RedisOnlineStore, SQLiteOnlineStore
 from eventml.schema import DatasetSpec
 
 SPEC = DatasetSpec.from_dict(
@@ -40,8 +42,10 @@ def events(n: int, entity: str = "u1", start: int = 0) -> pl.DataFrame:
     )
 
 
-@pytest.fixture
-def store(tmp_path):
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "redis":
+        return RedisOnlineStore(request.getfixturevalue("redis_url"), SPEC)
     return SQLiteOnlineStore(tmp_path / "online.sqlite", SPEC)
 
 
@@ -154,9 +158,10 @@ def test_an_event_is_keyed_by_entity_and_event_id_within_a_write_as_across_write
     assert store.history("u2").equals(other)  # another entity's event of the same id stays
 
 
-def test_deleting_a_span_leaves_histories_without_events_in_it_untouched(store):
+def test_deleting_a_span_leaves_histories_without_events_in_it_untouched(tmp_path):
     # u1's history (hours 0..9 and 50..59) spans hours 20..21 without an event there; only u2
-    # has events in them. A re-packed row would get a new rowid.
+    # has events in them. A re-packed SQLite row would get a new rowid.
+    store = SQLiteOnlineStore(tmp_path / "online.sqlite", SPEC)
     u1 = pl.concat([events(10), events(10, start=50)])
     store.write(pl.concat([u1, events(2, "u2", start=20), events(2, "u3", start=100)]))
     query = "SELECT rowid, packed FROM histories WHERE entity_id = 'u1'"
@@ -215,3 +220,65 @@ def test_keys_activity_is_republished_with_its_days(store):
     expected = pl.concat([activity(0), activity(1, count=7), activity(0, key="m2", count=1)])
     assert got.equals(expected)
     assert store.activity({"mc": ["m9"]}).height == 0
+
+
+def shops(*rows: tuple[str, int, str]) -> pl.DataFrame:
+    """Reference rows (key first, as `reference_schema` orders them): shop, window, valid_from."""
+    return pl.DataFrame(
+        rows, schema={"mc": pl.String, "term": pl.Float64, "valid_from": pl.String}, orient="row"
+    )
+
+
+def test_a_reference_table_is_replaced_whole_and_read_by_key(store):
+    store.write_references("shops", shops(("m1", 14, "2025-01-01"), ("m1", 30, "2025-03-01"),
+                                          ("m2", 7, "2025-01-01")))  # fmt: skip
+    assert store.references("shops", ["m1", None, "m9"]).equals(
+        shops(("m1", 14, "2025-01-01"), ("m1", 30, "2025-03-01"))
+    )
+    store.replace_between(
+        T0, T0 + timedelta(days=1), events(5), references={"shops": shops(("m2", 9, "2025-02-01"))}
+    )
+    assert store.references("shops", ["m1"]) is None
+    assert store.references("shops", ["m2"]).equals(shops(("m2", 9, "2025-02-01")))
+    assert store.references("holders", ["m2"]) is None
+
+
+def test_the_same_writes_leave_both_backends_holding_the_same(tmp_path, redis_url):
+    """A random sequence of writes, deletes and re-published days, with keys' activity and a
+    reference table, applied to both stores: every read answers the same."""
+    import random
+
+    rng = random.Random(7)
+    sqlite, redis = (
+        SQLiteOnlineStore(tmp_path / "online.sqlite", SPEC),
+        RedisOnlineStore(redis_url, SPEC),
+    )
+    entities = [f"u{i}" for i in range(12)]
+    for step in range(25):
+        entity, start, n = rng.choice(entities), rng.randrange(0, 200), rng.randrange(1, 40)
+        day, span = T0 + timedelta(days=rng.randrange(0, 8)), timedelta(days=rng.randrange(1, 3))
+        for store in (sqlite, redis):
+            if step % 5 == 4:
+                store.delete_between(day, day + span)
+            elif step % 3 == 2:
+                store.replace_between(
+                    day, day + timedelta(days=1), events(n, entity, start),
+                    pl.concat([activity((day - T0).days, key=f"m{k}", count=step) for k in range(3)]),
+                    {"shops": shops((f"m{step % 3}", step, "2025-01-01"))},
+                )  # fmt: skip
+            else:
+                store.write(events(n, entity, start))
+    everyone = [*entities, "nobody"]
+    bounds = [T0 + timedelta(hours=rng.randrange(0, 300)) for _ in everyone]
+    assert redis.histories(everyone).equals(sqlite.histories(everyone))
+    assert redis.histories(everyone, bounds).equals(sqlite.histories(everyone, bounds))
+    assert all(redis.history(e, limit=7).equals(sqlite.history(e, limit=7)) for e in everyone)
+    keys = {"mc": ["m0", "m1", "m2", "m3"]}
+    order = ["key_column", "key", "day", "measure"]
+    assert redis.activity(keys).sort(order).equals(sqlite.activity(keys).sort(order))
+    assert redis.references("shops", ["m0", "m1", "m2"]).equals(
+        sqlite.references("shops", ["m0", "m1", "m2"])
+    )
+    assert {k: v for k, v in redis.stats().items() if k != "size_mb"} == {
+        k: v for k, v in sqlite.stats().items() if k != "size_mb"
+    }

@@ -1,8 +1,9 @@
 """The online store asset: a run publishes exactly its days of raw_events, and re-running any
-days replaces them rather than adding to them."""
+days replaces them rather than adding to them, on SQLite and on Redis."""
 
 import dagster as dg
 import polars as pl
+import pytest
 
 from eventml.worlds.lending import PACK as LENDING_PACK
 from ml_assets.ingest import ingest
@@ -16,10 +17,16 @@ def _count(serving: Serving, entity_ids: list[str]) -> dict:
     return {f"{e}/{i}": ts for e, i, ts in stored.select("entity_id", "event_id", "ts").iter_rows()}
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def serving(request, tmp_path) -> Serving:
+    """The embedded store and, where `EVENTML_REDIS_URL` would put it, Redis."""
+    redis = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    return Serving.under(tmp_path, online_store=redis)
+
+
 def test_online_store_holds_each_published_day_once(
-    tmp_path, tables, small_world, instance, range_tags, resources_for
+    serving, tables, small_world, instance, range_tags, resources_for
 ):
-    serving = Serving.under(tmp_path)
     resources = {**resources_for(tables, small_world), "serving": serving}
     days = range_tags("2025-01-01", "2025-01-04")
     dg.materialize([ingest, online_store], resources=resources, tags=days, instance=instance)

@@ -17,7 +17,7 @@ from eventml.worlds.lending import PACK as LENDING_PACK
 from resources.state import create_databases, mlflow_tracking
 
 WORKER = Path(__file__).with_name("first_use.py")
-PROCESSES = 4
+PROCESSES = 3
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

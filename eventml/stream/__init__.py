@@ -1,0 +1,7 @@
+"""Real time: a source's events through a Redis stream into the online store and, exactly once,
+into Delta (`broker`: the stream; `consumer`: the consumer group's reader)."""
+
+from eventml.stream.broker import EventStream, stream_version
+from eventml.stream.consumer import Consumed, StreamConsumer
+
+__all__ = ["Consumed", "EventStream", "StreamConsumer", "stream_version"]

@@ -1,0 +1,177 @@
+"""The stream consumer: a source's events from its Redis stream into the online store, and landed
+durably in Delta exactly once, whatever is killed when.
+
+Each batch of entries is validated against the source's contract (`eventml.validation`, as a
+batch file is: bad events go to the rejects table with their reason; so does a later copy of an
+event id an earlier entry carried, `duplicate_event_id`, as a repeated row of a day is), then:
+
+1. the clean events are written to the online store (idempotent: the store keys events by
+   entity and event_id, so writing a batch again changes nothing);
+2. the clean events are appended to `stream_events` and the rejects to `stream_rejects`, each in
+   one Delta commit that records the batch's last entry as the table's application transaction
+   version (Delta's `txn` action, app id `stream:<stream key>`);
+3. the entries are acknowledged.
+
+A consumer killed anywhere restarts on its pending entries (delivered, never acknowledged). An
+entry at or below a table's recorded version is already in that table and is not appended again;
+the rest are. So every entry lands in each table once: a commit holds a batch wholly or not at
+all, and the version says which. One consumer per table and stream keeps entry ids increasing
+in what it commits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import polars as pl
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+from eventml.online_store import OnlineStore
+from eventml.schema import DatasetSpec
+from eventml.sources import DAY
+from eventml.stream.broker import EventStream, stream_version
+from eventml.validation import validate
+
+# How long the first entry of an event id is remembered: a copy sent again later than this is
+# not recognised (an at-least-once producer retries within minutes).
+DEDUP_DAYS = 30
+STAGES = ("validate", "online_store", "delta", "ack")
+
+
+@dataclass
+class Consumed:
+    """What one batch did."""
+
+    entries: int = 0
+    clean: int = 0
+    rejected: int = 0
+    landed: int = 0  # rows appended to the two tables (0 for a batch landed before a crash)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class StreamConsumer:
+    def __init__(
+        self,
+        stream: EventStream,
+        spec: DatasetSpec,
+        store: OnlineStore,
+        events_uri: str,
+        rejects_uri: str,
+        name: str = "consumer-1",
+    ):
+        self.stream, self.spec, self.store, self.name = stream, spec, store, name
+        self.events_uri, self.rejects_uri = events_uri, rejects_uri
+        self.app_id = f"stream:{stream.key}"
+        stream.create_group()
+
+    def step(self, count: int = 5_000, block_ms: int = 200) -> Consumed:
+        """One batch: this consumer's pending entries first (after a restart), else new ones."""
+        entries = self.stream.read(self.name, count, pending=True) or self.stream.read(
+            self.name, count, block_ms=block_ms
+        )
+        return self.consume(entries)
+
+    def consume(self, entries: list[tuple[str, dict[str, str]]]) -> Consumed:
+        done = Consumed(entries=len(entries))
+        if not entries:
+            return done
+        marks = [time.perf_counter()]
+        ids = [i for i, _ in entries]
+        raw = pl.DataFrame([fields for _, fields in entries], infer_schema_length=None)
+        sources = pl.Series([f"{self.stream.key}/{i}" for i in ids])
+        checked = validate(raw.with_columns(pl.all().cast(pl.String)), self.spec, source=sources)
+        # Validation keeps the entries' order, and a reject names its entry: the clean rows are
+        # the other entries, in order.
+        rejected = set(checked.rejects["source"].str.split("/").list.last())
+        clean_ids = [i for i in ids if i not in rejected]
+        again = pl.Series(self._later_copies(checked.clean, clean_ids), dtype=pl.Boolean)
+        clean = checked.clean.filter(~again)
+        rejects = pl.concat([checked.rejects, self._as_rejects(checked.clean.filter(again),
+                            [i for i, a in zip(clean_ids, again) if a])])  # fmt: skip
+        done.clean, done.rejected = clean.height, rejects.height
+        marks.append(time.perf_counter())  # validate
+
+        self.store.write(clean)
+        marks.append(time.perf_counter())  # online_store
+
+        batch = max(stream_version(i) for i in ids)
+        clean_ids = [i for i, a in zip(clean_ids, again) if not a]
+        reject_ids = rejects["source"].str.split("/").list.last().to_list()
+        clean = clean.with_columns(pl.col("ts").dt.date().alias(DAY))
+        done.landed += self._land(clean, clean_ids, self.events_uri, batch)
+        done.landed += self._land(rejects, reject_ids, self.rejects_uri, batch)
+        marks.append(time.perf_counter())  # delta
+
+        self.stream.ack(ids)
+        marks.append(time.perf_counter())  # ack
+        done.seconds = dict(zip(STAGES, (b - a for a, b in zip(marks, marks[1:]))))
+        return done
+
+    def _later_copies(self, clean: pl.DataFrame, entry_ids: list[str]) -> list[bool]:
+        """Which clean rows repeat an event id an earlier entry carried (an at-least-once
+        producer sending again): the first entry of each event id is recorded (per event day,
+        kept for `DEDUP_DAYS`), so an entry delivered again is still its own first copy."""
+        if clean.height == 0:
+            return []
+        keys = [f"{self.stream.key}:first:{d}" for d in clean["ts"].dt.date().cast(pl.String)]
+        with self.stream.client.pipeline(transaction=False) as pipe:
+            for key, event_id, entry in zip(keys, clean["event_id"], entry_ids):
+                pipe.hsetnx(key, event_id, entry)
+            for key in set(keys):
+                pipe.expire(key, DEDUP_DAYS * 86_400)
+            for key, event_id in zip(keys, clean["event_id"]):
+                pipe.hget(key, event_id)
+            firsts = pipe.execute()[-len(entry_ids) :]
+        return [first.decode() != entry for first, entry in zip(firsts, entry_ids)]
+
+    def _as_rejects(self, rows: pl.DataFrame, entry_ids: list[str]) -> pl.DataFrame:
+        """Clean rows rejected as later copies, in the rejects' schema."""
+        return rows.select(
+            *[pl.col(c).cast(pl.String) for c in self.spec.event_schema()],
+            pl.lit("duplicate_event_id").alias("reason"),
+            pl.lit("event_id").alias("field"),
+            pl.Series("source", [f"{self.stream.key}/{i}" for i in entry_ids], dtype=pl.String),
+        )
+
+    def _land(self, rows: pl.DataFrame, entry_ids: list[str], uri: str, batch: int) -> int:
+        """Append the rows (one per entry of `entry_ids`) the table does not hold yet, recording
+        `batch` (the batch's last entry) in the same commit; the rows appended."""
+        landed = _committed_version(uri, self.app_id)
+        fresh = rows.filter(
+            pl.Series([stream_version(i) > landed for i in entry_ids], dtype=pl.Boolean)
+        )
+        if fresh.height == 0:
+            return 0
+        write_deltalake(
+            uri, fresh, mode="append",
+            commit_properties=CommitProperties(
+                app_transactions=[Transaction(app_id=self.app_id, version=batch)]
+            ),
+        )  # fmt: skip
+        return fresh.height
+
+    def run(self, until_drained: bool = False, count: int = 5_000, log=None) -> None:
+        """Consume until stopped (or, `until_drained`, until nothing is pending or new); a line
+        per batch to `log` (default: stdout, flushed)."""
+        log = log or partial(print, flush=True)
+        while True:
+            done = self.step(count)
+            if done.entries:
+                stages = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in done.seconds.items())
+                log(f"{done.entries} entries: {done.clean} clean, {done.rejected} rejected, "
+                    f"{done.landed} landed ({stages})")  # fmt: skip
+            elif until_drained:
+                return
+
+
+def _committed_version(uri: str, app_id: str) -> int:
+    """The last entry the table recorded for this stream; -1 before its first commit."""
+    try:
+        table = DeltaTable(uri)
+    except TableNotFoundError:
+        return -1
+    version = table.transaction_version(app_id)
+    return -1 if version is None else version
