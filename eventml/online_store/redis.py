@@ -122,9 +122,9 @@ class RedisOnlineStore:
         return queue
 
     def write(self, events: pl.DataFrame) -> int:
-        if events.height == 0:
-            return 0
-        return self.replace_between(None, None, events)
+        if events.height:
+            self.replace_between(None, None, events)
+        return events.height
 
     def delete_between(self, start: datetime, end: datetime) -> int:
         return self.replace_between(start, end, self._empty)

@@ -51,7 +51,7 @@ def store(request, tmp_path):
 
 def test_history_round_trips_exactly(store):
     written = pl.concat([events(30), events(5, "u2")])
-    store.write(written)
+    assert store.write(written) == written.height
     assert store.history("u1").equals(events(30))
     assert store.history("nobody").height == 0 and store.history("nobody").schema == pl.Schema(
         SPEC.event_schema()
