@@ -13,6 +13,7 @@ import os
 import sys
 
 from eventml.home import StateHome
+from eventml.online_store import REDIS_SCHEMES
 from resources.bento import SERVICE_NAME, Serving
 from resources.state import mlflow_tracking, prepare
 
@@ -45,7 +46,8 @@ def main() -> None:
         )
     tag = args.tag or champion_bento(serving, bentos)
     version = next((b["labels"].get("mlflow_version") for b in bentos if b["tag"] == tag), "?")
-    if "://" not in serving.online_store and not os.path.exists(serving.online_store):
+    on_file = not serving.online_store.startswith(REDIS_SCHEMES)
+    if on_file and not os.path.exists(serving.online_store):
         print(
             f"warning: no online store at {serving.online_store}: every entity has no history",
             file=sys.stderr,

@@ -31,7 +31,9 @@ from eventml.online_store.redis import RedisOnlineStore
 from eventml.online_store.sqlite import SQLiteOnlineStore
 from eventml.schema import DatasetSpec
 
-__all__ = ["OnlineStore", "RedisOnlineStore", "SQLiteOnlineStore", "open_store"]
+__all__ = ["REDIS_SCHEMES", "OnlineStore", "RedisOnlineStore", "SQLiteOnlineStore", "open_store"]
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class OnlineStore(Protocol):
@@ -90,6 +92,6 @@ class OnlineStore(Protocol):
 def open_store(location: str, spec: DatasetSpec, *, convert: bool = True) -> OnlineStore:
     """The store at `location`: a `redis://` (or `rediss://`) URL, or a SQLite file path
     (`convert`: see `SQLiteOnlineStore`)."""
-    if location.startswith(("redis://", "rediss://", "unix://")):
+    if location.startswith(REDIS_SCHEMES):
         return RedisOnlineStore(location, spec)
     return SQLiteOnlineStore(location, spec, convert=convert)
