@@ -2,8 +2,9 @@
 
 Everything a run writes — Dagster's instance, Delta tables, MLflow, the BentoML store, the
 landing zone, the online store — sits under it, so deleting it resets the system, unless a
-setting moves a store to its production counterpart (`StateHome.tables_uri`, `.online_store`). Stores that
-two processes may open first at the same moment are created under `interprocess_lock`.
+setting moves a store to its production counterpart (`StateHome.tables_uri`, `.online_store`).
+Stores that two processes may open first at the same moment are created under
+`interprocess_lock`.
 """
 
 from __future__ import annotations

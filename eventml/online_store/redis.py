@@ -45,19 +45,24 @@ from eventml.schema import DatasetSpec
 _SEP = "\x1f"
 
 
+def connect(url: str):
+    """A client and the key prefix of `url`: redis://host:port/db, with `?prefix=name` to keep
+    several stores or deployments in one database (default `eventml`)."""
+    import redis
+
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    prefix = query.pop("prefix", ["eventml"])[0]
+    return redis.Redis.from_url(
+        urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+    ), prefix
+
+
 class RedisOnlineStore:
     def __init__(self, url: str, spec: DatasetSpec):
-        """`url`: redis://host:port/db, with `?prefix=name` to keep several stores in one
-        database."""
-        import redis
-
-        parts = urlsplit(url)
-        query = parse_qs(parts.query)
-        self.prefix = query.pop("prefix", ["eventml"])[0]
+        """`url`: see `connect`."""
         self.url = url
-        self.client = redis.Redis.from_url(
-            urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
-        )
+        self.client, self.prefix = connect(url)
         self.schema = spec.event_schema()
         self._empty = pl.DataFrame(schema=self.schema)
 

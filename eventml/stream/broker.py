@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from eventml.online_store.redis import connect
 
 GROUP = "eventml"
 
@@ -33,16 +34,8 @@ def stream_version(entry_id: str | bytes) -> int:
 
 class EventStream:
     def __init__(self, url: str, source: str, group: str = GROUP):
-        """`url`: redis://host:port/db, with `?prefix=name` to keep several deployments in one
-        database (default `eventml`)."""
-        import redis
-
-        parts = urlsplit(url)
-        query = parse_qs(parts.query)
-        prefix = query.pop("prefix", ["eventml"])[0]
-        self.client = redis.Redis.from_url(
-            urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
-        )
+        """`url`: redis://host:port/db, with `?prefix=name` (`eventml.online_store.redis.connect`)."""
+        self.client, prefix = connect(url)
         self.key, self.group = f"{prefix}:events:{source}", group
 
     def publish(self, events: Iterable[dict]) -> list[str]:
