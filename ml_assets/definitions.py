@@ -18,6 +18,7 @@ from ml_assets.sensors import (
     landing_zone_sensor,
     performance_sensor,
     reference_files_sensor,
+    stream_sensor,
 )
 from resources.bento import Serving
 from resources.delta import DeltaTables
@@ -32,7 +33,7 @@ def build_resources(home: StateHome | None = None) -> dict:
     tables (e.g. s3://bucket/eventml), EVENTML_REDIS_URL the online store to Redis (both read by
     `eventml.home.StateHome`), EVENTML_POSTGRES_URL MLflow (and, through the dagster.yaml that
     `resources.state` writes, Dagster's instance) to Postgres; EVENTML_SOURCE=landing ingests the
-    landing zone."""
+    landing zone, EVENTML_SOURCE=stream the days the stream consumer landed."""
     home = home or StateHome.from_env()
     tables = DeltaTables(root_uri=home.tables_uri)
     return {
@@ -71,7 +72,8 @@ def build_definitions(resources: dict) -> dg.Definitions:
         asset_checks=dg.load_asset_checks_from_modules(MODULES),
         jobs=[ingest_job, references_job, retrain_job, time_machine_job],
         schedules=[weekly_retrain],
-        sensors=[landing_zone_sensor, reference_files_sensor, drift_sensor, performance_sensor],
+        sensors=[landing_zone_sensor, reference_files_sensor, stream_sensor, drift_sensor,
+                 performance_sensor],
         resources=resources,
         executor=STEP_PROCESSES,
     )

@@ -7,7 +7,7 @@ ingested, and named in the run's metadata and in the `landing_files` table. Ever
 the reference tables' columns as of its time (`eventml.references`) before it is stored.
 """
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 
 import dagster as dg
 import polars as pl
@@ -15,7 +15,7 @@ import polars as pl
 from eventml.landing import manifest
 from eventml.quality import check_events, check_no_day_shrinks
 from eventml.references import attach, validate_reference
-from eventml.sources import DAY, ingest_days
+from eventml.sources import DAY
 from ml_assets.metadata import check_result, counts_md, table_md
 from ml_assets.partitions import PARTITION_DAYS, daily, run_days
 from resources.delta import ConcurrentWriteError, DeltaTables
@@ -107,8 +107,7 @@ def ingest(
     for arrival in event_source.admit(PARTITION_DAYS):
         if arrival.status == "quarantined":
             context.log.warning(f"quarantined {arrival.name}: {arrival.reason}")
-    raw = event_source.raw_rows(start, end)
-    checked = ingest_days(raw, spec, start, end, now=datetime.now(UTC), partitions=PARTITION_DAYS)
+    checked = event_source.validated_days(start, end, PARTITION_DAYS, tables)
     clean, rejects = checked.clean, checked.rejects
     refs = stored_references(tables, spec)
     if missing := [r.name for r in spec.references if r.name not in refs]:

@@ -1,6 +1,7 @@
 """Sensors: files landed in the landing zone become ingest runs for the days they hold, and a
-change to the reference tables' files a `references` run; drift or live-performance decay past
-the `monitoring` thresholds becomes a retrain, once per champion."""
+change to the reference tables' files a `references` run; the stream's complete days become
+ingest runs, with the stream's lag and freshness observed on the assets it feeds; drift or
+live-performance decay past the `monitoring` thresholds becomes a retrain, once per champion."""
 
 import json
 from datetime import date
@@ -11,10 +12,13 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
+from eventml.home import StateHome
 from eventml.landing import arrivals, reference_files_digest
+from eventml.stream import EventStream
 from ml_assets.jobs import ingest_job, references_job, retrain_job
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.partitions import PARTITION_DAYS, daily
+from resources.delta import DeltaTables
 from resources.monitoring import Monitoring
 from resources.sources import EventSource
 from resources.tracking import MlflowTracking
@@ -81,6 +85,80 @@ def reference_files_sensor(context: dg.SensorEvaluationContext, event_source: Ev
         return dg.SkipReason("no reference file changed")
     request = dg.RunRequest(run_key=digest, tags={"eventml/trigger": "reference_files"})
     return dg.SensorResult(run_requests=[request], cursor=digest)
+
+
+@dg.sensor(
+    job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING
+)
+def stream_sensor(
+    context: dg.SensorEvaluationContext, event_source: EventSource, tables: DeltaTables
+):
+    """The stream's landed days into `raw_events`: one run per range of complete days whose
+    landed rows changed since they were requested (a day is complete once the stream's event
+    time is past its end, `event_source.stream_lateness_minutes`; an event landing later
+    changes the day's count and asks for it again). The run_key is the range and its rows, so a
+    range is never run twice for the same rows. Each tick also observes the stream on
+    `online_store` (what the consumers serve) and `raw_events` (what they landed): backlog,
+    throughput, freshness, and the days landed but not yet requested.
+    """
+    if event_source.kind != "stream":
+        return dg.SkipReason(f"event_source is the {event_source.kind}; set EVENTML_SOURCE=stream")
+    requested = {date.fromisoformat(d): n for d, n in json.loads(context.cursor or "{}").items()}
+    landed = event_source.complete_stream_days(tables)
+    changed = sorted(d for d, n in landed.items() if requested.get(d) != n)
+    existing = set(daily.get_partition_keys())
+    requests = []
+    for days in _runs_of_consecutive(changed):
+        first, last = days[0].isoformat(), days[-1].isoformat()
+        if first not in existing or last not in existing:
+            continue  # not a partition day yet (the consumer rejects days outside the pack's)
+        rows = sum(landed[d] for d in days)
+        requests.append(dg.RunRequest(
+            run_key=f"stream:{first}..{last}:{rows}",
+            tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last,
+                  "eventml/trigger": "stream", "eventml/rows": str(rows)},
+        ))  # fmt: skip
+        requested.update({d: landed[d] for d in days})
+    observed = _stream_observations(event_source, tables, landed, requested)
+    cursor = json.dumps({d.isoformat(): n for d, n in sorted(requested.items())})
+    return dg.SensorResult(run_requests=requests, asset_events=observed, cursor=cursor)
+
+
+def _runs_of_consecutive(days: list[date]) -> list[list[date]]:
+    runs: list[list[date]] = []
+    for day in days:
+        if runs and (day - runs[-1][-1]).days == 1:
+            runs[-1].append(day)
+        else:
+            runs.append([day])
+    return runs
+
+
+def _stream_observations(event_source: EventSource, tables: DeltaTables, landed: dict,
+                         requested: dict) -> list[dg.AssetObservation]:  # fmt: skip
+    """The stream as the UI shows it: its backlog and each consumer's latest batch on
+    `online_store`, the landed days on `raw_events`."""
+    newest = max(landed, default=None)
+    waiting = sorted(d for d in landed if d not in requested)
+    on_raw = {"stream_complete_through": str(newest or "none"),
+              "stream_days_waiting": ", ".join(map(str, waiting)) or "none"}  # fmt: skip
+    url = StateHome.from_env().redis_url
+    if url is None:
+        return [dg.AssetObservation(asset_key="raw_events", metadata=on_raw)]
+    stream = EventStream(url, event_source.spec().name)
+    on_store = {f"stream_{k}": v for k, v in stream.backlog().items()}
+    pending = stream.pending_by_consumer()
+    for name, batch in stream.consumer_stats().items():
+        on_store |= {
+            f"{name}.pending": pending.get(name, 0),
+            f"{name}.events_per_s": batch["events_per_s"],
+            f"{name}.freshness_p50_ms": batch["freshness_p50_ms"],
+            f"{name}.freshness_max_ms": batch["freshness_max_ms"],
+            f"{name}.watermark": batch["watermark"],
+            f"{name}.last_batch_at": batch["at"],
+        }
+    return [dg.AssetObservation(asset_key="online_store", metadata=on_store),
+            dg.AssetObservation(asset_key="raw_events", metadata=on_raw)]  # fmt: skip
 
 
 def _judged(context: dg.SensorEvaluationContext, asset: str):

@@ -4,12 +4,13 @@
 `pack` is a built-in world's name (`eventml/worlds/`) or the path of a pack file of one's own.
 `kind="simulator"` (default) generates a built-in world's days, with a small rate of the faults
 real feeds have; `kind="landing"` admits the Parquet/CSV files a user drops into the landing zone
-into its append-only log (`eventml.landing`) and reads the log, mapped by the pack.
+into its append-only log (`eventml.landing`) and reads the log, mapped by the pack;
+`kind="stream"` reads the days the stream consumer validated and landed (`eventml.stream`).
 """
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,13 +21,16 @@ from eventml.home import StateHome
 from eventml.landing import Arrival, admit, read_landed, read_reference_files
 from eventml.pack import DatasetPack
 from eventml.schema import Reference
-from eventml.sources import inject_faults
+from eventml.sources import ingest_days, inject_faults
+from eventml.stream.landed import EVENTS, REJECTS, complete_day_counts, landed_days
+from eventml.validation import Validated
 from eventml.worlds import load_pack, selected_pack, world
+from resources.delta import DeltaTables
 
 
 class EventSource(dg.ConfigurableResource):
     pack: str = selected_pack()
-    kind: Literal["simulator", "landing"] = "simulator"
+    kind: Literal["simulator", "landing", "stream"] = "simulator"
     # The simulated world (ignored for the landing zone); unset fields keep the world's defaults.
     n_users: int | None = None
     n_days: int | None = None
@@ -37,6 +41,9 @@ class EventSource(dg.ConfigurableResource):
     fault_rate: float = 0.001
     # The landing zone; empty means `$EVENTML_HOME/landing`.
     landing_dir: str = ""
+    # The stream: how far (event time) past a day's end the newest landed event must be before
+    # the day is ingested; an event later still asks for the day again.
+    stream_lateness_minutes: int = 15
 
     def world(self):
         """The simulated world's config (a built-in world's `WorldConfig`)."""
@@ -57,6 +64,21 @@ class EventSource(dg.ConfigurableResource):
         """Admit the landing zone's new files into its log; the new arrivals (none for the
         simulator)."""
         return admit(self.landing_path, self.spec(), partitions) if self.kind == "landing" else []
+
+    def validated_days(self, start: date, end: date, partitions: tuple[date, date],
+                       tables: DeltaTables) -> Validated:  # fmt: skip
+        """The clean events and the rejects of the days [start, end), each with its `day`
+        (`partitions`: [first, end) of all partition days): the stream's as its consumer
+        validated them, the others' validated here."""
+        if self.kind == "stream":
+            return landed_days(tables.uri(EVENTS), tables.uri(REJECTS), start, end)
+        raw = self.raw_rows(start, end)
+        return ingest_days(raw, self.spec(), start, end, datetime.now(UTC), partitions)
+
+    def complete_stream_days(self, tables: DeltaTables) -> dict[date, int]:
+        """Rows the stream landed per complete day (`eventml.stream.landed`)."""
+        lateness = timedelta(minutes=self.stream_lateness_minutes)
+        return complete_day_counts(tables.uri(EVENTS), tables.uri(REJECTS), lateness)
 
     def raw_rows(self, start: date, end: date) -> pl.DataFrame:
         """Rows of days [start, end) as delivered (text, plus a `source` column); the landing

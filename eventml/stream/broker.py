@@ -15,6 +15,7 @@ acknowledges it, and a consumer that restarts reads its pending entries again fi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -83,6 +84,28 @@ class EventStream:
             if group["name"].decode() == self.group:
                 return {"lag": group.get("lag") or 0, "pending": group["pending"]}
         return {"lag": self.client.xlen(self.key), "pending": 0}
+
+
+    def pending_by_consumer(self) -> dict[str, int]:
+        """Entries delivered to each consumer and not yet acknowledged by it."""
+        import redis
+
+        try:
+            summary = self.client.xpending(self.key, self.group)
+        except redis.ResponseError as error:  # no stream or no group yet: nothing delivered
+            if "NOGROUP" in str(error):
+                return {}
+            raise
+        return {c["name"].decode(): int(c["pending"]) for c in summary.get("consumers") or []}
+
+    def record_stats(self, consumer: str, stats: dict) -> None:
+        """How a consumer's latest batch went (`eventml.stream.consumer.Consumed.stats`)."""
+        self.client.hset(f"{self.key}:consumers", consumer, json.dumps(stats))
+
+    def consumer_stats(self) -> dict[str, dict]:
+        """Each consumer's latest batch, by consumer name (what `record_stats` was given)."""
+        found = self.client.hgetall(f"{self.key}:consumers")
+        return {name.decode(): json.loads(stats) for name, stats in sorted(found.items())}
 
 
 def _text(value) -> str:

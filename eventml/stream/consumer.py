@@ -15,25 +15,38 @@ event id an earlier entry carried, `duplicate_event_id`, as a repeated row of a 
 A consumer killed anywhere restarts on its pending entries (delivered, never acknowledged). An
 entry at or below a table's recorded version is already in that table and is not appended again;
 the rest are. So every entry lands in each table once: a commit holds a batch wholly or not at
-all, and the version says which. One consumer per table and stream keeps entry ids increasing
-in what it commits.
+all, and the version says which. Each consumer of the group records its own version (app id
+`stream:<stream key>:<consumer name>`): the entries one consumer is given, and so commits, have
+increasing ids, whatever the others do. A consumer keeps its name across restarts (its pending
+entries are delivered to that name only), so several run side by side as `consumer-1`,
+`consumer-2`, ...
+
+Every row lands on a day of the pack's partitions, as in batch ingest: a clean event on its own
+(an event outside the partitions is rejected, `outside_partitions`), a reject on its own day if
+its time parses to one, else on the newest event day this consumer has landed. The `stream`
+event source (`resources.sources`) reads a day back from the two tables.
+
+After each batch the consumer records how it went in the stream's `<key>:consumers` hash
+(`EventStream.consumer_stats`): throughput, and freshness, the time from each entry's publication
+(its id is the broker's clock) until the online store served it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 
 import polars as pl
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake import CommitProperties, Transaction, write_deltalake
 
 from eventml.online_store import OnlineStore
-from eventml.schema import DatasetSpec
+from eventml.pack import DatasetPack
 from eventml.sources import DAY
 from eventml.stream.broker import EventStream, stream_version
-from eventml.validation import validate
+from eventml.stream.landed import landed_table, watermark
+from eventml.validation import parse_ts, validate
 
 # How long the first entry of an event id is remembered: a copy sent again later than this is
 # not recognised (an at-least-once producer retries within minutes).
@@ -50,13 +63,23 @@ class Consumed:
     rejected: int = 0
     landed: int = 0  # rows appended to the two tables (0 for a batch landed before a crash)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Publication to servable (the online store holds it), per entry of the batch: ms.
+    freshness_p50_ms: float = 0.0
+    freshness_max_ms: float = 0.0
+    watermark: str = ""  # the newest event time landed so far, ISO 8601
+
+    def stats(self) -> dict:
+        """What `EventStream.consumer_stats` reports for the batch."""
+        busy = sum(self.seconds.values())
+        return {**asdict(self), "events_per_s": round(self.entries / busy, 1) if busy else 0.0,
+                "at": datetime.now(UTC).isoformat(timespec="milliseconds")}  # fmt: skip
 
 
 class StreamConsumer:
     def __init__(
         self,
         stream: EventStream,
-        spec: DatasetSpec,
+        spec: DatasetPack,
         store: OnlineStore,
         events_uri: str,
         rejects_uri: str,
@@ -64,7 +87,9 @@ class StreamConsumer:
     ):
         self.stream, self.spec, self.store, self.name = stream, spec, store, name
         self.events_uri, self.rejects_uri = events_uri, rejects_uri
-        self.app_id = f"stream:{stream.key}"
+        self.app_id = f"stream:{stream.key}:{name}"
+        self.days = (spec.partition_range.start, spec.partition_range.end)
+        self.watermark: datetime | None = watermark(events_uri)
         stream.create_group()
 
     def step(self, count: int = 5_000, block_ms: int = 200) -> Consumed:
@@ -82,7 +107,8 @@ class StreamConsumer:
         ids = [i for i, _ in entries]
         raw = pl.DataFrame([fields for _, fields in entries], infer_schema_length=None)
         sources = pl.Series([f"{self.stream.key}/{i}" for i in ids])
-        checked = validate(raw.with_columns(pl.all().cast(pl.String)), self.spec, source=sources)
+        text = raw.with_columns(pl.all().cast(pl.String))
+        checked = validate(text, self.spec, source=sources, days=self.days)
         # Validation keeps the entries' order, and a reject names its entry: the clean rows are
         # the other entries, in order.
         rejected = set(checked.rejects["source"].str.split("/").list.last())
@@ -96,11 +122,17 @@ class StreamConsumer:
 
         self.store.write(clean)
         marks.append(time.perf_counter())  # online_store
+        served_ms = time.time() * 1e3
+        waited = pl.Series([served_ms - int(i.split("-")[0]) for i in ids])
+        done.freshness_p50_ms, done.freshness_max_ms = waited.median(), waited.max()
 
         batch = max(stream_version(i) for i in ids)
         clean_ids = [i for i, a in zip(clean_ids, again) if not a]
         reject_ids = rejects["source"].str.split("/").list.last().to_list()
+        if clean.height:
+            self.watermark = max(clean["ts"].max(), self.watermark or clean["ts"].max())
         clean = clean.with_columns(pl.col("ts").dt.date().alias(DAY))
+        rejects = self._placed(rejects)
         done.landed += self._land(clean, clean_ids, self.events_uri, batch)
         done.landed += self._land(rejects, reject_ids, self.rejects_uri, batch)
         marks.append(time.perf_counter())  # delta
@@ -108,7 +140,18 @@ class StreamConsumer:
         self.stream.ack(ids)
         marks.append(time.perf_counter())  # ack
         done.seconds = dict(zip(STAGES, (b - a for a, b in zip(marks, marks[1:]))))
+        done.watermark = self.watermark.isoformat() if self.watermark else ""
+        self.stream.record_stats(self.name, done.stats())
         return done
+
+    def _placed(self, rejects: pl.DataFrame) -> pl.DataFrame:
+        """The rejects, each on a partition day: its own if its time parses to one, else the
+        newest event day landed (the partitions' first before any)."""
+        first, end = self.days
+        fallback = self.watermark.date() if self.watermark else first
+        own = parse_ts(pl.col("ts"), pl.String(), self.spec).dt.date()
+        inside = (own >= first) & (own < end)
+        return rejects.with_columns(pl.when(inside).then(own).otherwise(fallback).alias(DAY))
 
     def _later_copies(self, clean: pl.DataFrame, entry_ids: list[str]) -> list[bool]:
         """Which clean rows repeat an event id an earlier entry carried (an at-least-once
@@ -168,10 +211,7 @@ class StreamConsumer:
 
 
 def _committed_version(uri: str, app_id: str) -> int:
-    """The last entry the table recorded for this stream; -1 before its first commit."""
-    try:
-        table = DeltaTable(uri)
-    except TableNotFoundError:
-        return -1
-    version = table.transaction_version(app_id)
+    """The last entry the table recorded for this app id; -1 before its first commit."""
+    table = landed_table(uri)
+    version = None if table is None else table.transaction_version(app_id)
     return -1 if version is None else version

@@ -1,7 +1,8 @@
 """Real time, for real: a world's days published to a Redis stream (`python -m eventml.stream
-produce`) while the consumer (`... consume`) is SIGKILLed again and again at random moments;
-afterwards the online store and the landed Delta table hold exactly the world's events (none
-lost, none twice) and the rejects table exactly the bad ones, each with its reason."""
+produce`) while one consumer (`... consume`) is SIGKILLed again and again at random moments and
+a second shares the stream beside it; afterwards the online store and the landed Delta table
+hold exactly the world's events (none lost, none twice) and the rejects table exactly the bad
+ones, each with its reason."""
 
 import os
 import random
@@ -68,6 +69,8 @@ def test_a_consumer_killed_again_and_again_lands_every_event_exactly_once(env, r
 
     sender = threading.Thread(target=send_bad)
     sender.start()
+    steady = subprocess.Popen(stream_command("consume", "--batch", "200", "--name", "consumer-2"),
+                              env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     rng, stream, left_pending = random.Random(0), EventStream(redis_url, PACK.name), []
     for kill in range(KILLS):
         consumer = subprocess.Popen(stream_command("consume", "--batch", "200"), env=env,
@@ -76,23 +79,29 @@ def test_a_consumer_killed_again_and_again_lands_every_event_exactly_once(env, r
             time.sleep(rng.uniform(1.0, 4.0))
         else:  # inside a batch: delivered, then within 50 ms (validated, stored, landed, acked?)
             deadline = time.monotonic() + 15
-            while stream.backlog()["pending"] == 0 and time.monotonic() < deadline:
+            while not stream.pending_by_consumer().get("consumer-1") and time.monotonic() < deadline:
                 assert consumer.poll() is None, consumer.communicate()[1][-2000:]
                 time.sleep(0.001)
             time.sleep(rng.uniform(0.0, 0.05))
         assert consumer.poll() is None, consumer.communicate()[1][-2000:]
         consumer.send_signal(signal.SIGKILL)
         consumer.wait()
-        left_pending.append(stream.backlog()["pending"])
+        left_pending.append(stream.pending_by_consumer().get("consumer-1", 0))
     sender.join()
     # Some kills came between a batch's delivery and its acknowledgement: the next consumer
     # started on those entries again.
     print("pending after each kill:", left_pending)
     assert sum(p > 0 for p in left_pending) >= 2, left_pending
     assert producer.wait(timeout=120) == 0, producer.stderr.read()[-2000:]
-    drained = subprocess.run(stream_command("consume", "--until-drained"), env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert drained.returncode == 0, drained.stderr[-2000:]
+    assert steady.poll() is None, steady.communicate()[1][-2000:]
+    steady.send_signal(signal.SIGKILL)
+    steady.wait()
+    assert {name for name, _ in EventStream(redis_url, PACK.name).consumer_stats().items()} == {
+        "consumer-1", "consumer-2"}  # both took a share  # fmt: skip
+    for name in ("consumer-1", "consumer-2"):  # each restarts on its own pending entries
+        drained = subprocess.run(stream_command("consume", "--until-drained", "--name", name),
+                                 env=env, cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert drained.returncode == 0, drained.stderr[-2000:]
 
     home = StateHome(Path(env["EVENTML_HOME"]))
     order = ["entity_id", "ts", "event_id"]
