@@ -72,8 +72,13 @@ def build_definitions(resources: dict) -> dg.Definitions:
         asset_checks=dg.load_asset_checks_from_modules(MODULES),
         jobs=[ingest_job, references_job, retrain_job, time_machine_job],
         schedules=[weekly_retrain],
-        sensors=[landing_zone_sensor, reference_files_sensor, stream_sensor, drift_sensor,
-                 performance_sensor],
+        sensors=[
+            landing_zone_sensor,
+            reference_files_sensor,
+            stream_sensor,
+            drift_sensor,
+            performance_sensor,
+        ],
         resources=resources,
         executor=STEP_PROCESSES,
     )

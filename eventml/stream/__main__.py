@@ -60,8 +60,11 @@ def main() -> None:
     ap.add_argument("--pack", default=selected_pack(), help="default: EVENTML_PACK or lending")
     ap.add_argument("--until-drained", action="store_true", help="consume: stop when caught up")
     ap.add_argument("--batch", type=int, default=5_000, help="consume: entries per batch at most")
-    ap.add_argument("--name", default="consumer-1", help="consume: this consumer's name in the "
-                    "group, kept across restarts")
+    ap.add_argument(
+        "--name",
+        default="consumer-1",
+        help="consume: this consumer's name in the group, kept across restarts",
+    )
     ap.add_argument("--days", default="0:7", help="produce: world days FIRST:END")
     ap.add_argument("--seconds-per-day", type=float, default=2.0)
     ap.add_argument("--users", type=int, help="produce: the world's people (default: its own)")
@@ -69,7 +72,9 @@ def main() -> None:
     home = StateHome.from_env()
     try:
         if args.command == "consume":
-            consumer(home, args.pack, args.name).run(until_drained=args.until_drained, count=args.batch)
+            consumer(home, args.pack, args.name).run(
+                until_drained=args.until_drained, count=args.batch
+            )
         else:
             first, end = (int(d) for d in args.days.split(":"))
             config = {"n_users": args.users} if args.users else {}

@@ -85,7 +85,6 @@ class EventStream:
                 return {"lag": group.get("lag") or 0, "pending": group["pending"]}
         return {"lag": self.client.xlen(self.key), "pending": 0}
 
-
     def pending_by_consumer(self) -> dict[str, int]:
         """Entries delivered to each consumer and not yet acknowledged by it."""
         import redis

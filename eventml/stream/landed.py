@@ -46,7 +46,9 @@ def landed_days(events_uri: str, rejects_uri: str, start: date, end: date) -> Va
 def watermark(events_uri: str) -> datetime | None:
     """The newest event time landed (None: nothing yet)."""
     table = landed_table(events_uri)
-    return None if table is None else pl.scan_delta(table).select(pl.col("ts").max()).collect().item()
+    return (
+        None if table is None else pl.scan_delta(table).select(pl.col("ts").max()).collect().item()
+    )
 
 
 def complete_day_counts(events_uri: str, rejects_uri: str, lateness: timedelta) -> dict[date, int]:

@@ -79,7 +79,9 @@ def test_a_consumer_killed_again_and_again_lands_every_event_exactly_once(env, r
             time.sleep(rng.uniform(1.0, 4.0))
         else:  # inside a batch: delivered, then within 50 ms (validated, stored, landed, acked?)
             deadline = time.monotonic() + 15
-            while not stream.pending_by_consumer().get("consumer-1") and time.monotonic() < deadline:
+            while (
+                not stream.pending_by_consumer().get("consumer-1") and time.monotonic() < deadline
+            ):
                 assert consumer.poll() is None, consumer.communicate()[1][-2000:]
                 time.sleep(0.001)
             time.sleep(rng.uniform(0.0, 0.05))

@@ -56,7 +56,8 @@ def test_complete_streamed_days_become_the_same_raw_events_as_in_batch(streamed,
     # The last day is still open: its end is not yet behind the stream's newest event.
     [request] = first.run_requests
     assert (request.partition_key_range.start, request.partition_key_range.end) == (
-        "2025-01-01", "2025-01-04"
+        "2025-01-01",
+        "2025-01-04",
     )
     assert request.tags["eventml/trigger"] == "stream"
     from_stream = ingest_days(instance, EventSource(kind="stream"), tables, request.tags)
