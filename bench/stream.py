@@ -8,6 +8,12 @@
 2. Latency: a producer thread offers events at a fixed rate while the consumer runs beside it;
    an event's latency is from its publication (its entry id's millisecond) to the moment the
    batch holding it was written to the online store, i.e. servable. p50 and p99 per offered rate.
+3. Freshness at the endpoint, end to end: the consumer as its own process (`python -m
+   eventml.stream consume`), the champion Bento of EVENTML_HOME served over HTTP from the same
+   Redis store, load offered beside; a probe publishes an event for a new entity and polls
+   `/score` until the answer counts it. Needs a built Bento (`make demo` first); skipped without.
+4. Recovery: the consumer process is SIGKILLed under 1,000 events/s and started again; the time
+   from the kill until a batch is again served within a second of its publication.
 
 The reference: the issue's targets on 2 cores, >= 50,000 events/s consumed and p99 <= 1 s at
 10,000 events/s offered.
@@ -17,17 +23,29 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
 
+import httpx
 import numpy as np
 import polars as pl
 
+from eventml.home import StateHome
 from eventml.online_store import open_store
 from eventml.stream import EventStream, StreamConsumer
+from eventml.traffic import score_requests
 from eventml.worlds.lending import PACK, WorldConfig, simulate
+from resources.bento import Serving
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def world_rows(n: int) -> list[dict]:
@@ -91,12 +109,107 @@ def latency(server: str, rows: list[dict], store: str, rate: int, seconds: float
             "p99_ms": float(np.percentile(ms, 99))}  # fmt: skip
 
 
+@contextmanager
+def offered(stream: EventStream, rows: list[dict], rate: int):
+    """A producer thread publishing `rows` at `rate` events/s until the block ends."""
+    stop, tick = threading.Event(), 0.01
+    per_tick = max(1, int(rate * tick))
+
+    def produce() -> None:
+        start, i = time.time(), 0
+        while not stop.is_set() and i < len(rows):
+            wait = start + (i // per_tick) * tick - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            stream.publish(rows[i : i + per_tick])
+            i += per_tick
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def consumer_process(url: str, home: str) -> subprocess.Popen:
+    env = {**os.environ, "EVENTML_REDIS_URL": url, "EVENTML_HOME": home, "EVENTML_PACK": "lending"}
+    return subprocess.Popen([sys.executable, "-m", "eventml.stream", "consume"], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def endpoint_freshness(server: str, rows: list[dict], rate: int, probes: int) -> dict | None:
+    """Publish-to-`/score` freshness through the consumer process and the served Bento."""
+    serving = Serving.configured(StateHome.from_env())
+    bentos = [b for b in serving.bentos() if serving.served_pack(b).name == PACK.name]
+    if not bentos:
+        return None
+    url = f"{server}?prefix=bench-{uuid.uuid4().hex[:8]}"
+    application = next(r for r in rows if r["event_type"] == "application")
+    late = datetime(2025, 12, 30, 12, tzinfo=UTC)  # every probe's event is before its decision
+    waited = []
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        serving.serve(bentos[0]["tag"], online_store=url) as base,
+    ):
+        consumer, stream = consumer_process(url, tmp), EventStream(url, PACK.name)
+        try:
+            with offered(stream, rows, rate), httpx.Client(base_url=base, timeout=10) as http:
+                for k in range(probes):
+                    entity = f"probe-{k}"
+                    decision = pl.DataFrame([{**application, "entity_id": entity, "ts": late}])
+                    body = {"request": score_requests(decision, PACK)[0]}
+                    event = {"entity_id": entity, "event_id": f"probe-{k}", "event_type": "session",
+                             "ts": "2025-12-30T11:00:00+00:00", "channel": "app"}  # fmt: skip
+                    published = time.perf_counter()
+                    stream.publish([event])
+                    while http.post("/score", json=body).json()["history_events"] == 0:
+                        if time.perf_counter() - published > 30:
+                            raise TimeoutError(f"probe {k}: not served 30 s after publication")
+                    waited.append((time.perf_counter() - published) * 1e3)
+                    time.sleep(0.1)
+        finally:
+            consumer.kill()
+            consumer.wait()
+    ms = np.array(waited)
+    return {"offered_per_s": rate, "probes": probes, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "bento": bentos[0]["tag"]}  # fmt: skip
+
+
+def recovery(server: str, rows: list[dict], rate: int = 1_000, before_kill: float = 5.0) -> dict:
+    """Seconds from a SIGKILL of the consumer process (started again at once) until its batches
+    are again servable within a second of publication."""
+    url = f"{server}?prefix=bench-{uuid.uuid4().hex[:8]}"
+    stream = EventStream(url, PACK.name)
+    with tempfile.TemporaryDirectory() as tmp, offered(stream, rows, rate):
+        consumer = consumer_process(url, tmp)
+        time.sleep(before_kill)
+        consumer.send_signal(signal.SIGKILL)
+        consumer.wait()
+        killed = time.time()
+        consumer = consumer_process(url, tmp)
+        try:
+            while True:
+                batch = stream.consumer_stats().get("consumer-1", {})
+                at = datetime.fromisoformat(batch["at"]).timestamp() if batch else 0
+                if at > killed and batch["freshness_max_ms"] < 1_000:
+                    return {"recovered_s": at - killed, "offered_per_s": rate}
+                if time.time() - killed > 120:
+                    raise TimeoutError("the consumer did not recover within 120 s of its kill")
+                time.sleep(0.05)
+        finally:
+            consumer.kill()
+            consumer.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=5_000)
     ap.add_argument("--store", choices=["sqlite", "redis"], default="redis")
     ap.add_argument("--seconds", type=float, default=10.0, help="of offered load per rate")
+    ap.add_argument("--probes", type=int, default=50, help="freshness probes at /score per rate")
     args = ap.parse_args()
     server = os.environ.get("EVENTML_REDIS_URL") or "redis://127.0.0.1:56379/0"
     rows = world_rows(args.events)
@@ -109,6 +222,18 @@ def main() -> None:
         lat = latency(server, rows, args.store, rate, args.seconds)
         print(f"latency at {rate:,} events/s offered ({lat['events']:,} events): publish to "
               f"servable p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms (target p99 1,000 ms)")  # fmt: skip
+    for rate in (1_000, 10_000):
+        end = endpoint_freshness(server, rows, rate, args.probes)
+        if end is None:
+            print("freshness at /score: skipped, no lending Bento in EVENTML_HOME (`make demo`)")
+            break
+        print(f"freshness at /score ({end['bento']}, consumer process, {rate:,} events/s "
+              f"offered, {end['probes']} probes): p50 {end['p50_ms']:.0f} ms, "
+              f"p99 {end['p99_ms']:.0f} ms (target 1,000 ms)")  # fmt: skip
+    back = recovery(server, rows)
+    print(f"recovery after a SIGKILL at {back['offered_per_s']:,} events/s: served within 1 s "
+          f"of publication again {back['recovered_s']:.1f} s after the kill (process start "
+          f"included)")  # fmt: skip
 
 
 if __name__ == "__main__":

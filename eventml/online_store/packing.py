@@ -4,12 +4,12 @@ events and answer every read identically."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from eventml.features import ACTIVITY_SCHEMA
 from eventml.sequences import utc_us
@@ -33,10 +33,21 @@ def day_number(d: date) -> int:
 
 
 def pack(frame: pl.DataFrame) -> bytes:
-    buffer = io.BytesIO()
+    return _ipc_stream(_arrow(frame))
+
+
+def _arrow(frame: pl.DataFrame) -> pa.Table:
     # The oldest compat level: plain Arrow strings, which any Arrow reader understands.
-    frame.write_ipc_stream(buffer, compat_level=pl.CompatLevel.oldest())
-    return buffer.getvalue()
+    return frame.to_arrow(compat_level=pl.CompatLevel.oldest())
+
+
+def _ipc_stream(table: pa.Table) -> bytes:
+    """`table` (or a slice of it, written compactly) as one Arrow IPC stream. Written by pyarrow:
+    a quarter of the cost of Polars' writer for the small frames a history is."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 def chunks(items: list, size: int = CHUNK) -> Iterator[list]:
@@ -72,12 +83,16 @@ def inside(start: datetime, end: datetime) -> pl.Expr:
 def packed_histories(frame: pl.DataFrame) -> list[tuple[str, int, int, int, bytes]]:
     """(entity_id, events, first µs, last µs, packed) per entity of `frame` (sorted by entity,
     ts, event_id)."""
+    if frame.height == 0:
+        return []
+    table, stamps = _arrow(frame), frame["ts"].to_numpy().view(np.int64)
+    runs = frame["entity_id"].rle().struct.unnest()  # one run per entity: (len, value)
+    ends = runs["len"].cum_sum().to_list()
     rows = []
-    for (entity_id,), events in frame.partition_by(
-        "entity_id", maintain_order=True, as_dict=True
-    ).items():
-        stamps = events["ts"].to_numpy().view(np.int64)
-        rows.append((entity_id, events.height, int(stamps[0]), int(stamps[-1]), pack(events)))
+    for entity_id, n, end in zip(runs["value"].to_list(), runs["len"].to_list(), ends):
+        start = end - n
+        packed = _ipc_stream(table.slice(start, n))
+        rows.append((entity_id, n, int(stamps[start]), int(stamps[end - 1]), packed))
     return rows
 
 

@@ -45,17 +45,17 @@ from eventml.schema import DatasetSpec
 _SEP = "\x1f"
 
 
-def connect(url: str):
+def connect(url: str, text: bool = False):
     """A client and the key prefix of `url`: redis://host:port/db, with `?prefix=name` to keep
-    several stores or deployments in one database (default `eventml`)."""
+    several stores or deployments in one database (default `eventml`). With `text`, replies
+    arrive decoded (by hiredis, in C) as str rather than bytes."""
     import redis
 
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     prefix = query.pop("prefix", ["eventml"])[0]
-    return redis.Redis.from_url(
-        urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
-    ), prefix
+    plain = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+    return redis.Redis.from_url(plain, decode_responses=text), prefix
 
 
 class RedisOnlineStore:

@@ -36,7 +36,7 @@ def stream_version(entry_id: str | bytes) -> int:
 class EventStream:
     def __init__(self, url: str, source: str, group: str = GROUP):
         """`url`: redis://host:port/db, with `?prefix=name` (`eventml.online_store.redis.connect`)."""
-        self.client, prefix = connect(url)
+        self.client, prefix = connect(url, text=True)
         self.key, self.group = f"{prefix}:events:{source}", group
 
     def publish(self, events: Iterable[dict]) -> list[str]:
@@ -44,7 +44,7 @@ class EventStream:
         with self.client.pipeline(transaction=False) as pipe:
             for event in events:
                 pipe.xadd(self.key, {k: _text(v) for k, v in event.items() if v is not None})
-            return [i.decode() for i in pipe.execute()]
+            return pipe.execute()
 
     def create_group(self) -> None:
         """The consumer group, reading from the stream's first entry (once; a no-op after)."""
@@ -65,11 +65,7 @@ class EventStream:
             self.group, consumer, {self.key: "0" if pending else ">"}, count=count,
             block=None if pending else block_ms,
         )  # fmt: skip
-        entries = answer[0][1] if answer else []
-        return [
-            (i.decode(), {k.decode(): v.decode() for k, v in fields.items()})
-            for i, fields in entries
-        ]
+        return answer[0][1] if answer else []
 
     def ack(self, entry_ids: list[str]) -> None:
         if entry_ids:
@@ -81,7 +77,7 @@ class EventStream:
         if not self.client.exists(self.key):
             return {"lag": 0, "pending": 0}
         for group in self.client.xinfo_groups(self.key):
-            if group["name"].decode() == self.group:
+            if group["name"] == self.group:
                 return {"lag": group.get("lag") or 0, "pending": group["pending"]}
         return {"lag": self.client.xlen(self.key), "pending": 0}
 
@@ -95,7 +91,7 @@ class EventStream:
             if "NOGROUP" in str(error):
                 return {}
             raise
-        return {c["name"].decode(): int(c["pending"]) for c in summary.get("consumers") or []}
+        return {c["name"]: int(c["pending"]) for c in summary.get("consumers") or []}
 
     def record_stats(self, consumer: str, stats: dict) -> None:
         """How a consumer's latest batch went (`eventml.stream.consumer.Consumed.stats`)."""
@@ -104,7 +100,7 @@ class EventStream:
     def consumer_stats(self) -> dict[str, dict]:
         """Each consumer's latest batch, by consumer name (what `record_stats` was given)."""
         found = self.client.hgetall(f"{self.key}:consumers")
-        return {name.decode(): json.loads(stats) for name, stats in sorted(found.items())}
+        return {name: json.loads(stats) for name, stats in sorted(found.items())}
 
 
 def _text(value) -> str:

@@ -51,6 +51,21 @@ from eventml.validation import parse_ts, validate
 # How long the first entry of an event id is remembered: a copy sent again later than this is
 # not recognised (an at-least-once producer retries within minutes).
 DEDUP_DAYS = 30
+# Per event (day key index, event id, entry id): record the entry as the event id's first copy
+# unless one is recorded; 1 where the recorded first copy is another entry.
+_FIRST_COPIES = """
+local later = {}
+for i = 2, #ARGV, 3 do
+  local key, event_id, entry = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HSETNX', key, event_id, entry) == 1 then
+    later[#later + 1] = 0
+  else
+    later[#later + 1] = redis.call('HGET', key, event_id) == entry and 0 or 1
+  end
+end
+for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[1]) end
+return later
+"""
 STAGES = ("validate", "online_store", "delta", "ack")
 
 
@@ -88,6 +103,12 @@ class StreamConsumer:
         self.stream, self.spec, self.store, self.name = stream, spec, store, name
         self.events_uri, self.rejects_uri = events_uri, rejects_uri
         self.app_id = f"stream:{stream.key}:{name}"
+        self._first_copies = stream.client.register_script(_FIRST_COPIES)
+        # The last entry each table recorded for this consumer: read once, then kept as this
+        # process commits (a consumer's name is its own: no other process commits under it).
+        self._landed = {
+            uri: _committed_version(uri, self.app_id) for uri in (events_uri, rejects_uri)
+        }
         self.days = (spec.partition_range.start, spec.partition_range.end)
         self.watermark: datetime | None = watermark(events_uri)
         stream.create_group()
@@ -156,19 +177,18 @@ class StreamConsumer:
     def _later_copies(self, clean: pl.DataFrame, entry_ids: list[str]) -> list[bool]:
         """Which clean rows repeat an event id an earlier entry carried (an at-least-once
         producer sending again): the first entry of each event id is recorded (per event day,
-        kept for `DEDUP_DAYS`), so an entry delivered again is still its own first copy."""
+        kept for `DEDUP_DAYS`), so an entry delivered again is still its own first copy. One
+        script call per batch: a command per event cost more than the rest of the batch."""
         if clean.height == 0:
             return []
-        keys = [f"{self.stream.key}:first:{d}" for d in clean["ts"].dt.date().cast(pl.String)]
-        with self.stream.client.pipeline(transaction=False) as pipe:
-            for key, event_id, entry in zip(keys, clean["event_id"], entry_ids):
-                pipe.hsetnx(key, event_id, entry)
-            for key in set(keys):
-                pipe.expire(key, DEDUP_DAYS * 86_400)
-            for key, event_id in zip(keys, clean["event_id"]):
-                pipe.hget(key, event_id)
-            firsts = pipe.execute()[-len(entry_ids) :]
-        return [first.decode() != entry for first, entry in zip(firsts, entry_ids)]
+        days = clean["ts"].dt.date().cast(pl.String)
+        keys = sorted(set(days))
+        index = {day: str(i + 1) for i, day in enumerate(keys)}
+        args = [str(DEDUP_DAYS * 86_400)]
+        for day, event_id, entry in zip(days, clean["event_id"], entry_ids):
+            args += (index[day], event_id, entry)
+        keys = [f"{self.stream.key}:first:{day}" for day in keys]
+        return [bool(again) for again in self._first_copies(keys=keys, args=args)]
 
     def _as_rejects(self, rows: pl.DataFrame, entry_ids: list[str]) -> pl.DataFrame:
         """Clean rows rejected as later copies, in the rejects' schema."""
@@ -182,7 +202,7 @@ class StreamConsumer:
     def _land(self, rows: pl.DataFrame, entry_ids: list[str], uri: str, batch: int) -> int:
         """Append the rows (one per entry of `entry_ids`) the table does not hold yet, recording
         `batch` (the batch's last entry) in the same commit; the rows appended."""
-        landed = _committed_version(uri, self.app_id)
+        landed = self._landed[uri]
         fresh = rows.filter(
             pl.Series([stream_version(i) > landed for i in entry_ids], dtype=pl.Boolean)
         )
@@ -194,6 +214,7 @@ class StreamConsumer:
                 app_transactions=[Transaction(app_id=self.app_id, version=batch)]
             ),
         )  # fmt: skip
+        self._landed[uri] = batch
         return fresh.height
 
     def run(self, until_drained: bool = False, count: int = 5_000, log=None) -> None:

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import bentoml
 import dagster as dg
@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
 from eventml.sources import DAY
+from eventml.stream import EventStream, StreamConsumer
 from eventml.traffic import score_requests
 from ml_assets.serving import risk_service_bento
 from resources.bento import Serving, worker_pids
@@ -128,8 +129,6 @@ def test_batch_scores_equal_the_offline_scores(client, deployed, test_decisions,
 def test_recent_events_the_store_has_not_seen_count_once(client, good):
     base = client.score(request=good)["history_events"]
     ts = good["ts"]
-    from datetime import datetime
-
     before = (datetime.fromisoformat(ts) - timedelta(minutes=5)).isoformat()
     new = {"event_id": "live-1", "event_type": "session", "ts": before, "channel": "app"}
     assert client.score(request={**good, "recent_events": [new]})["history_events"] == base + 1
@@ -149,21 +148,37 @@ def test_concurrent_batch_callers_each_get_their_own_answers(url, test_decisions
 
 
 def test_the_bento_serves_the_same_answers_from_the_redis_online_store(
-    deployed, bento_tag, client, test_decisions, requests_of, redis_url
+    deployed, bento_tag, client, test_decisions, requests_of, redis_url, tmp_path
 ):
     """The production counterpart of the SQLite store: the same events published to Redis, the
-    same Bento reading them gives every test decision the same scores and the same history."""
+    same Bento reading them gives every test decision the same scores and the same history;
+    and an event published to the stream reaches `/score` once the consumer has taken it."""
+    spec = deployed["spec"]
     events = deployed["tables"].scan("raw_events").drop(DAY).collect()
-    Serving.under(deployed["root"], online_store=redis_url).store(deployed["spec"]).write(events)
+    redis_store = Serving.under(deployed["root"], online_store=redis_url).store(spec)
+    redis_store.write(events)
     body = requests_of(test_decisions.head(64))
     from_sqlite = client.score_batch(requests=body)
     with deployed["serving"].serve(bento_tag, online_store=redis_url) as redis_served:
         with bentoml.SyncHTTPClient(redis_served, timeout=60) as on_redis:
             from_redis = on_redis.score_batch(requests=body)
-    assert [(a["probabilities"], a["history_events"]) for a in from_redis] == [
-        (a["probabilities"], a["history_events"]) for a in from_sqlite
-    ]
-    assert sum(a["history_events"] for a in from_redis) > 0
+            assert [(a["probabilities"], a["history_events"]) for a in from_redis] == [
+                (a["probabilities"], a["history_events"]) for a in from_sqlite
+            ]
+            assert sum(a["history_events"] for a in from_redis) > 0
+
+            request = body[0]
+            seen = on_redis.score(request=request)["history_events"]
+            stream = EventStream(redis_url, spec.name)
+            consumer = StreamConsumer(
+                stream, spec, redis_store, str(tmp_path / "events"), str(tmp_path / "rejects")
+            )
+            earlier = datetime.fromisoformat(request["ts"]) - timedelta(minutes=5)
+            new = {"entity_id": request["entity_id"], "event_id": "streamed-1",
+                   "ts": earlier.isoformat(), "event_type": "session", "channel": "app"}  # fmt: skip
+            stream.publish([new])
+            assert consumer.step(block_ms=1_000).clean == 1
+            assert on_redis.score(request=request)["history_events"] == seen + 1
 
 
 # ------------------------------------------------------------------ bad input
