@@ -1,10 +1,12 @@
 """`make advance DAYS=n`: move the simulated world forward and let the system react.
 
-    python -m ml_assets.time_machine --days 30 [--step 5] [--no-act]
+    python -m ml_assets.time_machine --days 30 [--step 5] [--no-act] [--seconds-per-day 2]
 
 Each step of `--step` days is one `time_machine_job` run (ingest, online store, features, the
 days' applications scored by the champion Bento over HTTP, the prediction log ingested, drift
-and live performance judged). Then the drift and performance sensors are evaluated with the
+and live performance judged). When the deployment's source is the stream (EVENTML_SOURCE=stream),
+the step's days are first published to it as they happen (`--seconds-per-day`), and the run
+starts once the consumer (`make stream`) has landed them all: the run ingests what it landed. Then the drift and performance sensors are evaluated with the
 same code and run keys the Dagster daemon uses, and a retrain they request runs at once
 (`--no-act` leaves that to the daemon of `make ui`). Runs land in DAGSTER_HOME, so the UI shows
 every step, its metadata, the sensor ticks' requests and the retrain.
@@ -30,6 +32,9 @@ from dagster._core.storage.tags import (
 )
 
 from eventml.home import StateHome
+from eventml.stream import EventStream
+from eventml.stream.producer import publish_days, wait_until_taken
+from eventml.worlds import world
 from ml_assets.definitions import build_definitions, build_resources
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.partitions import daily
@@ -74,6 +79,16 @@ class TimeMachine:
         meta = result.asset_materializations_for_node("feature_drift")[-1].metadata
         return {k: v.value for k, v in meta.items()}
 
+    def publish(self, first: date, last: date, seconds_per_day: float) -> None:
+        """The days [first, last] of the world to its stream, then wait until they are landed."""
+        source, home = self.resources["event_source"], StateHome.from_env()
+        module, config = world(source.pack), source.world()
+        days = range(module.day_of(config, first), module.day_of(config, last) + 1)
+        stream = EventStream(home.require_redis(), source.spec().name)
+        log = lambda line: print(f"  {line}", flush=True)  # noqa: E731
+        publish_days(stream, module.iter_days(config, days), seconds_per_day, log)
+        wait_until_taken(stream, log=log)
+
     def act(self) -> list[dict]:
         """Evaluate both sensors once; run what they request, tagged as the daemon would."""
         outcomes = []
@@ -115,6 +130,12 @@ def main() -> int:
     ap.add_argument("--days", type=int, default=7)
     ap.add_argument("--step", type=int, default=5, help="days per time_machine_job run")
     ap.add_argument("--no-act", action="store_true", help="leave the sensors to the daemon")
+    ap.add_argument(
+        "--seconds-per-day",
+        type=float,
+        default=2.0,
+        help="the stream's clock (EVENTML_SOURCE=stream): seconds per simulated day",
+    )
     args = ap.parse_args()
     home = StateHome.from_env()
     os.environ.setdefault("DAGSTER_HOME", str(dagster_home(home)))
@@ -139,6 +160,8 @@ def main() -> int:
                 served = champion
                 print(f"serving {built['tag']} (champion v{champion}) at {url}", flush=True)
             started = time.perf_counter()
+            if machine.resources["event_source"].kind == "stream":
+                machine.publish(first, last, args.seconds_per_day)
             drift = machine.step(first, last, url)
             psi = " ".join(f"{k.removeprefix('score_psi.')}={v:.3f}" for k, v in drift.items()
                            if k.startswith("score_psi."))  # fmt: skip

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from eventml.home import StateHome
 from eventml.online_store import open_store
 from eventml.stream.broker import EventStream
 from eventml.stream.consumer import StreamConsumer
 from eventml.stream.landed import EVENTS, REJECTS
+from eventml.stream.producer import publish_days
 from eventml.worlds import load_pack, selected_pack, world
 
 
@@ -40,18 +40,9 @@ def produce(home: StateHome, pack_ref: str, days: range, seconds_per_day: float,
     """Publish days of the built-in world `pack_ref` (`config`: its `WorldConfig` fields);
     the number of events published."""
     module, spec = world(pack_ref), load_pack(pack_ref)
-    stream, sent = EventStream(home.require_redis(), spec.name), 0
-    for day, events in module.iter_days(module.WorldConfig(**(config or {})), days):
-        started, rows = time.monotonic(), events.sort("ts").to_dicts()
-        step = max(1, len(rows) // 20)  # twenty sends a day, each when its time comes
-        for i in range(0, len(rows), step):
-            stream.publish(rows[i : i + step])
-            wait = started + seconds_per_day * (i + step) / len(rows) - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-        sent += len(rows)
-        log(f"day {day}: {len(rows):,} events published")
-    return sent
+    stream = EventStream(home.require_redis(), spec.name)
+    world_days = module.iter_days(module.WorldConfig(**(config or {})), days)
+    return publish_days(stream, world_days, seconds_per_day, log)
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 runs once they are complete, and a streamed day is the same `raw_events` partition as the same
 day ingested in batch; the stream's backlog and freshness are observed on the assets it feeds."""
 
+import threading
+
 import dagster as dg
 import polars as pl
 import pytest
@@ -9,7 +11,8 @@ import pytest
 from eventml.online_store import open_store
 from eventml.stream import EventStream, StreamConsumer
 from eventml.stream.landed import EVENTS, REJECTS
-from eventml.worlds.lending import PACK, WorldConfig, simulate
+from eventml.stream.producer import publish_days, wait_until_taken
+from eventml.worlds.lending import PACK, WorldConfig, iter_days, simulate
 from ml_assets.ingest import ingest
 from ml_assets.sensors import stream_sensor
 from resources.delta import DeltaTables
@@ -98,3 +101,18 @@ def test_the_sensor_waits_unless_the_source_is_the_stream(instance, tmp_path):
         resources={"event_source": EventSource(), "tables": DeltaTables(root_uri=str(tmp_path))},
     )
     assert isinstance(stream_sensor(context), dg.SkipReason)
+
+
+def test_published_days_are_waited_for_until_a_consumer_has_landed_them(tmp_path, redis_url):
+    """What `make advance` does on the stream: publish the days, wait until they are landed."""
+    stream = EventStream(redis_url, PACK.name)
+    tables = DeltaTables(root_uri=str(tmp_path / "tables"))
+    consumer = StreamConsumer(stream, PACK, open_store(redis_url, PACK), tables.uri(EVENTS),
+                              tables.uri(REJECTS))  # fmt: skip
+    config = WorldConfig(n_users=USERS)
+    published = publish_days(stream, iter_days(config, range(2)), seconds_per_day=0)
+    taking = threading.Thread(target=lambda: [consumer.step(block_ms=10) for _ in range(50)])
+    taking.start()
+    wait_until_taken(stream, timeout=60)
+    assert tables.scan(EVENTS).collect().height == published
+    taking.join()
