@@ -41,6 +41,7 @@ import polars as pl
 from eventml.home import StateHome
 from eventml.online_store import open_store
 from eventml.stream import EventStream, StreamConsumer
+from eventml.stream.consumer import BATCH
 from eventml.traffic import score_requests
 from eventml.worlds.lending import PACK, WorldConfig, simulate
 from resources.bento import Serving
@@ -96,7 +97,7 @@ def latency(server: str, rows: list[dict], store: str, rate: int, seconds: float
         producer.start()
         waited, seen = [], 0
         while seen < total:
-            entries = consumer.stream.read(consumer.name, 5_000, block_ms=50)
+            entries = consumer.stream.read(consumer.name, BATCH, block_ms=50)
             if not entries:
                 continue
             consumer.consume(entries)
@@ -206,7 +207,7 @@ def recovery(server: str, rows: list[dict], rate: int = 1_000, before_kill: floa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=200_000)
-    ap.add_argument("--batch", type=int, default=5_000)
+    ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--store", choices=["sqlite", "redis"], default="redis")
     ap.add_argument("--seconds", type=float, default=10.0, help="of offered load per rate")
     ap.add_argument("--probes", type=int, default=50, help="freshness probes at /score per rate")

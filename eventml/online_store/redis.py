@@ -149,11 +149,13 @@ class RedisOnlineStore:
             touched = self._touched_between(pipe, start, end) if ranged else []
             touched = sorted(set(touched) | set(new["entity_id"].unique().to_list()))
             stored = self._stored(pipe, touched)
-            kept = stored.filter(~inside(start, end)) if ranged else stored
-            # Histories that span the range without an event in it are not re-written.
-            removed = stored.join(kept, on=["entity_id", "event_id"], how="anti")
-            changed = sorted(set(removed["entity_id"]) | set(new["entity_id"]))
-            final = merged(kept.filter(pl.col("entity_id").is_in(changed)), new)
+            kept, changed = stored, touched  # a write: every history read takes new events
+            if ranged:
+                kept = stored.filter(~inside(start, end))
+                # Histories that span the range without an event in it are not re-written.
+                removed = stored.join(kept, on=["entity_id", "event_id"], how="anti")
+                changed = sorted(set(removed["entity_id"]) | set(new["entity_id"]))
+            final = merged(kept.filter(pl.col("entity_id").is_in(changed)) if ranged else kept, new)
             queues = [self._queue_histories(changed, final)]
             if activity is not None:
                 queues.append(self._plan_activity(pipe, activity, start, end))

@@ -1,6 +1,6 @@
 """The stream's two processes (`make stream`; EVENTML_REDIS_URL names the Redis server):
 
-    python -m eventml.stream consume [--until-drained] [--batch 5000] [--name consumer-1]
+    python -m eventml.stream consume [--until-drained] [--batch 20000] [--name consumer-1]
     python -m eventml.stream produce --days 0:30 [--seconds-per-day 2] [--users N]
 
 `consume` reads the deployment's source stream into the online store and lands it in the
@@ -21,7 +21,7 @@ import sys
 from eventml.home import StateHome
 from eventml.online_store import open_store
 from eventml.stream.broker import EventStream
-from eventml.stream.consumer import StreamConsumer
+from eventml.stream.consumer import BATCH, StreamConsumer
 from eventml.stream.landed import EVENTS, REJECTS
 from eventml.stream.producer import publish_days
 from eventml.worlds import load_pack, selected_pack, world
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("command", choices=["consume", "produce"])
     ap.add_argument("--pack", default=selected_pack(), help="default: EVENTML_PACK or lending")
     ap.add_argument("--until-drained", action="store_true", help="consume: stop when caught up")
-    ap.add_argument("--batch", type=int, default=5_000, help="consume: entries per batch at most")
+    ap.add_argument("--batch", type=int, default=BATCH, help="consume: entries per batch at most")
     ap.add_argument(
         "--name",
         default="consumer-1",

@@ -67,6 +67,10 @@ for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[1]) end
 return later
 """
 STAGES = ("validate", "online_store", "delta", "ack")
+# The most entries one batch takes: a live stream's batches hold what arrived since the last
+# (a few), a backlog's are large, so each batch's fixed costs (two Delta commits, a transaction)
+# are spread over many events when the consumer is behind.
+BATCH = 20_000
 
 
 @dataclass
@@ -113,7 +117,7 @@ class StreamConsumer:
         self.watermark: datetime | None = watermark(events_uri)
         stream.create_group()
 
-    def step(self, count: int = 5_000, block_ms: int = 200) -> Consumed:
+    def step(self, count: int = BATCH, block_ms: int = 200) -> Consumed:
         """One batch: this consumer's pending entries first (after a restart), else new ones."""
         entries = self.stream.read(self.name, count, pending=True) or self.stream.read(
             self.name, count, block_ms=block_ms
@@ -147,15 +151,15 @@ class StreamConsumer:
         waited = pl.Series([served_ms - int(i.split("-")[0]) for i in ids])
         done.freshness_p50_ms, done.freshness_max_ms = waited.median(), waited.max()
 
-        batch = max(stream_version(i) for i in ids)
+        first, batch = stream_version(ids[0]), stream_version(ids[-1])  # delivered in id order
         clean_ids = [i for i, a in zip(clean_ids, again) if not a]
         reject_ids = rejects["source"].str.split("/").list.last().to_list()
         if clean.height:
             self.watermark = max(clean["ts"].max(), self.watermark or clean["ts"].max())
         clean = clean.with_columns(pl.col("ts").dt.date().alias(DAY))
         rejects = self._placed(rejects)
-        done.landed += self._land(clean, clean_ids, self.events_uri, batch)
-        done.landed += self._land(rejects, reject_ids, self.rejects_uri, batch)
+        done.landed += self._land(clean, clean_ids, self.events_uri, first, batch)
+        done.landed += self._land(rejects, reject_ids, self.rejects_uri, first, batch)
         marks.append(time.perf_counter())  # delta
 
         self.stream.ack(ids)
@@ -199,13 +203,17 @@ class StreamConsumer:
             pl.Series("source", [f"{self.stream.key}/{i}" for i in entry_ids], dtype=pl.String),
         )
 
-    def _land(self, rows: pl.DataFrame, entry_ids: list[str], uri: str, batch: int) -> int:
+    def _land(self, rows: pl.DataFrame, entry_ids: list[str], uri: str, first: int,
+              batch: int) -> int:  # fmt: skip
         """Append the rows (one per entry of `entry_ids`) the table does not hold yet, recording
-        `batch` (the batch's last entry) in the same commit; the rows appended."""
-        landed = self._landed[uri]
-        fresh = rows.filter(
-            pl.Series([stream_version(i) > landed for i in entry_ids], dtype=pl.Boolean)
-        )
+        `batch` (the batch's last entry) in the same commit; the rows appended. `first`: the
+        batch's first entry (entries arrive in id order)."""
+        landed, fresh = self._landed[uri], rows
+        if first <= landed:
+            # A batch delivered again after a crash: some or all of it is in the table.
+            fresh = rows.filter(
+                pl.Series([stream_version(i) > landed for i in entry_ids], dtype=pl.Boolean)
+            )
         if fresh.height == 0:
             return 0
         write_deltalake(
@@ -217,7 +225,7 @@ class StreamConsumer:
         self._landed[uri] = batch
         return fresh.height
 
-    def run(self, until_drained: bool = False, count: int = 5_000, log=None) -> None:
+    def run(self, until_drained: bool = False, count: int = BATCH, log=None) -> None:
         """Consume until stopped (or, `until_drained`, until nothing is pending or new); a line
         per batch to `log` (default: stdout, flushed)."""
         log = log or partial(print, flush=True)
