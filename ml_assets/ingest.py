@@ -146,6 +146,7 @@ def ingest(
         metadata={
             "dagster/row_count": clean.height,
             "delta_version": versions["raw_events"],
+            "event_source": event_source.kind,
             "days": (end - start).days,
             "entities": clean["entity_id"].n_unique(),
             "event_type_mix": counts_md(clean, "event_type"),
