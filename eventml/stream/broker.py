@@ -1,11 +1,11 @@
 """A source's events on a Redis stream, in the event contract's shape.
 
-One stream per source (`<prefix>:events:<source>`). An entry is one event: a field per contract
+One stream per source (`<prefix>:events:<pack name>`). An entry is one event: a field per contract
 column, by its canonical name (`entity_id`, `event_id`, `ts` as ISO 8601 with its offset,
 `event_type`, `amount`, the pack's attributes), every value text, a missing value a missing
 field. A user's producer appends entries the same way, from any language:
 
-    XADD eventml:events:lending * entity_id u42 event_id e-1 ts 2025-06-01T12:00:00Z \\
+    XADD eventml:events:lending_sim * entity_id u42 event_id e-1 ts 2025-06-01T12:00:00Z \\
         event_type session
 
 Consumers read through a consumer group: an entry delivered to a consumer stays pending until it
