@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -289,7 +290,20 @@ def _publish(model_dir: str, spec_path: str, mlflow_version: str) -> dict:
         python={"packages": pinned_packages(), "lock_packages": False},  # locking needs the network
         args={"model": str(stored.tag)},  # exact tag: the Bento serves this model and no later one
     )
+    _copy_compiled_kernels(Path(bento.path_of("src")))
     return {"model_tag": str(stored.tag), "bento_tag": str(bento.tag)}
+
+
+def _copy_compiled_kernels(src: Path) -> None:
+    """numba's cache of the feature kernels this machine compiled, beside the built Bento's copy
+    of their source: its first start would otherwise spend ~10 s compiling them. numba keys each
+    entry by the source's hash and the CPU, so an entry that does not fit is recompiled, never
+    used. (BentoML builds and exports leave `__pycache__` out, so it is copied in afterwards; an
+    exported Bento compiles on its first start.)"""
+    for cached in ROOT.glob("eventml/**/__pycache__/*.nb[ci]"):
+        target = src / cached.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, target)
 
 
 if __name__ == "__main__":
