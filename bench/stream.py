@@ -178,6 +178,45 @@ def endpoint_freshness(server: str, rows: list[dict], rate: int, probes: int) ->
             "p99_ms": float(np.percentile(ms, 99)), "bento": bentos[0]["tag"]}  # fmt: skip
 
 
+def scale_out(server: str, rows: list[dict], consumers: int) -> dict:
+    """The backlog taken by `consumers` consumer processes of different names at once (each
+    `--until-drained`); events/s from their start to the last one's exit, start-up included."""
+    url = f"{server}?prefix=bench-{uuid.uuid4().hex[:8]}"
+    EventStream(url, PACK.name).publish(rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {
+            **os.environ,
+            "EVENTML_REDIS_URL": url,
+            "EVENTML_HOME": tmp,
+            "EVENTML_PACK": "lending",
+        }
+        started = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "eventml.stream",
+                    "consume",
+                    "--until-drained",
+                    "--name",
+                    f"consumer-{i + 1}",
+                ],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+            for i in range(consumers)
+        ]
+        for proc in procs:
+            if proc.wait() != 0:
+                raise RuntimeError(proc.stderr.read().decode()[-2000:])
+        seconds = time.perf_counter() - started
+    return {"consumers": consumers, "events": len(rows), "seconds": seconds,
+            "events_per_s": len(rows) / seconds}  # fmt: skip
+
+
 def recovery(server: str, rows: list[dict], rate: int = 1_000, before_kill: float = 5.0) -> dict:
     """Seconds from a SIGKILL of the consumer process (started again at once) until its batches
     are again servable within a second of publication."""
@@ -219,6 +258,12 @@ def main() -> None:
           f"{got['events']:,} events in {got['seconds']:.1f} s = {got['events_per_s']:,.0f} "
           f"events/s (target 50,000); time in " + ", ".join(
               f"{k} {got[k]:.1f} s" for k in ("validate", "online_store", "delta", "ack")))  # fmt: skip
+    for n in (1, 2):
+        out = scale_out(server, rows, n)
+        print(
+            f"{n} consumer process(es) of the same backlog: {out['events']:,} events in "
+            f"{out['seconds']:.1f} s = {out['events_per_s']:,.0f} events/s (start-up included)"
+        )
     for rate in (1_000, 10_000):
         lat = latency(server, rows, args.store, rate, args.seconds)
         print(f"latency at {rate:,} events/s offered ({lat['events']:,} events): publish to "

@@ -120,10 +120,25 @@ SHARED_FIXTURE = {
 }
 
 
+# The files that take longest (worker-seconds, docs/figures.md), longest first: they run before
+# every other file, so the two workers finish together (the longest-first rule of scheduling).
+LONGEST_FIRST = (
+    "tests/e2e/test_demo.py", "tests/e2e/test_closed_loop.py", "tests/e2e/test_cards_world.py",
+    "tests/e2e/test_bento.py", "tests/ml_assets/test_features_assets.py",
+    "tests/ml_assets/test_training_half.py", "tests/e2e/test_own_pack.py",
+    "tests/resources/test_shared_state.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
 def pytest_xdist_make_scheduler(config, log):
     """`make test`'s workers take whole files (a worker builds a file's module fixtures once),
-    in collection order (`--no-loadscope-reorder`: the whole-system files, the longest, start
-    first), and the files of `SHARED_FIXTURE` together."""
+    in collection order (`--no-loadscope-reorder`; `LONGEST_FIRST` leads it), and the files of
+    `SHARED_FIXTURE` together."""
     from xdist.scheduler import LoadScopeScheduling
 
     class FilesAndSharedFixtures(LoadScopeScheduling):
