@@ -71,7 +71,7 @@ class EventSource(dg.ConfigurableResource):
         (`partitions`: [first, end) of all partition days): the stream's as its consumer
         validated them, the others' validated here."""
         if self.kind == "stream":
-            return landed_days(tables.uri(EVENTS), tables.uri(REJECTS), start, end)
+            return landed_days(tables.uri(EVENTS), tables.uri(REJECTS), start, end, self.spec())
         raw = self.raw_rows(start, end)
         return ingest_days(raw, self.spec(), start, end, datetime.now(UTC), partitions)
 

@@ -16,6 +16,7 @@ import polars as pl
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
+from eventml.schema import DatasetSpec
 from eventml.sources import DAY
 from eventml.validation import Validated
 
@@ -30,17 +31,21 @@ def landed_table(uri: str) -> DeltaTable | None:
         return None
 
 
-def landed_days(events_uri: str, rejects_uri: str, start: date, end: date) -> Validated:
+def landed_days(events_uri: str, rejects_uri: str, start: date, end: date,
+                spec: DatasetSpec) -> Validated:  # fmt: skip
     """The clean events and the rejects the consumer landed on the days [start, end)."""
-    tables = [landed_table(uri) for uri in (events_uri, rejects_uri)]
-    if None in tables:
+    events, rejects = landed_table(events_uri), landed_table(rejects_uri)
+    if events is None:
         raise ValueError(
-            f"the stream has landed nothing yet ({events_uri} or {rejects_uri} does not exist): "
-            "start the consumer (`make stream`) and publish events before ingesting the stream"
+            f"the stream has landed nothing yet ({events_uri} does not exist): start the "
+            "consumer (`make stream`) and publish events before ingesting the stream"
         )
     on_days = pl.col(DAY).is_between(start, end, closed="left")
-    clean, rejects = (pl.scan_delta(table).filter(on_days).collect() for table in tables)
-    return Validated(clean=clean, rejects=rejects)
+    clean = pl.scan_delta(events).filter(on_days).collect()
+    if rejects is None:  # no entry was ever refused: the table is written with its first reject
+        text = dict.fromkeys([*spec.event_schema(), "reason", "field", "source"], pl.String)
+        return Validated(clean=clean, rejects=pl.DataFrame(schema={**text, DAY: pl.Date}))
+    return Validated(clean=clean, rejects=pl.scan_delta(rejects).filter(on_days).collect())
 
 
 def watermark(events_uri: str) -> datetime | None:

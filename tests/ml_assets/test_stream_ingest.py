@@ -116,3 +116,17 @@ def test_published_days_are_waited_for_until_a_consumer_has_landed_them(tmp_path
     wait_until_taken(stream, timeout=60)
     assert tables.scan(EVENTS).collect().height == published
     taking.join()
+
+
+def test_a_stream_that_never_refused_an_event_ingests_with_no_rejects(tmp_path, redis_url,
+                                                                       instance, range_tags):  # fmt: skip
+    stream = EventStream(redis_url, PACK.name)
+    tables = DeltaTables(root_uri=str(tmp_path / "tables"))
+    consumer = StreamConsumer(stream, PACK, open_store(redis_url, PACK), tables.uri(EVENTS),
+                              tables.uri(REJECTS))  # fmt: skip
+    stream.publish(simulate(WorldConfig(n_users=USERS), range(2)).sort("ts").to_dicts())
+    while consumer.step(block_ms=10).entries:
+        pass
+    events = ingest_days(instance, EventSource(kind="stream"), tables,
+                         range_tags("2025-01-01", "2025-01-01"))  # fmt: skip
+    assert events.height > 0 and tables.scan("event_rejects").collect().height == 0
