@@ -33,6 +33,7 @@ from dagster._core.storage.tags import (
 
 from eventml.home import StateHome
 from eventml.stream import EventStream
+from eventml.stream.landed import EVENTS, watermark
 from eventml.stream.producer import publish_days, wait_until_taken
 from eventml.worlds import world
 from ml_assets.definitions import build_definitions, build_resources
@@ -80,13 +81,21 @@ class TimeMachine:
         return {k: v.value for k, v in meta.items()}
 
     def publish(self, first: date, last: date, seconds_per_day: float) -> None:
-        """The days [first, last] of the world to its stream, then wait until they are landed."""
+        """The days [first, last] of the world to its stream, then wait until they are landed.
+        Events the stream landed already (a step run again) are not sent again: copies would be
+        rejects."""
         source, home = self.resources["event_source"], StateHome.from_env()
         module, config = world(source.pack), source.world()
         days = range(module.day_of(config, first), module.day_of(config, last) + 1)
         stream = EventStream(home.require_redis(), source.spec().name)
         log = lambda line: print(f"  {line}", flush=True)  # noqa: E731
-        publish_days(stream, module.iter_days(config, days), seconds_per_day, log)
+        wait_until_taken(stream, log=log)
+        landed = watermark(self.resources["tables"].uri(EVENTS))
+        unsent = (
+            (day, events if landed is None else events.filter(pl.col("ts") > landed))
+            for day, events in module.iter_days(config, days)
+        )
+        publish_days(stream, unsent, seconds_per_day, log)
         wait_until_taken(stream, log=log)
 
     def act(self) -> list[dict]:
