@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from functools import partial
 
 import polars as pl
-from deltalake import CommitProperties, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from eventml.online_store import OnlineStore
 from eventml.pack import DatasetPack
@@ -108,11 +108,11 @@ class StreamConsumer:
         self.events_uri, self.rejects_uri = events_uri, rejects_uri
         self.app_id = f"stream:{stream.key}:{name}"
         self._first_copies = stream.client.register_script(_FIRST_COPIES)
-        # The last entry each table recorded for this consumer: read once, then kept as this
-        # process commits (a consumer's name is its own: no other process commits under it).
-        self._landed = {
-            uri: _committed_version(uri, self.app_id) for uri in (events_uri, rejects_uri)
-        }
+        # Each table, kept open (a commit through an open table reads only the log's new
+        # entries), and the last entry it recorded for this consumer: read once, then kept as
+        # this process commits (a consumer's name is its own: no other process commits under it).
+        self._tables = {uri: landed_table(uri) for uri in (events_uri, rejects_uri)}
+        self._landed = {uri: _committed_version(t, self.app_id) for uri, t in self._tables.items()}
         self.days = (spec.partition_range.start, spec.partition_range.end)
         self.watermark: datetime | None = watermark(events_uri)
         stream.create_group()
@@ -217,11 +217,12 @@ class StreamConsumer:
         if fresh.height == 0:
             return 0
         write_deltalake(
-            uri, fresh, mode="append",
+            self._tables[uri] or uri, fresh, mode="append",
             commit_properties=CommitProperties(
                 app_transactions=[Transaction(app_id=self.app_id, version=batch)]
             ),
         )  # fmt: skip
+        self._tables[uri] = self._tables[uri] or landed_table(uri)
         self._landed[uri] = batch
         return fresh.height
 
@@ -239,8 +240,7 @@ class StreamConsumer:
                 return
 
 
-def _committed_version(uri: str, app_id: str) -> int:
+def _committed_version(table: DeltaTable | None, app_id: str) -> int:
     """The last entry the table recorded for this app id; -1 before its first commit."""
-    table = landed_table(uri)
     version = None if table is None else table.transaction_version(app_id)
     return -1 if version is None else version
