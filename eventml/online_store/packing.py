@@ -97,17 +97,23 @@ def packed_histories(frame: pl.DataFrame) -> list[tuple[str, int, int, int, byte
 
 
 def unpacked(
-    packed: dict[str, bytes], entity_ids: list[str], before: list[int] | None, empty: pl.DataFrame
+    packed: dict[str, bytes | pl.DataFrame],
+    entity_ids: list[str],
+    before: list[int] | None,
+    empty: pl.DataFrame,
 ) -> pl.DataFrame:
-    """The stored events of `entity_ids` (sorted, distinct) from their packed histories, ordered
-    by entity, ts and event_id; with `before`, each entity's events strictly before its bound."""
+    """The stored events of `entity_ids` (sorted, distinct) from their packed histories (or
+    histories already read, in time order), ordered by entity, ts and event_id; with `before`,
+    each entity's events strictly before its bound."""
     frames = []
     # Slices and NumPy rather than Polars queries, which cost ~80 µs each: one request's whole
     # read is less than that.
     for i, entity_id in enumerate(entity_ids):
         if entity_id not in packed:
             continue
-        events = pl.read_ipc_stream(packed[entity_id])
+        events = packed[entity_id]
+        if not isinstance(events, pl.DataFrame):
+            events = pl.read_ipc_stream(events)
         if before is not None:  # packed in time order: the events before it are a prefix
             stamps = events["ts"].to_numpy().view(np.int64)
             events = events.head(int(np.searchsorted(stamps, before[i], side="left")))

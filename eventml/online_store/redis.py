@@ -1,21 +1,29 @@
 """The online store on Redis, the production counterpart of SQLite: the same packed histories
-(`packing`), one key per entity, so a read of a batch is one MGET.
+(`packing`), one key per entity, so a read of a batch is one round trip.
 
 Keys, under a prefix (the URL's `?prefix=`, default `eventml`):
 
     <p>:history:<entity>        the entity's events, packed (a string)
-    <p>:first, <p>:events       hashes: entity -> its first event (µs), its number of events
+    <p>:tail:<entity>           list: the packed events of each `write` since the history was
+                                last packed (`<p>:tailed`: the entities with one)
+    <p>:first, <p>:events       hashes: entity -> its first event (µs), its number of events in
+                                its packed history
     <p>:last                    sorted set: entity scored by its last event (µs, exact in a double)
     <p>:activity:<column>:<key> the key's activity rows, packed
     <p>:activity-day:<day>      set of "<column>\\x1f<key>" with activity on that day
     <p>:reference:<name>        hash: key -> its reference rows, packed
     <p>:version                 incremented by every write
 
-Every write is one MULTI/EXEC transaction, so a reader sees a batch of events (a day, a
-re-published range) whole or not at all. Writers read what they re-pack under WATCH of
-`<p>:version` and retry when another writer committed in between: optimistic, and never a lock
-left behind by a killed writer. A transaction is held in memory until EXEC: a backfill that
-re-publishes every entity holds the whole store once.
+Every write is atomic, so a reader sees a batch of events (a day, a re-published range, a
+stream's batch) whole or not at all. `write`, the stream's path, appends: one script call adds
+each entity's new events as a segment of its tail, reading nothing, so its cost is the new events'
+and not the histories'. A read merges the tail into the history (the last copy of an event id
+wins, as in SQLite); once a tail holds `TAIL_LIMIT` segments the write that made it so packs it
+into the history. Everything else (`replace_between`, packing a tail) is one MULTI/EXEC:
+writers read what they re-pack under WATCH of `<p>:version`, which every write increments, and
+retry when another writer committed in between: optimistic, and never a lock left behind by a
+killed writer. A transaction is held in memory until EXEC: a backfill that re-publishes every
+entity holds the whole store once.
 """
 
 from __future__ import annotations
@@ -43,6 +51,26 @@ from eventml.online_store.packing import (
 from eventml.schema import DatasetSpec
 
 _SEP = "\x1f"
+# Segments a tail holds before the write that adds one packs them into the history: a read
+# merges at most this many, and a history is re-packed once per this many writes of it.
+TAIL_LIMIT = 16
+# ARGV: the prefix, then per entity its id, its new events packed, and their first and last
+# instants (µs); per entity, its tail's length after the append.
+_APPEND = """
+local p, lengths = ARGV[1], {}
+for i = 2, #ARGV, 4 do
+  local e, first = ARGV[i], ARGV[i + 2]
+  lengths[#lengths + 1] = redis.call('RPUSH', p .. ':tail:' .. e, ARGV[i + 1])
+  local known = redis.call('HGET', p .. ':first', e)
+  if not known or tonumber(first) < tonumber(known) then
+    redis.call('HSET', p .. ':first', e, first)
+  end
+  redis.call('ZADD', p .. ':last', 'GT', ARGV[i + 3], e)
+  redis.call('SADD', p .. ':tailed', e)
+end
+redis.call('INCR', p .. ':version')
+return lengths
+"""
 
 
 def connect(url: str, text: bool = False):
@@ -65,6 +93,7 @@ class RedisOnlineStore:
         self.client, self.prefix = connect(url)
         self.schema = spec.event_schema()
         self._empty = pl.DataFrame(schema=self.schema)
+        self._append = self.client.register_script(_APPEND)
 
     @property
     def location(self) -> str:
@@ -89,15 +118,33 @@ class RedisOnlineStore:
 
     # ------------------------------------------------------------ histories
 
-    def _fetch(self, reader, entity_ids: list[str]) -> dict[str, bytes]:
-        packed = {}
+    def _fetch(self, entity_ids: list[str]) -> dict[str, bytes | pl.DataFrame]:
+        """Each entity's stored events: its packed history, or with a tail, the history and the
+        tail merged (the last copy of an event id wins). Under a writer's WATCH, these reads may
+        take their own connection: any write in between bumps the watched version."""
+        found: dict[str, bytes | pl.DataFrame] = {}
+        tails: dict[str, list[bytes]] = {}
         for chunk in chunks(entity_ids):
-            values = reader.mget([self._key("history", e) for e in chunk])
-            packed.update({e: v for e, v in zip(chunk, values) if v is not None})
-        return packed
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.mget([self._key("history", e) for e in chunk])
+                for e in chunk:
+                    pipe.lrange(self._key("tail", e), 0, -1)
+                packed, *segments = pipe.execute()
+            for e, history, tail in zip(chunk, packed, segments):
+                if tail:
+                    tails[e] = [history, *tail] if history is not None else tail
+                elif history is not None:
+                    found[e] = history
+        if tails:
+            parts = [pl.read_ipc_stream(part) for blobs in tails.values() for part in blobs]
+            folded = merged(pl.concat(parts), self._empty)
+            found |= {
+                e: rows for (e,), rows in folded.partition_by("entity_id", as_dict=True).items()
+            }
+        return found
 
-    def _stored(self, reader, entity_ids: list[str]) -> pl.DataFrame:
-        return unpacked(self._fetch(reader, entity_ids), entity_ids, None, self._empty)
+    def _stored(self, entity_ids: list[str]) -> pl.DataFrame:
+        return unpacked(self._fetch(entity_ids), entity_ids, None, self._empty)
 
     def _touched_between(self, reader, start: datetime, end: datetime) -> list[str]:
         """Entities with a stored event in [start, end) possible: last >= start and first < end."""
@@ -108,11 +155,15 @@ class RedisOnlineStore:
         return sorted(e for e, f in zip(candidates, firsts) if int(f) < us(end))
 
     def _queue_histories(self, touched: list[str], final: pl.DataFrame) -> Callable:
-        """The writes that leave `touched` entities holding exactly their rows of `final`."""
+        """The writes that leave `touched` entities holding exactly their rows of `final` (read
+        with their tails), packed, with no tail."""
         rows = packed_histories(final)
         gone = sorted(set(touched) - {row[0] for row in rows})
 
         def queue(pipe) -> None:
+            if touched:
+                pipe.delete(*[self._key("tail", e) for e in touched])
+                pipe.srem(self._key("tailed"), *touched)
             if rows:
                 pipe.mset({self._key("history", e): packed for e, _, _, _, packed in rows})
                 pipe.hset(self._key("first"), mapping={e: first for e, _, first, _, _ in rows})
@@ -127,9 +178,22 @@ class RedisOnlineStore:
         return queue
 
     def write(self, events: pl.DataFrame) -> int:
-        if events.height:
-            self.replace_between(None, None, events)
+        if events.height == 0:
+            return 0
+        new = arriving(events, self.schema).sort("entity_id", "ts", "event_id")
+        rows = packed_histories(new)
+        args: list = [self.prefix]
+        for entity_id, _, first, last, packed in rows:
+            args += [entity_id, packed, first, last]
+        lengths = self._append(args=args)
+        if full := [row[0] for row, n in zip(rows, lengths) if n >= TAIL_LIMIT]:
+            self._pack_tails(full)
         return events.height
+
+    def _pack_tails(self, entity_ids: list[str]) -> None:
+        """Merge these entities' tails into their packed histories."""
+        for chunk in chunks(sorted(entity_ids)):
+            self._transaction(lambda pipe, c=chunk: (self._queue_histories(c, self._stored(c)), 0))
 
     def delete_between(self, start: datetime, end: datetime) -> int:
         return self.replace_between(start, end, self._empty)
@@ -148,7 +212,7 @@ class RedisOnlineStore:
         def plan(pipe):
             touched = self._touched_between(pipe, start, end) if ranged else []
             touched = sorted(set(touched) | set(new["entity_id"].unique().to_list()))
-            stored = self._stored(pipe, touched)
+            stored = self._stored(touched)
             kept, changed = stored, touched  # a write: every history read takes new events
             if ranged:
                 kept = stored.filter(~inside(start, end))
@@ -169,14 +233,14 @@ class RedisOnlineStore:
         self, entity_id: str, before: datetime | None = None, limit: int | None = None
     ) -> pl.DataFrame:
         bound = None if before is None else [us(before)]
-        events = unpacked(self._fetch(self.client, [entity_id]), [entity_id], bound, self._empty)
+        events = unpacked(self._fetch([entity_id]), [entity_id], bound, self._empty)
         return events if limit is None else events.tail(int(limit))
 
     def histories(
         self, entity_ids: list[str], before: list[datetime | None] | None = None
     ) -> pl.DataFrame:
         asked, bounds = latest_bounds(entity_ids, before)
-        return unpacked(self._fetch(self.client, asked), asked, bounds, self._empty)
+        return unpacked(self._fetch(asked), asked, bounds, self._empty)
 
     # ------------------------------------------------------------ keyed activity
 
@@ -264,6 +328,8 @@ class RedisOnlineStore:
         return pl.concat(frames) if frames else None
 
     def stats(self) -> dict:
+        # Exact counts: the tails are packed first (a copy of an event id is counted once).
+        self._pack_tails([e.decode() for e in self.client.smembers(self._key("tailed"))])
         last = self.client.zrevrange(self._key("last"), 0, 0, withscores=True)
         counts = self.client.hvals(self._key("events"))
         return {

@@ -140,6 +140,21 @@ def test_writes_merge_into_each_entitys_history_in_time_order(store):
     assert store.stats()["events"] == 33 and store.stats()["entities"] == 2
 
 
+def test_a_history_written_event_by_event_reads_as_if_written_at_once(store):
+    # A stream's pattern: many small writes to one entity, some repeating an event with new
+    # values; reads in between and after see the merged history, and the counts are exact.
+    for i in range(40):
+        store.write(events(3, start=i).with_columns(pl.lit(float(i)).alias("amount")))
+        if i % 7 == 0:
+            assert store.history("u1").height == i + 3
+    expected = events(42).with_columns(
+        pl.Series("amount", [float(min(h, 39)) for h in range(42)])
+    )
+    assert store.history("u1").equals(expected)
+    assert store.histories(["u1"], before=[T0 + timedelta(hours=10)]).equals(expected.head(10))
+    assert store.stats()["events"] == 42 and store.history("u1").equals(expected)
+
+
 def test_deleting_a_span_touches_only_the_events_inside_it(store):
     store.write(pl.concat([events(48), events(5, "u2", start=30), events(5, "u3", start=100)]))
     # hours 24..34 of u1, and all of u2 (hours 30..34); u3 (hours 100..104) is outside
