@@ -13,6 +13,7 @@ Keys, under a prefix (the URL's `?prefix=`, default `eventml`):
     <p>:activity-day:<day>      set of "<column>\\x1f<key>" with activity on that day
     <p>:reference:<name>        hash: key -> its reference rows, packed
     <p>:version                 incremented by every write
+    <p>:layout                  this layout's number, `LAYOUT`
 
 Every write is atomic, so a reader sees a batch of events (a day, a re-published range, a
 stream's batch) whole or not at all. `write`, the stream's path, appends: one script call adds
@@ -51,6 +52,9 @@ from eventml.online_store.packing import (
 from eventml.schema import DatasetSpec
 
 _SEP = "\x1f"
+# The key layout above. A reader of another layout would miss events (one before tails reads no
+# tail), so a store refuses a client of another layout: the Bento is rebuilt with this code.
+LAYOUT = "2"
 # Segments a tail holds before the write that adds one packs them into the history: a read
 # merges at most this many, and a history is re-packed once per this many writes of it.
 TAIL_LIMIT = 16
@@ -94,6 +98,13 @@ class RedisOnlineStore:
         self.schema = spec.event_schema()
         self._empty = pl.DataFrame(schema=self.schema)
         self._append = self.client.register_script(_APPEND)
+        self.client.set(self._key("layout"), LAYOUT, nx=True)
+        if (layout := self.client.get(self._key("layout")).decode()) != LAYOUT:
+            raise ValueError(
+                f"the online store at {url} has key layout {layout}, and this eventml reads "
+                f"layout {LAYOUT}: serve a Bento built with the eventml that wrote it (rebuild "
+                "risk_service_bento), or publish the store again under a new ?prefix="
+            )
 
     @property
     def location(self) -> str:

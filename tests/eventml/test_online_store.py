@@ -147,9 +147,7 @@ def test_a_history_written_event_by_event_reads_as_if_written_at_once(store):
         store.write(events(3, start=i).with_columns(pl.lit(float(i)).alias("amount")))
         if i % 7 == 0:
             assert store.history("u1").height == i + 3
-    expected = events(42).with_columns(
-        pl.Series("amount", [float(min(h, 39)) for h in range(42)])
-    )
+    expected = events(42).with_columns(pl.Series("amount", [float(min(h, 39)) for h in range(42)]))
     assert store.history("u1").equals(expected)
     assert store.histories(["u1"], before=[T0 + timedelta(hours=10)]).equals(expected.head(10))
     assert store.stats()["events"] == 42 and store.history("u1").equals(expected)
@@ -297,3 +295,10 @@ def test_the_same_writes_leave_both_backends_holding_the_same(tmp_path, redis_ur
     assert {k: v for k, v in redis.stats().items() if k != "size_mb"} == {
         k: v for k, v in sqlite.stats().items() if k != "size_mb"
     }
+
+
+def test_a_redis_store_of_another_key_layout_is_refused_with_what_to_do(redis_url):
+    store = RedisOnlineStore(redis_url, SPEC)
+    store.client.set(f"{store.prefix}:layout", "9")
+    with pytest.raises(ValueError, match="key layout 9.*rebuild risk_service_bento"):
+        RedisOnlineStore(redis_url, SPEC)
