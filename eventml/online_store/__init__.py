@@ -5,7 +5,8 @@ history, so the store keeps the events themselves (the feature set has all-histo
 no event can be dropped without keeping a running aggregate in its place). `OnlineStore` is the
 interface; `open_store` picks the backend from where the store lives: a file path is the
 embedded SQLite store (`sqlite`), a `redis://` URL its production counterpart (`redis`). Both
-hold the same bytes for the same events (`packing`) and give the same scores.
+pack histories the same way (`packing`), answer every read the same and give the same scores
+(Redis keeps a stream's newest writes as a short tail beside the packed history).
 
 Layout: one value per entity, its whole history packed as one Arrow IPC stream, sorted by
 (ts, event_id). Scoring reads histories, many at a time, far more often than days are

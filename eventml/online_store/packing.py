@@ -1,6 +1,5 @@
 """What every online-store backend shares: an entity's history packed as one Arrow IPC stream,
-merged, cut and read back the same way, so SQLite and Redis hold the same bytes for the same
-events and answer every read identically."""
+merged, cut and read back the same way, so SQLite and Redis answer every read identically."""
 
 from __future__ import annotations
 
