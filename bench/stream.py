@@ -44,6 +44,8 @@ import polars as pl
 
 from eventml.home import StateHome
 from eventml.online_store import open_store
+from eventml.online_store.packing import chunks
+from eventml.online_store.redis import connect
 from eventml.stream import EventStream, StreamConsumer
 from eventml.stream.consumer import BATCH
 from eventml.traffic import score_requests
@@ -51,6 +53,22 @@ from eventml.worlds.lending import PACK, WorldConfig, simulate
 from resources.bento import Serving
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+SCRATCH: list[str] = []  # the key prefixes this run wrote under
+
+
+def scratch_url(server: str) -> str:
+    """The server under a key prefix of this run's own (deleted when the run ends)."""
+    SCRATCH.append(f"bench-{uuid.uuid4().hex[:8]}")
+    return f"{server}?prefix={SCRATCH[-1]}"
+
+
+def forget_scratch(server: str) -> None:
+    client, _ = connect(server)
+    for prefix in SCRATCH:
+        for keys in chunks(list(client.scan_iter(f"{prefix}:*", count=10_000)), 10_000):
+            client.delete(*keys)
 
 
 def world_rows(n: int) -> list[dict]:
@@ -67,7 +85,7 @@ def consumer_for(url: str, tmp: str, store: str) -> StreamConsumer:
 
 
 def throughput(server: str, rows: list[dict], store: str, batch: int) -> dict:
-    url = f"{server}?prefix=bench-{uuid.uuid4().hex[:8]}"
+    url = scratch_url(server)
     with tempfile.TemporaryDirectory() as tmp:
         consumer = consumer_for(url, tmp, store)
         consumer.stream.publish(rows)
@@ -82,7 +100,7 @@ def throughput(server: str, rows: list[dict], store: str, batch: int) -> dict:
 
 
 def latency(server: str, rows: list[dict], store: str, rate: int, seconds: float) -> dict:
-    url = f"{server}?prefix=bench-{uuid.uuid4().hex[:8]}"
+    url = scratch_url(server)
     with tempfile.TemporaryDirectory() as tmp:
         consumer = consumer_for(url, tmp, store)
         total = min(len(rows), int(rate * seconds))
@@ -163,7 +181,7 @@ def endpoint_freshness(server: str, rows: list[dict], rate: int, probes: int) ->
     bentos = [b for b in serving.bentos() if serving.served_pack(b).name == PACK.name]
     if not bentos:
         return None
-    url = f"{server}?prefix=bench-{uuid.uuid4().hex[:8]}"
+    url = scratch_url(server)
     application = next(r for r in rows if r["event_type"] == "application")
     late = datetime(2025, 12, 30, 12, tzinfo=UTC)  # every probe's event is before its decision
     waited = []
@@ -200,7 +218,7 @@ def endpoint_freshness(server: str, rows: list[dict], rate: int, probes: int) ->
 def scale_out(server: str, rows: list[dict], consumers: int) -> dict:
     """The backlog taken by `consumers` consumer processes of different names at once (each
     `--until-drained`); events/s from their start to the last one's exit, start-up included."""
-    url = f"{server}?prefix=bench-{uuid.uuid4().hex[:8]}"
+    url = scratch_url(server)
     EventStream(url, PACK.name).publish(rows)
     with tempfile.TemporaryDirectory() as tmp:
         env = {
@@ -239,7 +257,7 @@ def scale_out(server: str, rows: list[dict], consumers: int) -> dict:
 def recovery(server: str, rows: list[dict], rate: int = 1_000, before_kill: float = 5.0) -> dict:
     """Seconds from a SIGKILL of the consumer process (started again at once) until its batches
     are again servable within a second of publication."""
-    url = f"{server}?prefix=bench-{uuid.uuid4().hex[:8]}"
+    url = scratch_url(server)
     stream = EventStream(url, PACK.name)
     with tempfile.TemporaryDirectory() as tmp, offered(url, rows, rate):
         consumer = consumer_process(url, tmp)
@@ -272,6 +290,13 @@ def main() -> None:
     args = ap.parse_args()
     server = os.environ.get("EVENTML_REDIS_URL") or "redis://127.0.0.1:56379/0"
     rows = world_rows(args.events)
+    try:
+        measure(server, rows, args)
+    finally:
+        forget_scratch(server)
+
+
+def measure(server: str, rows: list[dict], args) -> None:
     got = throughput(server, rows, args.store, args.batch)
     print(f"throughput ({args.store} online store, batches of {args.batch}): "
           f"{got['events']:,} events in {got['seconds']:.1f} s = {got['events_per_s']:,.0f} "
