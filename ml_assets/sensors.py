@@ -99,7 +99,7 @@ def stream_sensor(
     changes the day's count and asks for it again). The run_key is the range and its rows, so a
     range is never run twice for the same rows. Each tick also observes the stream on
     `online_store` (what the consumers serve) and `raw_events` (what they landed): backlog,
-    throughput, freshness, and the days landed but not yet requested.
+    throughput, freshness, and the newest complete day.
     """
     if event_source.kind != "stream":
         return dg.SkipReason(f"event_source is the {event_source.kind}; set EVENTML_SOURCE=stream")
@@ -119,7 +119,7 @@ def stream_sensor(
                   "eventml/trigger": "stream", "eventml/rows": str(rows)},
         ))  # fmt: skip
         requested.update({d: landed[d] for d in days})
-    observed = _stream_observations(event_source, tables, landed, requested)
+    observed = _stream_observations(event_source, landed)
     cursor = json.dumps({d.isoformat(): n for d, n in sorted(requested.items())})
     return dg.SensorResult(run_requests=requests, asset_events=observed, cursor=cursor)
 
@@ -134,14 +134,10 @@ def _runs_of_consecutive(days: list[date]) -> list[list[date]]:
     return runs
 
 
-def _stream_observations(event_source: EventSource, tables: DeltaTables, landed: dict,
-                         requested: dict) -> list[dg.AssetObservation]:  # fmt: skip
+def _stream_observations(event_source: EventSource, landed: dict) -> list[dg.AssetObservation]:
     """The stream as the UI shows it: its backlog and each consumer's latest batch on
-    `online_store`, the landed days on `raw_events`."""
-    newest = max(landed, default=None)
-    waiting = sorted(d for d in landed if d not in requested)
-    on_raw = {"stream_complete_through": str(newest or "none"),
-              "stream_days_waiting": ", ".join(map(str, waiting)) or "none"}  # fmt: skip
+    `online_store`, the newest complete day landed on `raw_events`."""
+    on_raw = {"stream_complete_through": str(max(landed, default="none"))}
     url = StateHome.from_env().redis_url
     if url is None:
         return [dg.AssetObservation(asset_key="raw_events", metadata=on_raw)]
