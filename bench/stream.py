@@ -6,7 +6,7 @@
    consumed in batches: events/s into the online store and Delta, and where each batch's time
    goes (validation, the online store, the two Delta commits, the acknowledgement); then the
    same backlog taken by one and by two consumer processes (`--name`s of their own) at once.
-2. Latency: a producer thread offers events at a fixed rate while the consumer runs beside it;
+2. Latency: a producer process offers events at a fixed rate while the consumer runs beside it;
    an event's latency is from its publication (its entry id's millisecond) to the moment the
    batch holding it was written to the online store, i.e. servable. p50 and p99 per offered rate.
 3. Freshness at the endpoint, end to end: the consumer as its own process (`python -m
@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -104,29 +103,16 @@ def latency(server: str, rows: list[dict], store: str, rate: int, seconds: float
     with tempfile.TemporaryDirectory() as tmp:
         consumer = consumer_for(url, tmp, store)
         total = min(len(rows), int(rate * seconds))
-        tick = 0.01  # publish every 10 ms
-        per_tick = max(1, int(rate * tick))
-
-        def produce() -> None:
-            start = time.time()
-            for i in range(0, total, per_tick):
-                wait = start + (i // per_tick) * tick - time.time()
-                if wait > 0:
-                    time.sleep(wait)
-                consumer.stream.publish(rows[i : i + per_tick])
-
-        producer = threading.Thread(target=produce)
-        producer.start()
         waited, seen = [], 0
-        while seen < total:
-            entries = consumer.stream.read(consumer.name, BATCH, block_ms=50)
-            if not entries:
-                continue
-            consumer.consume(entries)
-            servable = time.time() * 1e3  # the batch is in the online store (and landed)
-            waited += [servable - int(i.split("-")[0]) for i, _ in entries]
-            seen += len(entries)
-        producer.join()
+        with offered(url, rows[:total], rate):
+            while seen < total:
+                entries = consumer.stream.read(consumer.name, BATCH, block_ms=50)
+                if not entries:
+                    continue
+                consumer.consume(entries)
+                servable = time.time() * 1e3  # the batch is in the online store (and landed)
+                waited += [servable - int(i.split("-")[0]) for i, _ in entries]
+                seen += len(entries)
     ms = np.array(waited)
     return {"offered_per_s": rate, "events": seen, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99))}  # fmt: skip
