@@ -35,16 +35,13 @@ from typing import Annotated
 
 import bentoml
 import polars as pl
-import torch
 from pydantic import BaseModel, Field
-from threadpoolctl import threadpool_limits
 
 from eventml.features import KEYED_KINDS
 from eventml.online_store import open_store
 from eventml.pack import DatasetPack
 from eventml.prediction_log import PredictionLog
 from eventml.references import attach
-from eventml.risk_model import RiskModel
 from eventml.schema import TS_TYPE
 from eventml.score_api import (
     MAX_BATCH,
@@ -118,6 +115,13 @@ class RiskService:
     model_ref = MODEL
 
     def __init__(self) -> None:
+        # Imported here, in the worker: `bentoml serve`'s arbiter and `bentoml build` import this
+        # module too and need neither torch nor xgboost (~2 s of every server start).
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        from eventml.risk_model import RiskModel
+
         torch.set_num_threads(1)  # one request is one row: threads only add contention
         # NumPy's BLAS too: the reason-grouping matmul (256 x ~190 x ~170) takes ~7 ms with two
         # spinning threads and 0.04 ms with one (same bits), and the spin slows the next call.
