@@ -292,8 +292,10 @@ def _publish(model_dir: str, spec_path: str, mlflow_version: str) -> dict:
             build_ctx=context,
             include=["eventml/**/*.py"],
             labels={"mlflow_model": MODEL_NAME, "mlflow_version": str(mlflow_version)},
-            python={"packages": pinned_packages(), "lock_packages": False},  # locking needs the network
-            args={"model": str(stored.tag)},  # exact tag: the Bento serves this model and no later one
+            # Locking needs the network. The exact model tag: the Bento serves this model and no
+            # later one.
+            python={"packages": pinned_packages(), "lock_packages": False},
+            args={"model": str(stored.tag)},
         )
     _copy_compiled_kernels(Path(bento.path_of("src")))
     return {"model_tag": str(stored.tag), "bento_tag": str(bento.tag)}
