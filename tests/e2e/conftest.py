@@ -78,7 +78,7 @@ def deployed(tmp_path_factory):
         clock = time.perf_counter()
 
     spec = source.spec()
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         # The world's tables written directly (the ingest and features groups have their own
         # tests, and running them over a year costs minutes); the serving assets run in Dagster.
         events = simulate(source.world())

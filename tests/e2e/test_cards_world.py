@@ -51,7 +51,7 @@ MONITORING = Monitoring(cooldown_days=HORIZON)
 
 @pytest.fixture(scope="module")
 def card_world(tmp_path_factory):
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         world = Loop(tmp_path_factory.mktemp("cards"), instance, SOURCE, MONITORING,
                      RETRAIN_CONFIG)  # fmt: skip
         world.ingest(0, TRAINED_THROUGH)

@@ -61,7 +61,7 @@ RETRAIN_CONFIG = {
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         # A 2,000-person world's sparse features are noisier than the reference world's:
         # measured, at most 2 of 131 monitored features past 0.25 before the shift, 11-13
         # in its first ten days (the reference world: 0 before, 7-24).

@@ -54,7 +54,7 @@ def whole_graph(root, source: EventSource, days: tuple[str, str]):
               sequence_encoder, decision_embeddings, baseline_scorer, risk_scorer,
               model_evaluation, champion, risk_service_bento]  # fmt: skip
     tags = {ASSET_PARTITION_RANGE_START_TAG: days[0], ASSET_PARTITION_RANGE_END_TAG: days[1]}
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         dg.materialize(assets, selection=["references"], resources=resources, instance=instance)
         daily = ["raw_events", "event_rejects", "decision_features", "online_store"]
         dg.materialize(assets, selection=daily, resources=resources, instance=instance, tags=tags)

@@ -23,7 +23,7 @@ def small_world() -> EventSource:
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         yield instance
 
 
@@ -139,7 +139,7 @@ def small_world_trained(tmp_path_factory):
         ASSET_PARTITION_RANGE_START_TAG: "2025-01-01",
         ASSET_PARTITION_RANGE_END_TAG: "2025-12-31",
     }
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         world.run(instance, ["raw_events", "event_rejects", "decision_features"], tags=days)
         unpartitioned = [key for a in world.assets[2:] for key in a.keys_by_output_name.values()]
         first = world.run(
