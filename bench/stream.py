@@ -46,6 +46,7 @@ from eventml.online_store import open_store
 from eventml.online_store.packing import chunks
 from eventml.online_store.redis import connect
 from eventml.stream import EventStream, StreamConsumer
+from eventml.stream.broker import ENTRY
 from eventml.stream.consumer import BATCH
 from eventml.traffic import score_requests
 from eventml.worlds.lending import PACK, WorldConfig, simulate
@@ -107,12 +108,12 @@ def latency(server: str, rows: list[dict], store: str, rate: int, seconds: float
         with offered(url, rows[:total], rate):
             while seen < total:
                 entries = consumer.stream.read(consumer.name, BATCH, block_ms=50)
-                if not entries:
+                if entries.is_empty():
                     continue
                 consumer.consume(entries)
                 servable = time.time() * 1e3  # the batch is in the online store (and landed)
-                waited += [servable - int(i.split("-")[0]) for i, _ in entries]
-                seen += len(entries)
+                waited += [servable - int(i.split("-")[0]) for i in entries[ENTRY]]
+                seen += entries.height
     ms = np.array(waited)
     return {"offered_per_s": rate, "events": seen, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99))}  # fmt: skip

@@ -34,6 +34,7 @@ After each batch the consumer records how it went in the stream's `<key>:consume
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -44,7 +45,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from eventml.online_store import OnlineStore
 from eventml.pack import DatasetPack
 from eventml.sources import DAY
-from eventml.stream.broker import EventStream, stream_version
+from eventml.stream.broker import ENTRY, EventStream, stream_version
 from eventml.stream.landed import landed_table, watermark
 from eventml.validation import parse_ts, validate
 
@@ -116,24 +117,42 @@ class StreamConsumer:
         self.days = (spec.partition_range.start, spec.partition_range.end)
         self.watermark: datetime | None = watermark(events_uri)
         stream.create_group()
+        self._recovering = True  # until this consumer's pending entries are all consumed
+        # The next batch, read while this one is consumed: Redis builds a batch on one core
+        # while this process works on the other.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-read")
+        self._next: Future | None = None
 
     def step(self, count: int = BATCH, block_ms: int = 200) -> Consumed:
-        """One batch: this consumer's pending entries first (after a restart), else new ones."""
-        entries = self.stream.read(self.name, count, pending=True) or self.stream.read(
-            self.name, count, block_ms=block_ms
-        )
+        """One batch: after a (re)start, this consumer's pending entries until none are left;
+        then new ones. Once a batch is read, the next is read while it is consumed; it is
+        delivered (pending) then, so a consumer killed holds two batches pending, which its
+        restart consumes first, in id order, as any other."""
+        if self._recovering:
+            entries = self.stream.read(self.name, count, pending=True)
+            if not entries.is_empty():
+                return self.consume(entries)
+            self._recovering = False
+        if self._next is not None:
+            entries, self._next = self._next.result(), None
+        else:
+            entries = self.stream.read(self.name, count, block_ms=block_ms)
+        if not entries.is_empty():  # nothing is left in flight once the stream is drained
+            self._next = self._reader.submit(self.stream.read, self.name, count, block_ms)
         return self.consume(entries)
 
-    def consume(self, entries: list[tuple[str, dict[str, str]]]) -> Consumed:
-        done = Consumed(entries=len(entries))
-        if not entries:
+    def consume(self, entries: pl.DataFrame) -> Consumed:
+        """One batch read by `EventStream.read`."""
+        done = Consumed(entries=entries.height)
+        if entries.is_empty():
             return done
         marks = [time.perf_counter()]
-        ids = [i for i, _ in entries]
-        raw = pl.DataFrame([fields for _, fields in entries], infer_schema_length=None)
-        sources = pl.Series([f"{self.stream.key}/{i}" for i in ids])
-        text = raw.with_columns(pl.all().cast(pl.String))
-        checked = validate(text, self.spec, source=sources, days=self.days)
+        ids = entries[ENTRY].to_list()
+        sources = (pl.lit(f"{self.stream.key}/") + entries[ENTRY]).alias("source")
+        checked = validate(
+            entries.drop(ENTRY), self.spec, source=entries.select(sources).to_series(),
+            days=self.days,
+        )  # fmt: skip
         # Validation keeps the entries' order, and a reject names its entry: the clean rows are
         # the other entries, in order.
         rejected = set(checked.rejects["source"].str.split("/").list.last())
