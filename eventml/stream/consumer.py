@@ -34,6 +34,7 @@ After each batch the consumer records how it went in the stream's `<key>:consume
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -118,15 +119,14 @@ class StreamConsumer:
         self.watermark: datetime | None = watermark(events_uri)
         stream.create_group()
         self._recovering = True  # until this consumer's pending entries are all consumed
-        # The next batch, read while this one is consumed: Redis builds a batch on one core
-        # while this process works on the other.
+        # Redis builds the next batch on one core while this process works on the other.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-read")
         self._next: Future | None = None
 
     def step(self, count: int = BATCH, block_ms: int = 200) -> Consumed:
         """One batch: after a (re)start, this consumer's pending entries until none are left;
-        then new ones. Once a batch is read, the next is read while it is consumed; it is
-        delivered (pending) then, so a consumer killed holds two batches pending, which its
+        then new ones. Behind a backlog, the next batch is read while this one is consumed; it
+        is delivered (pending) then, so a consumer killed holds two batches pending, which its
         restart consumes first, in id order, as any other."""
         if self._recovering:
             entries = self.stream.read(self.name, count, pending=True)
@@ -137,12 +137,21 @@ class StreamConsumer:
             entries, self._next = self._next.result(), None
         else:
             entries = self.stream.read(self.name, count, block_ms=block_ms)
-        if not entries.is_empty():  # nothing is left in flight once the stream is drained
-            self._next = self._reader.submit(self.stream.read, self.name, count, block_ms)
-        return self.consume(entries)
+        # Behind (a full batch), the next batch is read while this one is consumed. Not when
+        # caught up: a read sent at once would take the first few events to arrive, and a
+        # batch's fixed costs would be paid twice as often.
+        behind = entries.height == count
+        return self.consume(entries, read_next=partial(self._read_next, count) if behind else None)
 
-    def consume(self, entries: pl.DataFrame) -> Consumed:
-        """One batch read by `EventStream.read`."""
+    def _read_next(self, count: int) -> None:
+        self._next = self._reader.submit(self.stream.read, self.name, count)
+
+    def consume(
+        self, entries: pl.DataFrame, read_next: Callable[[], None] | None = None
+    ) -> Consumed:
+        """One batch read by `EventStream.read`. `read_next` is called once the batch's
+        first-copy check is done: Redis runs one call at a time, and a read of the next batch
+        sent sooner would hold that check up."""
         done = Consumed(entries=entries.height)
         if entries.is_empty():
             return done
@@ -163,6 +172,8 @@ class StreamConsumer:
                             [i for i, a in zip(clean_ids, again) if a])])  # fmt: skip
         done.clean, done.rejected = clean.height, rejects.height
         marks.append(time.perf_counter())  # validate
+        if read_next:
+            read_next()
 
         self.store.write(clean)
         marks.append(time.perf_counter())  # online_store
