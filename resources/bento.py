@@ -29,7 +29,8 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from eventml.home import StateHome
+from eventml.features.kernels import COMPILE_LOCK
+from eventml.home import StateHome, interprocess_lock
 from eventml.online_store import OnlineStore, open_store
 from eventml.pack import DatasetPack
 from eventml.schema import DatasetSpec
@@ -307,10 +308,11 @@ def _copy_compiled_kernels(src: Path) -> None:
     entry by the source's hash and the CPU, so an entry that does not fit is recompiled, never
     used. (BentoML builds and exports leave `__pycache__` out, so it is copied in afterwards; an
     exported Bento compiles on its first start.)"""
-    for cached in ROOT.glob("eventml/**/__pycache__/*.nb[ci]"):
-        target = src / cached.relative_to(ROOT)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cached, target)
+    with interprocess_lock(COMPILE_LOCK):  # no process is writing the cache meanwhile
+        for cached in ROOT.glob("eventml/**/__pycache__/*.nb[ci]"):
+            target = src / cached.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cached, target)
 
 
 if __name__ == "__main__":

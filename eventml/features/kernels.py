@@ -15,8 +15,14 @@ each event's filters once, so the walk only follows the list.
 
 from __future__ import annotations
 
+import functools
+import tempfile
+from pathlib import Path
+
 import numba as nb
 import numpy as np
+
+from eventml.home import interprocess_lock
 
 US_PER_DAY_F = 86_400_000_000.0
 # The "all" window as an offset: t - ALL lies before every timestamp, so its bound is the
@@ -308,3 +314,40 @@ def latest(e, t, codes, qe, qt):
             r = last[c]
             out[c, q] = codes[c, r] if r >= 0 and e[r] == qe[q] else np.nan
     return out
+
+
+# ---------------------------------------------------------------- compiled once per machine
+
+# Taken by every process of this machine to compile a kernel (or read its cache entry) for
+# argument types it has not run with yet; `resources.bento` takes it to copy the cache.
+COMPILE_LOCK = Path(tempfile.gettempdir()) / "eventml-numba-compile.lock"
+
+
+def _first_calls_locked(kernel):
+    """`kernel`, its first call per argument types in this process under COMPILE_LOCK. numba's
+    cache index is one file per kernel that a compiling process rewrites whole: two processes
+    compiling different argument types at once both take the next entry number, and the index
+    then points one type's entry at the other's machine code, which is loaded and run with no
+    error and wrong numbers. (Two steps side by side on a fresh checkout did it.)"""
+    seen: set[tuple] = set()
+
+    @functools.wraps(kernel.py_func)
+    def call(*args):
+        types = tuple(nb.typeof(a) for a in args)
+        if types in seen:
+            return kernel(*args)
+        with interprocess_lock(COMPILE_LOCK):
+            result = kernel(*args)
+        seen.add(types)
+        return result
+
+    return call
+
+
+# The kernels Python calls (the others are called only from these, and compile inside them).
+entity_sort = _first_calls_locked(entity_sort)
+memberships = _first_calls_locked(memberships)
+compact_amounts = _first_calls_locked(compact_amounts)
+walk = _first_calls_locked(walk)
+distinct_and_seen = _first_calls_locked(distinct_and_seen)
+latest = _first_calls_locked(latest)

@@ -55,6 +55,20 @@ def online_store_write(path: str, who: str) -> dict:
     return {"written": store.write(events)}
 
 
+def features(who: str) -> dict:
+    """Point-in-time features of a small world, the lending one or (odd `who`) the card one,
+    whose feature families compile the kernels for other argument types: a digest of them."""
+    from eventml.worlds import world
+    from resources.sources import EventSource
+
+    source = EventSource(pack="cards" if int(who) % 2 else "lending", n_users=150, n_days=40)
+    spec, events = source.spec(), world(source.pack).simulate(source.world())
+    decisions = events.filter(pl.col("event_type").is_in(spec.decision_event_types))
+    decisions = decisions.rename({"event_id": "decision_id"})
+    table = spec.compute_features(events, decisions)
+    return {"pack": spec.name, "digest": str(table.sort("decision_id").hash_rows().sum())}
+
+
 def prepare_home(_who: str) -> dict:
     return {"prepared": prepare()}
 
@@ -64,5 +78,6 @@ if __name__ == "__main__":
     print("ready", flush=True)
     sys.stdin.readline()
     action = {"tracking": training_asset_start, "table": table_write,
-              "online_store": online_store_write, "prepare": prepare_home}[what]  # fmt: skip
+              "online_store": online_store_write, "prepare": prepare_home,
+              "features": features}[what]  # fmt: skip
     print(json.dumps(action(*args)))

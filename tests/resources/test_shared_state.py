@@ -10,6 +10,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from first_use import features
 
 from eventml.home import StateHome
 from eventml.online_store import SQLiteOnlineStore
@@ -81,6 +82,16 @@ def test_the_first_writes_of_a_new_table_leave_each_row_once(tmp_path):
     assert any(r["wrote"] for r in results)
     # A refused writer says why: another run committed the same rows first; it wrote nothing.
     assert all("committed first" in r["why"] for r in results if not r["wrote"])
+
+
+def test_feature_kernels_compiled_by_processes_at_once_on_an_empty_cache_compute_right(tmp_path):
+    """numba's cache of the feature kernels is shared by every process of a checkout: processes
+    compiling them at once for different argument types (the lending and card worlds' feature
+    families) must each get their own machine code, and the same features as this process."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    results = at_once("features", env=env)
+    for i, result in enumerate(results):
+        assert result == features(str(i)), f"process {i} computed other features"
 
 
 def test_the_first_writes_to_a_new_online_store_all_land(tmp_path):
