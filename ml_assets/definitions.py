@@ -21,6 +21,7 @@ from ml_assets.sensors import (
     stream_sensor,
 )
 from resources.bento import Serving
+from resources.compute import Compute
 from resources.delta import DeltaTables
 from resources.models import ModelIOManager
 from resources.monitoring import Monitoring
@@ -44,6 +45,7 @@ def build_resources(home: StateHome | None = None) -> dict:
         "event_source": EventSource(kind=os.environ.get("EVENTML_SOURCE", "simulator")),
         "serving": Serving.configured(home),
         "monitoring": Monitoring(),
+        "compute": Compute.configured(),
     }
 
 

@@ -4,7 +4,8 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from eventml.features import compute_features, features_for_one
+from eventml.features import features_for_one
+from eventml.features.sharded import entity_shards, shard_features
 from eventml.labels import build_decisions, decision_summary
 from eventml.sources import DAY
 from eventml.splits import (
@@ -16,6 +17,7 @@ from eventml.splits import (
 )
 from ml_assets.metadata import check_result, table_md
 from ml_assets.partitions import daily, run_days
+from resources.compute import Compute
 from resources.delta import DeltaTables
 from resources.sources import EventSource
 
@@ -57,14 +59,19 @@ def decisions(
     ],
 )
 def decision_features(
-    context: dg.AssetExecutionContext, tables: DeltaTables, event_source: EventSource
+    context: dg.AssetExecutionContext,
+    tables: DeltaTables,
+    event_source: EventSource,
+    compute: Compute,
 ):
     """Window aggregates per decision from the entity's events strictly before it; one day's
     decisions cost one day of work."""
     start, end = run_days(context)
     spec = event_source.spec()
     feature_set = spec.feature_set()
-    history = tables.scan("raw_events").filter(pl.col(DAY) < end).drop(DAY)
+    # One version of the events for this process and every worker.
+    events_uri, version = tables.uri("raw_events"), tables.version("raw_events")
+    history = pl.scan_delta(events_uri, version=version).filter(pl.col(DAY) < end).drop(DAY)
     todays = (
         history.filter(
             (pl.col("ts").dt.date() >= start)
@@ -75,7 +82,11 @@ def decision_features(
     )
     # Keyed families (per terminal, per merchant) read every entity's events of the days before.
     activity = spec.activity_for(history, todays) if todays.height else None
-    features = compute_features(history, todays, feature_set, activity)
+    # By entity shard: one in this process, or the compute resource's parts on its Ray cluster.
+    shards = entity_shards(todays, compute.parts())
+    calls = [(events_uri, version, end, part, feature_set.to_json(), activity) for part in shards]
+    done = compute.map(shard_features, calls)
+    features = pl.concat([part for part, _ in done])
     table = todays.select("decision_id", "entity_id", "ts", pl.col("ts").dt.date().alias(DAY)).join(
         features, on="decision_id", how="left"
     )
@@ -91,6 +102,9 @@ def decision_features(
             "features": len(feature_set.names),
             "highest_null_rates": table_md(null_rates, max_rows=15),
             "feature_set": dg.MetadataValue.json({"names": feature_set.names[:200]}),
+            "compute": dg.MetadataValue.json(
+                {**compute.describe(), "shards": [s for _, s in done]}
+            ),
         },
     )
     yield _parity_check(history, todays, table, feature_set, activity)

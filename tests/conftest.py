@@ -119,6 +119,17 @@ def postgres_url(new_postgres_url) -> str:
     return new_postgres_url()
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of two CPUs, started once per session (per pytest worker): the
+    `compute` resource's Ray backend finds it started and uses it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 # Test files that share a session-scoped fixture: one unit of work, so one worker builds it once.
 SHARED_FIXTURE = {
     "tests/ml_assets/test_features_assets.py": "small_world_trained",

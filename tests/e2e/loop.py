@@ -15,6 +15,7 @@ from ml_assets.definitions import build_definitions
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.sensors import drift_sensor, performance_sensor
 from resources.bento import Serving
+from resources.compute import Compute
 from resources.delta import DeltaTables
 from resources.models import ModelIOManager
 from resources.monitoring import Monitoring
@@ -37,7 +38,7 @@ class Loop:
             "tables": self.tables, "io_manager": self.tables.io_manager(),
             "model_io_manager": ModelIOManager(root=str(root / "models")),
             "mlflow_tracking": self.mlflow, "event_source": source, "serving": self.serving,
-            "monitoring": monitoring,
+            "monitoring": monitoring, "compute": Compute(),
         }  # fmt: skip
         self.defs = build_definitions(self.resources)
         self.cursors: dict[str, str | None] = dict.fromkeys(SENSORS)

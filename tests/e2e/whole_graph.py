@@ -12,6 +12,7 @@ from dagster._core.storage.tags import (
 
 from ml_assets.serving import risk_service_bento
 from resources.bento import Serving
+from resources.compute import Compute
 from resources.delta import DeltaTables
 from resources.sources import EventSource
 from resources.tracking import MlflowTracking
@@ -49,7 +50,7 @@ def whole_graph(root, source: EventSource, days: tuple[str, str]):
     resources = {"tables": tables, "io_manager": tables.io_manager(),
                  "model_io_manager": ModelIOManager(root=str(root / "models")),
                  "mlflow_tracking": MlflowTracking.embedded(root / "mlflow"),
-                 "event_source": source, "serving": serving}  # fmt: skip
+                 "event_source": source, "serving": serving, "compute": Compute()}  # fmt: skip
     assets = [references, ingest, decision_features, online_store, decisions, training_splits,
               sequence_encoder, decision_embeddings, baseline_scorer, risk_scorer,
               model_evaluation, champion, risk_service_bento]  # fmt: skip

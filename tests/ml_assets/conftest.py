@@ -7,6 +7,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
+from resources.compute import Compute
 from resources.delta import DeltaTables
 from resources.sources import EventSource
 
@@ -43,6 +44,7 @@ def resources_for():
         "tables": tables,
         "io_manager": tables.io_manager(),
         "event_source": source,
+        "compute": Compute(),
     }
 
 
@@ -99,6 +101,7 @@ class SmallWorld:
             "io_manager": self.tables.io_manager(),
             "model_io_manager": self.models,
             "mlflow_tracking": self.mlflow,
+            "compute": Compute(),
             # Fraud raised (as the simulator's own tests do) so a three-week window still has some.
             "event_source": EventSource(
                 n_users=1_000,
