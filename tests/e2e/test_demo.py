@@ -133,10 +133,12 @@ KILL_DAYS = ("2025-10-01", "2025-11-29")  # 60 days re-written by the killed run
 
 
 def kill_when(home: Home, cmd: list[str], moment, what: str) -> None:
-    """Start a run in its own process group; SIGKILL the whole group once `moment()` is true."""
+    """Start a run in its own process group; SIGKILL the whole group once `moment()` is true.
+    The run is niced: with the cores busy (the other test worker), this process must still look
+    often enough to catch the moment before the run's next step (a commit) passes it."""
     with open(home.root / "logs" / "killed-run.log", "a") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=home.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(["nice", "-n", "19", *cmd], cwd=REPO, env=home.env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 600
     while not moment():
         assert proc.poll() is None, f"the run ended before {what}"
