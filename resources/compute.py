@@ -29,6 +29,8 @@ RETRIES = 3
 
 
 class Compute(dg.ConfigurableResource):
+    """Where a step's heavy work runs: in the step's process, or as tasks on a Ray cluster."""
+
     backend: Literal["in_process", "ray"] = "in_process"
     # Ray: the cluster's address (None: start a local cluster in this process, or use the one
     # this process already started), and the CPUs a local cluster gets (None: every core).
@@ -43,9 +45,7 @@ class Compute(dg.ConfigurableResource):
         return cls(
             backend=os.environ.get("EVENTML_COMPUTE", "in_process"),
             ray_address=os.environ.get("EVENTML_RAY_ADDRESS") or None,
-            shards=int(os.environ["EVENTML_RAY_SHARDS"])
-            if "EVENTML_RAY_SHARDS" in os.environ
-            else None,
+            shards=int(os.environ.get("EVENTML_RAY_SHARDS", 0)) or None,
         )
 
     def parts(self) -> int:
