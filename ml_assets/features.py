@@ -84,7 +84,8 @@ def decision_features(
     activity = spec.activity_for(history, todays) if todays.height else None
     # By entity shard: one in this process, or the compute resource's parts on its Ray cluster.
     shards = entity_shards(todays, compute.parts())
-    calls = [(events_uri, version, end, part, feature_set.to_json(), activity) for part in shards]
+    declared = feature_set.to_json()
+    calls = [(events_uri, version, end, part, declared, activity) for part in shards]
     done = compute.map(shard_features, calls)
     features = pl.concat([part for part, _ in done])
     table = todays.select("decision_id", "entity_id", "ts", pl.col("ts").dt.date().alias(DAY)).join(

@@ -327,8 +327,8 @@ def _first_calls_locked(kernel):
     """`kernel`, its first call per argument types in this process under COMPILE_LOCK. numba's
     cache index is one file per kernel that a compiling process rewrites whole: two processes
     compiling different argument types at once both take the next entry number, and the index
-    then points one type's entry at the other's machine code, which is loaded and run with no
-    error and wrong numbers. (Two steps side by side on a fresh checkout did it.)"""
+    can then point one type's entry at the other's machine code (`IndexDataCacheFile.save`).
+    A fresh checkout's first steps side by side, or parallel test workers, compile at once."""
     seen: set[tuple] = set()
 
     @functools.wraps(kernel.py_func)

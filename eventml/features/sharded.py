@@ -41,7 +41,6 @@ def shard_features(
 ) -> tuple[pl.DataFrame, dict]:
     """One shard's features from the events of `events_uri` (a Delta table with a `day`
     column) at `version`, before day `end`; and how it went (rows, seconds, process)."""
-
     started = time.perf_counter()
     history = pl.scan_delta(events_uri, version=version).filter(pl.col(DAY) < end).drop(DAY)
     features = compute_features(
