@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,9 @@ from eventml.encoder import (
 from eventml.labels import event_within
 from eventml.schema import DatasetSpec
 from eventml.sequences import SequenceSpec, build_one, build_sequences
+
+# (encoder, training arrays, validation arrays, config, log) -> result; trains the encoder in place.
+Trainer = Callable[..., TrainResult]
 
 
 @dataclass(frozen=True)
@@ -195,8 +199,10 @@ def train_sequence_model(
     spec: DatasetSpec,
     config: SequenceModelConfig = SequenceModelConfig(),
     log=print,
+    trainer: Trainer = train,
 ) -> tuple[SequenceModel, TrainResult]:
-    """Train on `learning_rows`; early-stop on `valid`."""
+    """Train on `learning_rows`; early-stop on `valid`. `trainer` runs the training loop: in this
+    process (`eventml.encoder.train`), or on a cluster's workers (`eventml.cluster`)."""
     tasks = tuple(label.name for label in spec.labels)
     seq_spec = SequenceSpec.fit(spec, events, high_cardinality=config.high_cardinality)
     learn, outlook = learning_rows(events, splits, spec, config.outlook_days)
@@ -231,7 +237,7 @@ def train_sequence_model(
             outlook=outlook,
         )
     )
-    result = train(
+    result = trainer(
         encoder,
         train_arrays,
         valid_arrays,

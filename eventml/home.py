@@ -42,6 +42,11 @@ class StateHome:
         return self.root / "mlflow"
 
     @property
+    def ray(self) -> Path:
+        """Ray Train's runs and checkpoints on a local cluster."""
+        return self.root / "ray"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 

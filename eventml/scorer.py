@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -79,6 +80,39 @@ def platt(margin: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return max(float(fit.coef_[0, 0]), 1e-6), float(fit.intercept_[0])
 
 
+class TaskRows(NamedTuple):
+    """One task's labelled rows, as `to_matrix` builds them."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    valid_x: np.ndarray
+    valid_y: np.ndarray
+
+
+# (params, rows by task, feature names, config) -> task -> booster early-stopped on its valid rows
+BoosterTrainer = Callable[[dict, dict[str, TaskRows], list[str], "ScorerConfig"], dict]
+
+
+def train_boosters(
+    params: dict, rows: dict[str, TaskRows], feature_names: list[str], config: ScorerConfig
+) -> dict[str, xgb.Booster]:
+    """A booster per task trained in this process, early-stopped on the task's valid rows (with
+    every round kept: `best_iteration` says where the best one is)."""
+    boosters = {}
+    for task, (train_x, train_y, valid_x, valid_y) in rows.items():
+        dtrain = xgb.DMatrix(train_x, label=train_y, feature_names=feature_names)
+        dvalid = xgb.DMatrix(valid_x, label=valid_y, feature_names=feature_names)
+        boosters[task] = xgb.train(
+            params,
+            dtrain,
+            num_boost_round=config.n_estimators,
+            evals=[(dvalid, "valid")],
+            early_stopping_rounds=config.early_stopping_rounds,
+            verbose_eval=False,
+        )
+    return boosters
+
+
 @dataclass
 class Scorer:
     feature_names: list[str]
@@ -96,37 +130,34 @@ class Scorer:
         tasks: list[str],
         config: ScorerConfig = ScorerConfig(),
         log=print,
+        booster_trainer: BoosterTrainer | None = None,
     ) -> Scorer:
         """One booster per task, early-stopped on `valid`. Rows whose label is null (unmatured or
-        not applicable to this task) are left out of that task only."""
-        params = config.params(feature_names)
-        boosters, calibration = {}, {}
+        not applicable to this task) are left out of that task only. `booster_trainer` trains
+        the boosters: in this process (`train_boosters`), or on a cluster's workers
+        (`eventml.cluster`)."""
+        rows = {}
         for task in tasks:
-            tr, va = (
-                train.filter(pl.col(task).is_not_null()),
-                valid.filter(pl.col(task).is_not_null()),
-            )
-            dtrain = xgb.DMatrix(
-                to_matrix(tr, feature_names), label=tr[task].to_numpy(), feature_names=feature_names
-            )
-            dvalid = xgb.DMatrix(
-                to_matrix(va, feature_names), label=va[task].to_numpy(), feature_names=feature_names
-            )
-            booster = xgb.train(
-                params,
-                dtrain,
-                num_boost_round=config.n_estimators,
-                evals=[(dvalid, "valid")],
-                early_stopping_rounds=config.early_stopping_rounds,
-                verbose_eval=False,
-            )
+            tr, va = (frame.filter(pl.col(task).is_not_null()) for frame in (train, valid))
+            rows[task] = TaskRows(
+                to_matrix(tr, feature_names), tr[task].to_numpy(),
+                to_matrix(va, feature_names), va[task].to_numpy(),
+            )  # fmt: skip
+        trained = (booster_trainer or train_boosters)(
+            config.params(feature_names), rows, feature_names, config
+        )
+        boosters, calibration = {}, {}
+        for task, booster in trained.items():
             # Keep only the trees up to the best round, so predict() needs no iteration_range.
             boosters[task] = booster[: booster.best_iteration + 1]
-            if config.calibrate and 0 < va[task].sum() < va.height:
+            valid_x, valid_y = rows[task].valid_x, rows[task].valid_y
+            if config.calibrate and 0 < valid_y.sum() < len(valid_y):
+                dvalid = xgb.DMatrix(valid_x, feature_names=feature_names)
                 margin = boosters[task].predict(dvalid, output_margin=True)
-                calibration[task] = platt(margin, va[task].to_numpy())
+                calibration[task] = platt(margin, valid_y)
             log(
-                f"{task}: {booster.best_iteration + 1} trees, valid AUC {booster.best_score:.4f} on {va.height:,} rows"
+                f"{task}: {booster.best_iteration + 1} trees, valid AUC {booster.best_score:.4f} "
+                f"on {len(valid_y):,} rows"
             )
         return cls(
             feature_names=list(feature_names),

@@ -11,7 +11,6 @@ from eventml.embedding import (
     SequenceModel,
     SequenceModelConfig,
     config_dict,
-    embedding_table,
     train_sequence_model,
 )
 from eventml.evaluate import learning_curve_plot
@@ -20,6 +19,7 @@ from eventml.scorer import Scorer, ScorerConfig
 from eventml.sources import DAY
 from ml_assets.metadata import lineage, png_md
 from ml_assets.settings import settings_of
+from resources.compute import Compute
 from resources.delta import DeltaTables
 from resources.sources import EventSource
 from resources.tracking import MlflowTracking
@@ -38,10 +38,6 @@ ScorerSettings = settings_of(
 )
 
 
-def _events(raw_events: pl.LazyFrame) -> pl.DataFrame:
-    return raw_events.drop(DAY).collect()
-
-
 @dg.asset(
     group_name="models",
     io_manager_key="model_io_manager",
@@ -55,6 +51,7 @@ def sequence_encoder(
     event_source: EventSource,
     mlflow_tracking: MlflowTracking,
     tables: DeltaTables,
+    compute: Compute,
 ) -> SequenceModel:
     """Multi-task Transformer over each decision's prior events: default and fraud on the train
     rows of the encoder's people (the scorers learn from the others), 30-day outlook targets
@@ -67,11 +64,12 @@ def sequence_encoder(
     ) as run:
         mlflow.log_params(config_dict(settings))
         model, result = train_sequence_model(
-            _events(raw_events),
+            raw_events.drop(DAY).collect(),
             training_splits,
             event_source.spec(),
             settings,
             log=context.log.info,
+            trainer=compute.encoder_trainer(),
         )
         for row in result.history:
             mlflow.log_metrics(
@@ -93,27 +91,37 @@ def sequence_encoder(
             "parameters": model.encoder.num_params(),
             "outlook_targets": ", ".join(model.encoder.config.outlook) or "none",
             "learning_curve": png_md(learning_curve_plot(result.history)),
+            "compute": dg.MetadataValue.json(compute.describe()),
         }
     )
     return model
 
 
-@dg.asset(group_name="models")
+@dg.asset(group_name="models", deps=["raw_events"])
 def decision_embeddings(
     context: dg.AssetExecutionContext,
     sequence_encoder: SequenceModel,
     decisions: pl.DataFrame,
-    raw_events: pl.LazyFrame,
+    tables: DeltaTables,
+    compute: Compute,
 ) -> pl.DataFrame:
     """The encoder's embedding of every decision, and its own per-task probabilities."""
-    table = embedding_table(sequence_encoder, _events(raw_events), decisions)
+    # One version of the events for this process and every worker.
+    events_uri, version = tables.uri("raw_events"), tables.version("raw_events")
+    table = compute.embeddings(sequence_encoder, events_uri, version, decisions)
     context.add_output_metadata(
-        {"dagster/row_count": table.height, "dimensions": sequence_encoder.encoder.config.emb_dim}
+        {
+            "dagster/row_count": table.height,
+            "dimensions": sequence_encoder.encoder.config.emb_dim,
+            "compute": dg.MetadataValue.json(compute.describe()),
+        }
     )
     return table
 
 
-def _fit(context, table: pl.DataFrame, names: list[str], pack, config: ScorerSettings) -> Scorer:
+def _fit(
+    context, table: pl.DataFrame, names: list[str], pack, config: ScorerSettings, compute: Compute
+) -> Scorer:
     # Both scorers learn from the same rows: train decisions whose labels the encoder never saw.
     scorer_rows = (pl.col("split") == "train") & (pl.col("stage") == "scorer")
     return Scorer.fit(
@@ -123,6 +131,7 @@ def _fit(context, table: pl.DataFrame, names: list[str], pack, config: ScorerSet
         [label.name for label in pack.labels],
         config.make(monotone=pack.monotone),
         log=context.log.info,
+        booster_trainer=compute.booster_trainer(),
     )
 
 
@@ -155,6 +164,7 @@ def baseline_scorer(
     event_source: EventSource,
     mlflow_tracking: MlflowTracking,
     tables: DeltaTables,
+    compute: Compute,
 ) -> Scorer:
     """XGBoost on point-in-time features only: trained the same way every time, so the lift the
     embeddings bring is always measured against it."""
@@ -166,6 +176,7 @@ def baseline_scorer(
         names,
         spec,
         config,
+        compute,
     )
     run_id = _log_scorer_run(
         mlflow_tracking, scorer, "baseline_scorer", context, tables, scorer, "scorer"
@@ -174,6 +185,7 @@ def baseline_scorer(
         {
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_link(run_id)),
             "features": len(names),
+            "compute": dg.MetadataValue.json(compute.describe()),
         }
     )
     return scorer
@@ -192,6 +204,7 @@ def risk_scorer(
     event_source: EventSource,
     mlflow_tracking: MlflowTracking,
     tables: DeltaTables,
+    compute: Compute,
 ) -> RiskModel:
     """XGBoost on features + embeddings, bundled with its encoder and feature set as the risk
     model; registered in MLflow as the newest `challenger`."""
@@ -199,7 +212,7 @@ def risk_scorer(
     feature_set = spec.feature_set()
     names = feature_set.names + embedding_columns(sequence_encoder.encoder.config.emb_dim)
     table = model_table(training_splits, decision_features, decision_embeddings)
-    scorer = _fit(context, table, names, spec, config)
+    scorer = _fit(context, table, names, spec, config, compute)
     model = RiskModel(
         sequence_model=sequence_encoder,
         scorer=scorer,
@@ -216,6 +229,7 @@ def risk_scorer(
             "registered_model": f"{REGISTERED_MODEL} v{version} (alias challenger)",
             "model_version": version,
             "features": len(names),
+            "compute": dg.MetadataValue.json(compute.describe()),
         }
     )
     return model

@@ -5,10 +5,16 @@ tasks on a Ray cluster: a local one this process starts, or an existing one by a
     EVENTML_COMPUTE=ray                        # the steps that shard their work run it on Ray
     EVENTML_RAY_ADDRESS=ray://head:10001       # an existing cluster (unset: a local one)
     EVENTML_RAY_SHARDS=64                      # parts per step (unset: one per CPU)
+    EVENTML_RAY_STORAGE=s3://bucket/ray        # Ray Train's checkpoints (unset: EVENTML_HOME/ray)
 
-A step hands `map` one function and one argument tuple per shard; each call runs as a Ray task
-of one CPU, retried on another worker if its worker dies (the function must be deterministic:
-a retry replaces the lost call's result). The cluster's workers import `eventml` from their own
+What runs where:
+- `map`: a step's function over its shards (the features), each call a Ray task of one CPU,
+  retried on another worker if its worker dies (the function must be deterministic: a retry
+  replaces the lost call's result);
+- `encoder_trainer`, `booster_trainer`: the training loops, in process or on Ray Train's
+  workers (one per CPU), the same artifacts either way;
+- `embeddings`: the encoder's outputs for every decision, in process or by Ray Data.
+ The cluster's workers import `eventml` from their own
 environment (the same image on Kubernetes; this checkout's for a local cluster).
 """
 
@@ -19,11 +25,15 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import dagster as dg
+import polars as pl
 
-# A task is one CPU: libraries that size their thread pools by the machine's cores would
-# otherwise start as many threads per task as the machine has, and tasks side by side would
-# oversubscribe it (read when each worker process imports them).
-ONE_CPU = {"POLARS_MAX_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+from eventml.cluster.workers import ONE_CPU
+from eventml.embedding import SequenceModel, Trainer, embedding_table
+from eventml.encoder import train
+from eventml.home import StateHome
+from eventml.scorer import BoosterTrainer, train_boosters
+from eventml.sources import DAY
+
 # Attempts of a task whose worker died (a node lost, a process killed) before it fails the step.
 RETRIES = 3
 
@@ -39,6 +49,9 @@ class Compute(dg.ConfigurableResource):
     # Parts a step splits its work into on Ray (None: one per CPU of the cluster). More parts
     # than CPUs bound each task's memory by a smaller part; they run a CPU's worth at a time.
     shards: int | None = None
+    # Where Ray Train keeps its runs' checkpoints: a folder every node reaches (None: the state
+    # folder's `ray/`, right for a cluster on this machine; s3://… for a real one).
+    storage_path: str | None = None
 
     @classmethod
     def configured(cls) -> Compute:
@@ -46,13 +59,14 @@ class Compute(dg.ConfigurableResource):
             backend=os.environ.get("EVENTML_COMPUTE", "in_process"),
             ray_address=os.environ.get("EVENTML_RAY_ADDRESS") or None,
             shards=int(os.environ.get("EVENTML_RAY_SHARDS", 0)) or None,
+            storage_path=os.environ.get("EVENTML_RAY_STORAGE") or None,
         )
 
     def parts(self) -> int:
         """How many parts a step splits its work into: 1 in process, else `shards`."""
         if self.backend == "in_process":
             return 1
-        return self.shards or max(1, int(self._ray().cluster_resources().get("CPU", 1)))
+        return self.shards or self._cpus()
 
     def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
         """`fn(*args)` for each argument tuple, in order: in this process, or as Ray tasks."""
@@ -64,6 +78,28 @@ class Compute(dg.ConfigurableResource):
         )
         return ray.get([task.remote(*args) for args in calls])
 
+    def encoder_trainer(self) -> Trainer:
+        """The encoder's training loop: in this process, or DDP on Ray Train's workers."""
+        return train if self.backend == "in_process" else self._ray_train().train_encoder
+
+    def booster_trainer(self) -> BoosterTrainer:
+        """The scorers' boosting: in this process, or XGBoost's collective on Ray Train."""
+        return train_boosters if self.backend == "in_process" else self._ray_train().train_boosters
+
+    def embeddings(
+        self, model: SequenceModel, events_uri: str, version: int | None, decisions: pl.DataFrame
+    ) -> pl.DataFrame:
+        """The encoder's outputs for every decision from the events table (a Delta table with a
+        `day` column) at `version`: in this process, or by parts with Ray Data."""
+        if self.backend == "in_process":
+            events = pl.scan_delta(events_uri, version=version).drop(DAY).collect()
+            return embedding_table(model, events, decisions)
+        from eventml.cluster import embedding_table_by_parts
+
+        return embedding_table_by_parts(
+            model, events_uri, version, decisions, self.parts(), workers=self._cpus()
+        )
+
     def describe(self) -> dict:
         """What a run's metadata says of where it ran."""
         if self.backend == "in_process":
@@ -73,8 +109,17 @@ class Compute(dg.ConfigurableResource):
             "compute": "ray",
             "ray_address": ray.get_runtime_context().gcs_address,
             "ray_nodes": len([n for n in ray.nodes() if n["Alive"]]),
-            "ray_cpus": int(ray.cluster_resources().get("CPU", 0)),
+            "ray_cpus": self._cpus(),
         }
+
+    def _cpus(self) -> int:
+        return max(1, int(self._ray().cluster_resources().get("CPU", 1)))
+
+    def _ray_train(self):
+        from eventml.cluster import RayTrain
+
+        storage = self.storage_path or str(StateHome.from_env().ray)
+        return RayTrain(workers=self._cpus(), storage_path=storage)
 
     def _ray(self):
         import ray

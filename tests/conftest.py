@@ -134,6 +134,9 @@ def ray_cluster():
 SHARED_FIXTURE = {
     "tests/ml_assets/test_features_assets.py": "small_world_trained",
     "tests/ml_assets/test_training_half.py": "small_world_trained",
+    # One local Ray cluster of two CPUs, not one per worker side by side on the same two cores.
+    "tests/ml_assets/test_features_on_ray.py": "ray_cluster",
+    "tests/eventml/test_cluster.py": "ray_cluster",
 }
 
 

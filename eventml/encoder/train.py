@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from eventml.encoder.batches import iter_batches, to_tensors
@@ -85,6 +86,10 @@ def train(
     with no known validation label) the training loss, self-supervised part included, is
     monitored: a label-free pretraining run keeps its best epoch, not its first. On CUDA the
     arrays are moved to the GPU once, up front.
+
+    Inside a data-parallel group (`torch.distributed` initialized, as on a Ray Train worker) each
+    replica trains on its own rows, `config.batch_size` of them a step, and validates on the whole
+    validation data, so the replicas agree on the best epoch and on when to stop.
     """
     log = log or (lambda line: None)
     device = torch.device(config.device)
@@ -109,6 +114,11 @@ def make_train_step(
     benchmarks run this same step. The model must already be on `config.device`."""
     cuda = torch.device(config.device).type == "cuda"
     step_model = torch.compile(model) if config.compile and cuda else model
+    if _distributed():
+        # One replica of a data-parallel group (a Ray Train worker): gradients are averaged over
+        # the replicas in backward, so each step is the step of the replicas' batches together.
+        device_ids = [torch.device(config.device).index] if cuda else None
+        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=device_ids)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if cuda and config.bf16 else nullcontext()
     )
@@ -178,6 +188,9 @@ def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
             losses = [out["loss"], out["task_loss"], out["aux_loss"], out["outlook_loss"]]
             sums += torch.stack(losses).detach()
             steps += 1
+        if _distributed():  # every replica logs, and early-stops on, the group's figures
+            dist.all_reduce(sums)
+            sums /= dist.get_world_size()
         train_loss, train_task, train_aux, train_outlook = (sums / max(steps, 1)).tolist()
         row = {
             "epoch": epoch,
@@ -190,7 +203,8 @@ def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
         if valid_t is not None:
             row.update(evaluate(model, valid_t, config.eval_batch_size))
         row["seconds"] = time.perf_counter() - start
-        row["sequences_per_s"] = steps * config.batch_size / row["seconds"]
+        replicas = dist.get_world_size() if _distributed() else 1
+        row["sequences_per_s"] = replicas * steps * config.batch_size / row["seconds"]
 
         metric = row.get("valid_mean_auc" if higher_is_better else "valid_loss", float("nan"))
         if math.isnan(metric):  # nothing labelled to validate on: the training loss, aux included
@@ -214,6 +228,10 @@ def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
         model.load_state_dict(best_state)
         log(f"restored epoch {best.best_epoch} (monitored {best.best_metric:.4f})")
     return best
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 @torch.no_grad()

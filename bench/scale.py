@@ -1,0 +1,210 @@
+"""Benchmark: the heavy steps on the 10x world, in one process and on a local Ray cluster, side by
+side: wall time and peak RSS per process for features -> encoder -> scorers -> batch embeddings.
+
+Each step runs in a fresh child process per backend, on the same inputs (the in-process run
+writes what the next step reads), so one step's memory never counts against another's. Peak RSS
+is the step's own process (`getrusage`) and, on Ray, the largest of the cluster's worker
+processes, sampled every 0.2 s; the cluster is started before the clock starts.
+
+    .venv/bin/python bench/scale.py                     # 200,000 people, ~23.5M events
+    .venv/bin/python bench/scale.py --users 20000       # the demo's size, to try it out
+    .venv/bin/python bench/scale.py --shards 16         # features in 16 entity shards on Ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import polars as pl
+import psutil
+
+sys.path.insert(0, str(Path(__file__).parent))
+from features import world_events  # noqa: E402  (bench/features.py: the cached world)
+
+from eventml.embedding import SequenceModel, SequenceModelConfig  # noqa: E402
+from eventml.features.sharded import entity_shards, shard_features  # noqa: E402
+from eventml.home import StateHome  # noqa: E402
+from eventml.labels import build_decisions  # noqa: E402
+from eventml.splits import split_decisions, with_stacking_stages  # noqa: E402
+from eventml.worlds.lending import PACK, WorldConfig  # noqa: E402
+
+STEPS = ("features", "encoder", "scorers", "embeddings")
+BACKENDS = ("in_process", "ray")
+
+
+def work_dir(users: int) -> Path:
+    return StateHome.from_env().root / "bench" / f"scale_u{users}"
+
+
+# ------------------------------------------------------------------ one step, in its own process
+
+
+class RayPeak:
+    """The largest RSS any Ray worker process reached while this object watched."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            for process in psutil.process_iter(["name", "memory_info"]):
+                if (process.info["name"] or "").startswith("ray::") and process.info["memory_info"]:
+                    self.peak = max(self.peak, process.info["memory_info"].rss)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_step(step: str, backend: str, args) -> dict:
+    from resources.compute import Compute
+
+    directory = work_dir(args.users)
+    compute = Compute(backend=backend, shards=args.shards or None)
+    if backend == "ray":
+        compute.describe()  # starts the local cluster before the clock
+        watch = RayPeak()
+    started = time.perf_counter()
+    detail = STEP[step](directory, compute, args)
+    seconds = time.perf_counter() - started
+    return {
+        "step": step,
+        "backend": backend,
+        "seconds": round(seconds, 1),
+        "driver_peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "worker_peak_gb": round(watch.stop() / 1024**3, 2) if backend == "ray" else None,
+        **detail,
+    }
+
+
+def prepare(directory: Path, args) -> None:
+    """The inputs every step reads, written once: the world's events as a Delta table with a
+    `day` column, and its decisions with their splits."""
+    if (directory / "splits.parquet").exists():
+        return
+    events = world_events(WorldConfig(n_users=args.users))
+    events.with_columns(pl.col("ts").dt.date().alias("day")).write_delta(
+        str(directory / "raw_events")
+    )
+    splits = with_stacking_stages(split_decisions(build_decisions(events, PACK), PACK))
+    splits.write_parquet(directory / "splits.parquet")
+
+
+def features_step(directory: Path, compute, args) -> dict:
+    uri = str(directory / "raw_events")
+    decisions = pl.read_parquet(directory / "splits.parquet")
+    end = decisions["ts"].max().date() + timedelta(days=1)
+    history = pl.scan_delta(uri).drop("day")
+    activity = PACK.activity_for(history, decisions)
+    calls = [(uri, 0, end, part, PACK.feature_set().to_json(), activity)
+             for part in entity_shards(decisions, compute.parts())]  # fmt: skip
+    done = compute.map(shard_features, calls)
+    features = pl.concat([part for part, _ in done])
+    if compute.backend == "in_process":
+        features.write_parquet(directory / "features.parquet")
+    seconds = sorted(how["seconds"] for _, how in done)
+    return {"events": history.select(pl.len()).collect().item(), "decisions": decisions.height,
+            "shards": len(calls), "shard_s_median": seconds[len(seconds) // 2],
+            "shard_s_max": seconds[-1]}  # fmt: skip
+
+
+def encoder_step(directory: Path, compute, args) -> dict:
+    from eventml.embedding import train_sequence_model
+
+    events = pl.read_delta(str(directory / "raw_events")).drop("day")
+    splits = pl.read_parquet(directory / "splits.parquet")
+    config = SequenceModelConfig(epochs=args.epochs)
+    model, result = train_sequence_model(
+        events, splits, PACK, config, log=lambda line: None, trainer=compute.encoder_trainer()
+    )
+    if compute.backend == "in_process":
+        model.save(directory / "sequence_model")
+    last = result.history[-1]
+    return {"sequences_per_s": round(last["sequences_per_s"]),
+            "valid_mean_auc": round(last.get("valid_mean_auc", float("nan")), 4)}  # fmt: skip
+
+
+def scorers_step(directory: Path, compute, args) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    from eventml.risk_model import model_table
+    from eventml.scorer import Scorer, ScorerConfig
+
+    splits = pl.read_parquet(directory / "splits.parquet")
+    table = model_table(splits, pl.read_parquet(directory / "features.parquet"))
+    names, tasks = PACK.feature_set().names, [label.name for label in PACK.labels]
+    rows = (pl.col("split") == "train") & (pl.col("stage") == "scorer")
+    scorer = Scorer.fit(table.filter(rows), table.filter(pl.col("split") == "valid"), names,
+                        tasks, ScorerConfig(monotone=PACK.monotone), log=lambda line: None,
+                        booster_trainer=compute.booster_trainer())  # fmt: skip
+    test = table.filter((pl.col("split") == "test") & pl.col(tasks[0]).is_not_null())
+    auc = roc_auc_score(test[tasks[0]], scorer.predict(test)[tasks[0]])
+    return {f"test_auc_{tasks[0]}": round(auc, 4), "train_rows": table.filter(rows).height}
+
+
+def embeddings_step(directory: Path, compute, args) -> dict:
+    model = SequenceModel.load(directory / "sequence_model")
+    decisions = pl.read_parquet(directory / "splits.parquet")
+    table = compute.embeddings(model, str(directory / "raw_events"), 0, decisions)
+    return {"decisions": table.height}
+
+
+STEP = {
+    "features": features_step,
+    "encoder": encoder_step,
+    "scorers": scorers_step,
+    "embeddings": embeddings_step,
+}
+
+
+# ------------------------------------------------------------------ the side-by-side run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=200_000, help="simulated people (~118 events each)")  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=1, help="encoder epochs (each is timed)")
+    parser.add_argument("--shards", type=int, default=8, help="entity shards on Ray (0: one per CPU)")  # fmt: skip
+    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset")
+    parser.add_argument("--one", nargs=2, metavar=("STEP", "BACKEND"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.one:  # a child: one step on one backend, its figures as the last line
+        print(json.dumps(run_step(*args.one, args)))
+        return
+
+    directory = work_dir(args.users)
+    directory.mkdir(parents=True, exist_ok=True)
+    prepare(directory, args)
+    print(f"load average before: {Path('/proc/loadavg').read_text().split()[:3]}")
+    rows = []
+    for step in args.steps.split(","):
+        for backend in BACKENDS:
+            command = [sys.executable, __file__, "--one", step, backend, "--users", str(args.users),
+                       "--epochs", str(args.epochs), "--shards", str(args.shards)]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
+            if done.returncode != 0:
+                sys.exit(f"{step} on {backend} failed:\n{done.stderr[-3000:]}")
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print(pl.DataFrame(rows).select("step", "backend", "seconds", "driver_peak_gb",
+                                    "worker_peak_gb"))  # fmt: skip
+    print("target: peak RSS per process < 2 GB at 23.5M events")
+
+
+if __name__ == "__main__":
+    main()
