@@ -1,10 +1,11 @@
 """Benchmark: the heavy steps on the 10x world, in one process and on a local Ray cluster, side by
-side: wall time and peak RSS per process for features -> encoder -> scorers -> batch embeddings.
+side: wall time and peak memory per process for features -> encoder -> scorers -> embeddings.
 
 Each step runs in a fresh child process per backend, on the same inputs (the in-process run
-writes what the next step reads), so one step's memory never counts against another's. Peak RSS
-is the step's own process (`getrusage`) and, on Ray, the largest of the cluster's worker
-processes, sampled every 0.2 s; the cluster is started before the clock starts.
+writes what the next step reads), so one step's memory never counts against another's. Peak
+memory is private memory (`PeakRSS`): the step's own process and, on Ray, the largest of the
+cluster's worker processes; the cluster is started before the clock starts. The events are a
+Delta table partitioned by day, as `raw_events` is.
 
     .venv/bin/python bench/scale.py                     # 200,000 people, ~23.5M events
     .venv/bin/python bench/scale.py --users 20000       # the demo's size, to try it out
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import threading
@@ -48,43 +47,57 @@ def work_dir(users: int) -> Path:
 # ------------------------------------------------------------------ one step, in its own process
 
 
-class RayPeak:
-    """The largest RSS any Ray worker process reached while this object watched."""
+class PeakRSS:
+    """The largest private memory (RSS less shared pages) this process, and any Ray worker
+    process, reached while this object watched, sampled every 0.2 s. Shared pages are the Ray
+    object store's, which every process that reads or writes an object maps: counted once, in
+    the store, as Ray's memory monitor does. (`getrusage` would count what the parent held when
+    it forked.)"""
 
     def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
+        self.driver = self.workers = 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
+        me = psutil.Process()
         while not self._stop.wait(0.2):
+            self.driver = max(self.driver, _private(me.memory_info()))
             for process in psutil.process_iter(["name", "memory_info"]):
                 if (process.info["name"] or "").startswith("ray::") and process.info["memory_info"]:
-                    self.peak = max(self.peak, process.info["memory_info"].rss)
+                    self.workers = max(self.workers, _private(process.info["memory_info"]))
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[float, float]:
+        """Peak private memory of this process and of the largest worker, in GB."""
         self._stop.set()
         self._thread.join()
-        return self.peak
+        return self.driver / 1024**3, self.workers / 1024**3
+
+
+def _private(memory) -> int:
+    return memory.rss - memory.shared
 
 
 def run_step(step: str, backend: str, args) -> dict:
     from resources.compute import Compute
 
     directory = work_dir(args.users)
+    directory.mkdir(parents=True, exist_ok=True)
     compute = Compute(backend=backend, shards=args.shards or None)
     if backend == "ray":
         compute.describe()  # starts the local cluster before the clock
-        watch = RayPeak()
+    peak = PeakRSS()
     started = time.perf_counter()
     detail = STEP[step](directory, compute, args)
     seconds = time.perf_counter() - started
+    driver, workers = peak.stop()
     return {
         "step": step,
         "backend": backend,
         "seconds": round(seconds, 1),
-        "driver_peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
-        "worker_peak_gb": round(watch.stop() / 1024**3, 2) if backend == "ray" else None,
+        "driver_peak_gb": round(driver, 2),
+        "worker_peak_gb": round(workers, 2) if backend == "ray" else None,
         **detail,
     }
 
@@ -92,11 +105,12 @@ def run_step(step: str, backend: str, args) -> dict:
 def prepare(directory: Path, args) -> None:
     """The inputs every step reads, written once: the world's events as a Delta table with a
     `day` column, and its decisions with their splits."""
+    directory.mkdir(parents=True, exist_ok=True)
     if (directory / "splits.parquet").exists():
         return
     events = world_events(WorldConfig(n_users=args.users))
     events.with_columns(pl.col("ts").dt.date().alias("day")).write_delta(
-        str(directory / "raw_events")
+        str(directory / "raw_events"), delta_write_options={"partition_by": ["day"]}
     )
     splits = with_stacking_stages(split_decisions(build_decisions(events, PACK), PACK))
     splits.write_parquet(directory / "splits.parquet")
@@ -122,8 +136,9 @@ def features_step(directory: Path, compute, args) -> dict:
 
 def encoder_step(directory: Path, compute, args) -> dict:
     from eventml.embedding import train_sequence_model
+    from eventml.sequences import sequence_columns
 
-    events = pl.read_delta(str(directory / "raw_events")).drop("day")
+    events = pl.read_delta(str(directory / "raw_events"), columns=list(sequence_columns(PACK)))
     splits = pl.read_parquet(directory / "splits.parquet")
     config = SequenceModelConfig(epochs=args.epochs)
     model, result = train_sequence_model(
@@ -157,8 +172,10 @@ def scorers_step(directory: Path, compute, args) -> dict:
 def embeddings_step(directory: Path, compute, args) -> dict:
     model = SequenceModel.load(directory / "sequence_model")
     decisions = pl.read_parquet(directory / "splits.parquet")
+    started = time.perf_counter()
     table = compute.embeddings(model, str(directory / "raw_events"), 0, decisions)
-    return {"decisions": table.height}
+    return {"decisions": table.height,
+            "decisions_per_s": round(table.height / (time.perf_counter() - started))}  # fmt: skip
 
 
 STEP = {
@@ -176,34 +193,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=200_000, help="simulated people (~118 events each)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=1, help="encoder epochs (each is timed)")
-    parser.add_argument("--shards", type=int, default=8, help="entity shards on Ray (0: one per CPU)")  # fmt: skip
+    parser.add_argument("--shards", type=int, default=16, help="entity shards on Ray (0: one per CPU)")  # fmt: skip
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset")
     parser.add_argument("--one", nargs=2, metavar=("STEP", "BACKEND"), help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.one:  # a child: one step on one backend, its figures as the last line
         print(json.dumps(run_step(*args.one, args)))
         return
 
-    directory = work_dir(args.users)
-    directory.mkdir(parents=True, exist_ok=True)
-    prepare(directory, args)
+    if args.prepare:  # a child, so the simulator's memory is not this process's to fork
+        prepare(work_dir(args.users), args)
+        return
+    common = [
+        "--users",
+        str(args.users),
+        "--epochs",
+        str(args.epochs),
+        "--shards",
+        str(args.shards),
+    ]
+    subprocess.run([sys.executable, __file__, "--prepare", *common], check=True)
     print(f"load average before: {Path('/proc/loadavg').read_text().split()[:3]}")
     rows = []
     for step in args.steps.split(","):
         for backend in BACKENDS:
-            command = [sys.executable, __file__, "--one", step, backend, "--users", str(args.users),
-                       "--epochs", str(args.epochs), "--shards", str(args.shards)]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
-            if done.returncode != 0:
-                sys.exit(f"{step} on {backend} failed:\n{done.stderr[-3000:]}")
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            command = [sys.executable, __file__, "--one", step, backend, *common]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode == 0:
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+            else:  # kept in the table: a step that cannot run at this size is a figure too
+                why = "killed (out of memory?)" if done.returncode < 0 else done.stderr[-2000:]
+                row = {"step": step, "backend": backend, "failed": why}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print(pl.DataFrame(rows).select("step", "backend", "seconds", "driver_peak_gb",
-                                    "worker_peak_gb"))  # fmt: skip
-    print("target: peak RSS per process < 2 GB at 23.5M events")
+    columns = ["step", "backend", "seconds", "driver_peak_gb", "worker_peak_gb"]
+    print(pl.DataFrame(rows).select(c for c in columns if any(c in row for row in rows)))
+    print("target: peak memory per process < 2 GB at 23.5M events")
 
 
 if __name__ == "__main__":

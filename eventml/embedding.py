@@ -8,8 +8,8 @@ trained model is saved next to its `SequenceSpec` so serving codes events exactl
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,13 @@ from eventml.encoder import (
     save,
     train,
 )
+from eventml.features.sharded import entity_shards
 from eventml.labels import event_within
 from eventml.schema import DatasetSpec
 from eventml.sequences import SequenceSpec, build_one, build_sequences
+
+# Decisions whose sequence arrays are built at once by `embedding_table`: about half a GB.
+DECISIONS_PER_PASS = 50_000
 
 # (encoder, training arrays, validation arrays, config, log) -> result; trains the encoder in place.
 Trainer = Callable[..., TrainResult]
@@ -252,7 +256,25 @@ def embedding_table(
     model: SequenceModel, events: pl.DataFrame, decisions: pl.DataFrame
 ) -> pl.DataFrame:
     """decision_id, the embedding (emb_0 … emb_{d-1}) and the encoder's own probability per task
-    (`encoder_<task>`), for every decision."""
+    (`encoder_<task>`), for every decision, in the decisions' order.
+
+    Coded a part of whole entities at a time: every output depends on its entity's own events
+    only, and the sequence arrays of every decision at once would not fit (2.3M decisions took
+    over 24 GB; bench/scale.py)."""
+    decisions = decisions.select("decision_id", "entity_id", "ts")
+    parts = entity_shards(decisions, -(-decisions.height // DECISIONS_PER_PASS))
+    if len(parts) == 1:
+        return _outputs(model, events, decisions)
+    table = pl.concat(
+        _outputs(model, events.join(part.select("entity_id"), on="entity_id", how="semi"), part)
+        for part in parts
+    )
+    return decisions.select("decision_id").join(
+        table, on="decision_id", how="left", maintain_order="left"
+    )
+
+
+def _outputs(model: SequenceModel, events: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
     columns = model.output_columns(model.arrays(events, decisions))
     return pl.DataFrame({"decision_id": decisions["decision_id"], **columns})
 

@@ -16,7 +16,7 @@ from eventml.embedding import (
 from eventml.evaluate import learning_curve_plot
 from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table
 from eventml.scorer import Scorer, ScorerConfig
-from eventml.sources import DAY
+from eventml.sequences import sequence_columns
 from ml_assets.metadata import lineage, png_md
 from ml_assets.settings import settings_of
 from resources.compute import Compute
@@ -63,10 +63,11 @@ def sequence_encoder(
         "sequence_encoder", lineage(context, tables, ["raw_events", "training_splits"])
     ) as run:
         mlflow.log_params(config_dict(settings))
+        spec = event_source.spec()
         model, result = train_sequence_model(
-            raw_events.drop(DAY).collect(),
+            raw_events.select(sequence_columns(spec)).collect(),  # not the other, wide columns
             training_splits,
-            event_source.spec(),
+            spec,
             settings,
             log=context.log.info,
             trainer=compute.encoder_trainer(),

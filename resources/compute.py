@@ -14,8 +14,9 @@ What runs where:
 - `encoder_trainer`, `booster_trainer`: the training loops, in process or on Ray Train's
   workers (one per CPU), the same artifacts either way;
 - `embeddings`: the encoder's outputs for every decision, in process or by Ray Data.
- The cluster's workers import `eventml` from their own
-environment (the same image on Kubernetes; this checkout's for a local cluster).
+
+The cluster's workers import `eventml` from their own environment (the same image on Kubernetes;
+this checkout's for a local cluster).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from eventml.embedding import SequenceModel, Trainer, embedding_table
 from eventml.encoder import train
 from eventml.home import StateHome
 from eventml.scorer import BoosterTrainer, train_boosters
-from eventml.sources import DAY
 
 # Attempts of a task whose worker died (a node lost, a process killed) before it fails the step.
 RETRIES = 3
@@ -55,8 +55,14 @@ class Compute(dg.ConfigurableResource):
 
     @classmethod
     def configured(cls) -> Compute:
+        backend = os.environ.get("EVENTML_COMPUTE", "in_process")
+        if backend not in ("in_process", "ray"):
+            raise ValueError(
+                f"EVENTML_COMPUTE={backend!r}: set it to 'ray' (a Ray cluster) or 'in_process' "
+                "(the default), or unset it"
+            )
         return cls(
-            backend=os.environ.get("EVENTML_COMPUTE", "in_process"),
+            backend=backend,
             ray_address=os.environ.get("EVENTML_RAY_ADDRESS") or None,
             shards=int(os.environ.get("EVENTML_RAY_SHARDS", 0)) or None,
             storage_path=os.environ.get("EVENTML_RAY_STORAGE") or None,
@@ -92,7 +98,8 @@ class Compute(dg.ConfigurableResource):
         """The encoder's outputs for every decision from the events table (a Delta table with a
         `day` column) at `version`: in this process, or by parts with Ray Data."""
         if self.backend == "in_process":
-            events = pl.scan_delta(events_uri, version=version).drop(DAY).collect()
+            events = pl.scan_delta(events_uri, version=version)
+            events = events.select(model.sequence_spec.event_columns).collect()
             return embedding_table(model, events, decisions)
         from eventml.cluster import embedding_table_by_parts
 

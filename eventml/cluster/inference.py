@@ -19,7 +19,6 @@ import pyarrow as pa
 from eventml.cluster.workers import ONE_CPU, files_of, write_files
 from eventml.embedding import SequenceModel, embedding_table
 from eventml.features.batch import HASH_SEED
-from eventml.sources import DAY
 
 
 class EmbedPart:
@@ -36,7 +35,7 @@ class EmbedPart:
         events = (
             pl.scan_delta(self.events_uri, version=self.version)
             .filter(pl.col("entity_id").is_in(entities))
-            .drop(DAY)
+            .select(self.model.sequence_spec.event_columns)
             .collect()
         )
         return embedding_table(self.model, events, decisions).to_arrow()
@@ -59,7 +58,9 @@ def embedding_table_by_parts(
     context.enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         files = files_of(model.save(tmp))
-    ordered = decisions.sort(pl.col("entity_id").hash(HASH_SEED) % parts, "entity_id", "ts")
+    ordered = decisions.select("decision_id", "entity_id", "ts").sort(
+        pl.col("entity_id").hash(HASH_SEED) % parts, "entity_id", "ts"
+    )
     size = max(1, -(-ordered.height // parts))
     blocks = [ordered.slice(start, size).to_arrow() for start in range(0, ordered.height, size)]
     outputs = ray.data.from_arrow(blocks).map_batches(

@@ -42,6 +42,7 @@ from eventml.sequences.coding import (
     CategoricalCoding,
     SequenceSpec,
     first_seen_ids,
+    sequence_columns,
     stable_hash,
     utc_us,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "build_one",
     "build_sequences",
     "first_seen_ids",
+    "sequence_columns",
     "stable_hash",
     "utc_us",
 ]

@@ -27,6 +27,9 @@ TIME_FEATURES = (
     "weekday_sin",
     "weekday_cos",
 )
+# A history's order (ties at one instant by event id), and the inputs every pack's events have.
+HISTORY_ORDER = ("entity_id", "ts", "event_id")
+EVENT_INPUTS = ("event_type", "amount")
 NUMERIC_CLIP = 30.0
 US_PER_SECOND = 1_000_000
 US_PER_DAY = 86_400 * US_PER_SECOND
@@ -147,6 +150,17 @@ class SequenceSpec:
             numeric=spec.input_numeric,  # a label column is never an encoder input
         )
 
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        """The event columns the encoder's inputs are coded from."""
+        return (*EVENT_INPUTS, *(c.name for c in self.categorical), *self.numeric)
+
+    @property
+    def event_columns(self) -> tuple[str, ...]:
+        """All a reader of the events table need load to build sequences: the inputs and the
+        keys that order them (the table holds other columns, some wide, besides)."""
+        return (*HISTORY_ORDER, *self.input_columns)
+
     # The encoder's input sizes; pass them on as EncoderConfig(**seq_spec.encoder_dims(), ...).
     def encoder_dims(self) -> dict:
         return {
@@ -183,6 +197,12 @@ class SequenceSpec:
         return cls(
             event_types=tuple(d["event_types"]), categorical=codings, numeric=tuple(d["numeric"])
         )
+
+
+def sequence_columns(spec: DatasetSpec) -> tuple[str, ...]:
+    """The event columns a pack's sequences are built from (`SequenceSpec.fit(spec)`'s
+    `event_columns`), known before any spec is fitted: what the encoder's step loads."""
+    return (*HISTORY_ORDER, *EVENT_INPUTS, *spec.input_categorical, *spec.input_numeric)
 
 
 def check_event_types(present: set[str | None], spec: SequenceSpec) -> None:

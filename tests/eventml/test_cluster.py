@@ -47,10 +47,18 @@ def valid_auc(events, splits, seed: int, trainer=None) -> tuple[float, SequenceM
     return result.best_metric, model
 
 
-def test_the_encoder_trained_on_two_workers_learns_as_well_as_in_one_process(lending, tmp_path):
+@pytest.fixture(scope="module")
+def encoder_on_ray(lending) -> tuple[float, SequenceModel]:
     events, splits, ray_train = lending
+    return valid_auc(events, splits, 0, trainer=ray_train.train_encoder)
+
+
+def test_the_encoder_trained_on_two_workers_learns_as_well_as_in_one_process(
+    lending, encoder_on_ray, tmp_path
+):
+    events, splits, _ = lending
     in_process = [valid_auc(events, splits, seed)[0] for seed in (0, 1, 2)]
-    on_ray, model = valid_auc(events, splits, 0, trainer=ray_train.train_encoder)
+    on_ray, model = encoder_on_ray
     spread = max(in_process) - min(in_process)
     assert min(in_process) - max(spread, 0.02) <= on_ray <= max(in_process) + max(spread, 0.02)
     # The same artifact: state_dict + JSON, loaded with weights_only, gives the same outputs.

@@ -24,6 +24,7 @@ from eventml.sequences import (
     first_seen_ids,
     stable_hash,
 )
+from eventml.sequences import batch as sequences_batch
 
 SPEC = DatasetSpec.from_dict(
     {
@@ -265,6 +266,17 @@ def test_the_serving_builder_agrees_exactly_with_the_batch_builder():
         assert_same(
             {k: v[i : i + 1] for k, v in batch.items()}, build_one(history, ts, spec, max_len=16)
         )
+
+
+def test_rows_gathered_block_by_block_are_the_rows_gathered_at_once(monkeypatch):
+    events = random_events(5, n=200)
+    rng = np.random.default_rng(5)
+    rows = [(str(e), T0 + timedelta(minutes=int(m))) for e, m in zip(
+        rng.choice(list("abcdz"), 40), rng.integers(0, 25 * 24 * 60, 40), strict=True)]  # fmt: skip
+    spec = seq_spec(events)
+    at_once = build_sequences(events, decisions(rows), spec, max_len=16)
+    monkeypatch.setattr(sequences_batch, "ROWS_PER_BLOCK", 7)  # 40 rows: 5 blocks of 7, then 5
+    assert_same(build_sequences(events, decisions(rows), spec, max_len=16), at_once)
 
 
 def test_the_serving_builder_orders_simultaneous_events_as_the_batch_builder():
