@@ -42,9 +42,13 @@ def build_sequences(
     # and 10 s against 22 s; the permutation gives back most of that time).
     feats = event_inputs(events.select(*spec.input_columns, utc_us(events["ts"])), spec)
     ev = events.select(HISTORY_ORDER).with_row_index("row").sort(HISTORY_ORDER)
-    order = ev["row"].to_numpy()
-    for name in feats:  # one array at a time: never two copies of every input
-        feats[name] = feats[name][order]
+    sorted_rows = ev["row"].to_numpy()
+    # One array at a time (never two copies of every input), each with an all-zero row appended:
+    # padding slots point at it, so a gather alone pads them.
+    for name, values in feats.items():
+        feats[name] = np.concatenate(
+            [values[sorted_rows], np.zeros((1, *values.shape[1:]), values.dtype)]
+        )
 
     # Entity codes: the index of an entity's run in the sorted events; its events are the
     # contiguous rows [first[code], first[code] + count[code]).
@@ -66,7 +70,7 @@ def build_sequences(
     order = np.lexsort(
         (
             kind,
-            np.concatenate([feats["ts"], dec_ts[has_events]]),
+            np.concatenate([feats["ts"][:n_ev], dec_ts[has_events]]),
             np.concatenate([ev_code, dec_code]),
         )
     )
@@ -80,11 +84,9 @@ def build_sequences(
     end_all[has_events] = end
 
     # Right-aligned gather: slot j of a row holds event end-K+j, real when j >= K - n_prior.
-    # Padding slots point at an all-zero row appended to every input, so a gather alone pads
-    # them. By blocks of rows into arrays made once: the gather's intermediates (row indices,
-    # id keys, clocks, timestamps) are about the arrays' size again.
-    for name, values in feats.items():
-        feats[name] = np.concatenate([values, np.zeros((1, *values.shape[1:]), values.dtype)])
+    # Padding slots point at the appended zero row (row n_ev). By blocks of rows into arrays made
+    # once: the gather's intermediates (row indices, id keys, clocks, timestamps) are about the
+    # arrays' size again.
     j = np.arange(K)
 
     def block(rows: slice) -> dict[str, np.ndarray]:
