@@ -19,11 +19,19 @@ a plain loop over contiguous slices of tensors already in place.
 Imports only torch, numpy and the standard library, so it runs on a GPU box without polars.
 Prints sequences/s for both (median of interleaved rounds), the ratio, and on CUDA the GPU-side
 time per step (CUDA events).
+
+Threads: the step budget of `eventml.threads` (all cores given, by default). On CPU it then
+measures ours again beside a second training process, as a second heavy step or a retrain on
+the same machine would run: first each with its share of the cores (EVENTML_STEPS_AT_ONCE=2's
+budget), then each taking every core (no budget, as before there was one), each figure as a
+fraction of ours alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -43,6 +51,7 @@ from eventml.encoder import (  # noqa: E402
     make_train_step,
     to_tensors,
 )
+from eventml.threads import cores_given, thread_environment, use_step_threads  # noqa: E402
 
 N_TYPES, CATS, N_NUMERIC, N_TIME = 24, (1025, 18, 6), 4, 6  # about what the simulator's spec gives
 
@@ -217,14 +226,51 @@ def parse(argv=None, **defaults) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (CUDA only)")
     p.add_argument("--only", choices=["reference", "ours", "ours_bucketed"], default=None)
+    p.add_argument("--alone", action="store_true", help="skip the runs beside a second training")
+    p.add_argument(
+        "--neighbour", action="store_true", help=argparse.SUPPRESS
+    )  # trains until killed
     p.set_defaults(**defaults)
     return p.parse_args(argv)
+
+
+def median_rate(args, run_steps, device) -> float:
+    rounds = [time_steps(run_steps, args.steps // args.rounds, device) for _ in range(args.rounds)]
+    return args.batch / float(np.median([wall for wall, _ in rounds]))
+
+
+def beside_a_neighbour(args, run_steps, threads: int) -> float:
+    """Ours at `threads`, while a second process trains the same model at `threads`."""
+    model = [f"--{name.replace('_', '-')}={getattr(args, name)}"
+             for name in ("d_model", "layers", "heads", "max_len", "batch", "dropout", "rows")]  # fmt: skip
+    neighbour = subprocess.Popen(
+        [sys.executable, __file__, "--neighbour", *model],
+        env={**os.environ, **thread_environment(threads)},
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        while "training" not in (line := neighbour.stdout.readline()):
+            if not line:
+                raise RuntimeError("the neighbour training process ended before it trained")
+        torch.set_num_threads(threads)
+        return median_rate(args, run_steps, torch.device("cpu"))
+    finally:
+        neighbour.kill()
+        neighbour.wait()
 
 
 def main(argv=None, **defaults):
     args = parse(argv, **defaults)
     device = torch.device(args.device)
     torch.manual_seed(0)
+    use_step_threads()
+    if args.neighbour:
+        run_steps = setup_ours(args, synthetic_arrays(args.rows or 8 * args.batch, args.max_len),
+                               device, bucket=False)  # fmt: skip
+        run_steps(1)
+        print("training", flush=True)
+        while True:
+            run_steps(1)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
@@ -260,6 +306,18 @@ def main(argv=None, **defaults):
     for name in ("ours", "ours_bucketed"):
         if name in results and "reference" in results:
             print(f"ratio {name}/reference: {results[name] / results['reference']:.3f}", flush=True)
+    if device.type == "cpu" and "ours" in results and not args.alone:
+        alone, budget = results["ours"], torch.get_num_threads()
+        for label, threads in (("each its share of the cores", max(1, cores_given() // 2)),
+                               ("each every core (no budget)", cores_given())):  # fmt: skip
+            rate = beside_a_neighbour(args, runners["ours"], threads)
+            results[f"ours_beside ({threads} threads)"] = rate
+            print(
+                f"ours beside a second training, {label}, {threads} threads: {rate:,.0f} "
+                f"sequences/s, {rate / alone:.2f}x ours alone ({budget} threads)",
+                flush=True,
+            )
+        torch.set_num_threads(budget)
     return results
 
 

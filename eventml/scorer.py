@@ -19,6 +19,8 @@ import numpy as np
 import polars as pl
 import xgboost as xgb
 
+from eventml.threads import step_threads
+
 
 @dataclass(frozen=True)
 class ScorerConfig:
@@ -33,7 +35,7 @@ class ScorerConfig:
     # feature name -> +1 (risk never falls as it rises) or -1; features absent here are free.
     monotone: dict[str, int] = field(default_factory=dict)
     seed: int = 0
-    n_threads: int = 2
+    n_threads: int | None = None  # None: the step's thread budget (`eventml.threads`)
     # Map each booster's margin to a probability with a logistic fit on the validation split
     # (Platt scaling): the validation rows are the latest labelled ones, so base-rate drift since
     # the training rows is corrected without changing the ranking.
@@ -54,7 +56,7 @@ class ScorerConfig:
             "colsample_bytree": self.colsample_bytree,
             "reg_lambda": self.reg_lambda,
             "seed": self.seed,
-            "nthread": self.n_threads,
+            "nthread": self.n_threads or step_threads(),
             "monotone_constraints": "("
             + ",".join(str(self.monotone.get(f, 0)) for f in feature_names)
             + ")",

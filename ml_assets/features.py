@@ -17,7 +17,7 @@ from eventml.splits import (
 )
 from ml_assets.metadata import check_result, table_md
 from ml_assets.partitions import daily, run_days
-from resources.compute import Compute
+from resources.compute import CPU_POOL, Compute
 from resources.delta import DeltaTables
 from resources.sources import EventSource
 
@@ -47,6 +47,7 @@ def decisions(
 
 @dg.asset(
     group_name="features",
+    pool=CPU_POOL,
     partitions_def=daily,
     backfill_policy=dg.BackfillPolicy.single_run(),
     # Day D's features read every stored day up to D; the identity mapping records the newest.

@@ -19,7 +19,7 @@ from eventml.scorer import Scorer, ScorerConfig
 from eventml.sequences import sequence_columns
 from ml_assets.metadata import lineage, png_md
 from ml_assets.settings import settings_of
-from resources.compute import Compute
+from resources.compute import CPU_POOL, Compute
 from resources.delta import DeltaTables
 from resources.sources import EventSource
 from resources.tracking import MlflowTracking
@@ -40,6 +40,7 @@ ScorerSettings = settings_of(
 
 @dg.asset(
     group_name="models",
+    pool=CPU_POOL,
     io_manager_key="model_io_manager",
     metadata={"model_class": "sequence_model"},
 )
@@ -98,7 +99,7 @@ def sequence_encoder(
     return model
 
 
-@dg.asset(group_name="models", deps=["raw_events"])
+@dg.asset(group_name="models", pool=CPU_POOL, deps=["raw_events"])
 def decision_embeddings(
     context: dg.AssetExecutionContext,
     sequence_encoder: SequenceModel,
@@ -155,7 +156,10 @@ def _log_scorer_run(
 
 
 @dg.asset(
-    group_name="models", io_manager_key="model_io_manager", metadata={"model_class": "scorer"}
+    group_name="models",
+    pool=CPU_POOL,
+    io_manager_key="model_io_manager",
+    metadata={"model_class": "scorer"},
 )
 def baseline_scorer(
     context: dg.AssetExecutionContext,
@@ -193,7 +197,10 @@ def baseline_scorer(
 
 
 @dg.asset(
-    group_name="models", io_manager_key="model_io_manager", metadata={"model_class": "risk_model"}
+    group_name="models",
+    pool=CPU_POOL,
+    io_manager_key="model_io_manager",
+    metadata={"model_class": "risk_model"},
 )
 def risk_scorer(
     context: dg.AssetExecutionContext,

@@ -34,6 +34,11 @@ from eventml.encoder import train
 from eventml.home import StateHome
 from eventml.scorer import BoosterTrainer, train_boosters
 
+# The Dagster concurrency pool of the steps that keep every core they are given busy (features,
+# encoder, embeddings, scorers): its limit, across all runs, is `eventml.threads.steps_at_once`,
+# and each such step sizes its threads to its share of the cores (`eventml.threads`).
+CPU_POOL = "cpu"
+
 # Attempts of a task whose worker died (a node lost, a process killed) before it fails the step.
 RETRIES = 3
 

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from eventml.home import StateHome, interprocess_lock
+from eventml.threads import steps_at_once
 from eventml.worlds import load_pack, selected_pack
 from resources.tracking import MlflowTracking
 
@@ -60,7 +61,9 @@ def mlflow_tracking(home: StateHome) -> MlflowTracking:
 def dagster_yaml() -> str:
     lines = [GENERATED, "telemetry:", "  enabled: false",
              # the daemon fails runs that never start or outlive dagster/max_runtime
-             "run_monitoring:", "  enabled: true"]  # fmt: skip
+             "run_monitoring:", "  enabled: true",
+             # the CPU-heavy steps' pool (resources.compute.CPU_POOL), across all runs
+             "concurrency:", "  pools:", f"    default_limit: {steps_at_once()}"]  # fmt: skip
     if postgres_url():
         lines += ["storage:", "  postgres:", f"    postgres_url: {database_url('dagster')}"]
     return "\n".join(lines) + "\n"
@@ -138,9 +141,9 @@ def _write_workspace(folder: Path, pack_name: str) -> None:
 
 def fail_killed_runs(instance) -> list[str]:
     """Mark failed the runs still STARTED whose process on this machine is gone (SIGKILLed,
-    out of memory): left alone they stay "in progress" forever. Daemon-launched runs also have
-    Dagster's run monitoring (dagster.yaml); a run started by the CLI has no daemon to watch it.
-    Returns the run ids it marked."""
+    out of memory), and free the pool slots they held: left alone they stay "in progress"
+    forever. Daemon-launched runs also have Dagster's run monitoring (dagster.yaml); a run
+    started by the CLI has no daemon to watch it. Returns the run ids it marked."""
     import dagster as dg
 
     marked = []
@@ -155,6 +158,10 @@ def fail_killed_runs(instance) -> list[str]:
         instance.report_run_failed(
             run, f"the run's process (pid {pid}) is gone: it was killed before it finished"
         )
+        # A pool slot its step held stays claimed until the daemon's monitoring frees it; no
+        # daemon may run here, and the next heavy step would wait for it.
+        if instance.event_log_storage.supports_global_concurrency_limits:
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         marked.append(run.run_id)
     return marked
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from eventml.threads import thread_environment
+
 # A worker of one CPU: libraries that size their thread pools by the machine's cores would
 # otherwise start as many threads per worker as the machine has, and workers side by side would
 # oversubscribe it (read when each worker process imports them).
-ONE_CPU = {"POLARS_MAX_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+ONE_CPU = thread_environment(1)
 
 
 def files_of(directory: str | Path) -> dict[str, bytes]:

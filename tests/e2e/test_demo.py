@@ -28,6 +28,7 @@ from eventml.online_store import SQLiteOnlineStore
 from eventml.worlds.lending import PACK as LENDING_PACK
 from ml_assets.demo import INGEST, TRAIN, materialize_command
 from ml_assets.models import REGISTERED_MODEL
+from resources.compute import CPU_POOL
 from resources.delta import DeltaTables
 from resources.state import mlflow_tracking
 
@@ -259,7 +260,9 @@ def test_the_set_up_step_marks_the_killed_runs_failed(demo, before_kills):
             r.run_id
             for r in instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
         }
+        holders = claimed_slots(instance)
     assert len(started) >= 3  # the three kills above, left "in progress" by their dead process
+    assert holders and holders <= started  # the killed features step's slot in the CPU pool
     done = subprocess.run([sys.executable, "-m", "resources.state"], cwd=REPO, env=home.env,
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -271,6 +274,15 @@ def test_the_set_up_step_marks_the_killed_runs_failed(demo, before_kills):
     with dg.DagsterInstance.from_config(str(home.root / "dagster")) as instance:
         for run_id in started:
             assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
+        assert not claimed_slots(instance)  # the next heavy step does not wait for a dead one
+
+
+def claimed_slots(instance: dg.DagsterInstance) -> set[str]:
+    """The runs holding a slot of the CPU-heavy steps' pool."""
+    return {
+        slot.run_id
+        for slot in instance.event_log_storage.get_concurrency_info(CPU_POOL).claimed_slots
+    }
 
 
 def test_re_running_after_the_kills_converges_to_one_copy_of_every_row(demo, before_kills):
@@ -293,7 +305,9 @@ def test_a_retrain_killed_while_saving_the_encoder_leaves_the_champion_and_a_who
     assert champion_version(home) == champion
     # The pointer names a whole model, the old one or (if the kill came after the save) the new.
     SequenceModel.load(models / (models / "current").read_text().strip())
-    # Re-running the killed step converges: a whole new model, and the pointer names it.
+    # Re-running the killed step converges: a whole new model, and the pointer names it. First
+    # the set-up step every entry point runs: it frees the pool slot the killed step held.
+    subprocess.run([sys.executable, "-m", "resources.state"], cwd=REPO, env=home.env, check=True)
     pointer = (models / "current").read_text()
     again = subprocess.run(encoder_run, cwd=REPO, env=home.env, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:]

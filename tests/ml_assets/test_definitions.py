@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from ml_assets.definitions import defs
+from resources.compute import CPU_POOL
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,3 +43,11 @@ def test_dagster_cli_validates_the_workspace():
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_steps_that_keep_every_core_busy_share_one_pool():
+    graph = defs.resolve_asset_graph()
+    heavy = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).pools}
+    assert heavy == {"decision_features", "sequence_encoder", "decision_embeddings",
+                     "baseline_scorer", "risk_scorer"}  # fmt: skip
+    assert all(graph.get(dg.AssetKey(name)).pools == {CPU_POOL} for name in heavy)

@@ -1,6 +1,8 @@
 """A state folder serves one dataset pack: its UI's code location is named after the pack, and
-another pack is refused with the way out, so two sources' tables and champions never mix."""
+another pack is refused with the way out, so two sources' tables and champions never mix. Its
+Dagster instance runs the CPU-heavy steps a budgeted number at a time."""
 
+import dagster as dg
 import pytest
 import yaml
 
@@ -30,3 +32,17 @@ def test_a_home_set_up_for_one_pack_refuses_another(home, monkeypatch):
     monkeypatch.setenv("EVENTML_PACK", "cards")
     with pytest.raises(HomeHoldsAnotherPack, match="'lending_sim'.*'cards_sim'.*own EVENTML_HOME"):
         prepare(home)
+
+
+@pytest.mark.parametrize("steps", [None, "2"])
+def test_the_instance_runs_as_many_heavy_steps_at_once_as_the_thread_budget_is_split_into(
+    home, monkeypatch, steps
+):
+    if steps:
+        monkeypatch.setenv("EVENTML_STEPS_AT_ONCE", steps)
+    else:
+        monkeypatch.delenv("EVENTML_STEPS_AT_ONCE", raising=False)
+    prepare(home)
+    with dg.DagsterInstance.from_config(str(dagster_home(home))) as instance:
+        assert instance.event_log_storage.supports_global_concurrency_limits
+        assert instance.global_op_concurrency_default_limit == int(steps or 1)
