@@ -60,8 +60,9 @@ def step_threads() -> int:
 
 
 def thread_environment(threads: int) -> dict[str, str]:
-    """The variables that size every library's pool to `threads`."""
-    return {name: str(threads) for name in POOL_VARIABLES}
+    """The variables that give a process (a Ray worker, a child) a budget of `threads`: every
+    library's pool, and eventml's own parallel parts (the feature kernels)."""
+    return {"EVENTML_THREADS": str(threads), **{name: str(threads) for name in POOL_VARIABLES}}
 
 
 def use_step_threads() -> int:
@@ -69,8 +70,8 @@ def use_step_threads() -> int:
     start their pools (an entry point's first lines); torch, imported already or not, follows
     too, since it can resize its pool at any time."""
     threads = step_threads()
-    for name, value in thread_environment(threads).items():
-        os.environ.setdefault(name, value)
+    for name in POOL_VARIABLES:
+        os.environ.setdefault(name, str(threads))
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     return threads

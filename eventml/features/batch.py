@@ -7,13 +7,17 @@ One declaration, a `FeatureSet`, drives two implementations that must agree to t
   event filter, so a window count is a difference of two running counts and an amount window
   is a slice of the filter's amounts, summed in numpy's own pairwise order. Distinct values
   come from each event's previous occurrence of the same value. The cost is a few passes over
-  the involved entities' events plus a little work per decision and window.
+  the involved entities' events plus a little work per decision and window; the walks run on
+  runs of whole entities side by side, one per thread of the step's budget (`eventml.threads`).
 - `features_for_one` (a live request, `eventml.features.one`): the definitions applied literally to one entity's
   history with numpy masks. Tests hold the two together, which is why the request path is a
   separate, obvious implementation rather than the batch one called with one row.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import polars as pl
@@ -28,6 +32,7 @@ from eventml.features.declare import (
     window_us,
 )
 from eventml.features.keyed import keyed_features, require_activity
+from eventml.threads import step_threads
 
 HASH_SEED = 0  # polars' hash is stable within one process, which is all the batch path needs
 
@@ -119,7 +124,8 @@ class _Filters:
 
 class _Batch:
     """The involved entities' events as numpy arrays sorted by (entity, time), and the decisions
-    as queries sorted the same way."""
+    as queries sorted the same way: read and sorted once, however many numeric columns the
+    walks take statistics of."""
 
     def __init__(
         self,
@@ -127,14 +133,13 @@ class _Batch:
         decisions: pl.DataFrame,
         fs: FeatureSet,
         filters: _Filters,
-        value: str = "amount",
     ):
         self.fs, self.ts_max = fs, decisions["ts"].max()
         entity_hash = pl.col("entity_id").hash(HASH_SEED)
         dec_h = decisions.select(entity_hash).to_series()
         value_cols = sorted({f.column for f in fs.of_kind("distinct", "seen_before")})
-        # The numeric column the walk takes statistics of (`amount`, or e.g. `days_late`).
-        amount = pl.col(value).cast(pl.Float64).fill_null(np.nan)
+        # The numeric columns the walks take statistics of (`amount`, and e.g. `days_late`).
+        numeric = sorted({"amount"} | {f.column for f in fs.of_kind(*STAT_KINDS)})
         type_code = pl.col("event_type").cast(pl.Enum(fs.event_types)).to_physical()
         # Strings become integers before anything moves: hashes for ids and values, codes for
         # types. Only the decisions' entities, only before the last decision: a day costs its
@@ -145,8 +150,11 @@ class _Batch:
             .select(
                 entity_hash.alias("__h"),
                 pl.col("ts").dt.epoch("us").alias("__t"),
-                (type_code.cast(pl.Int32) * 2 + amount.is_not_nan().cast(pl.Int32)).alias("__code"),
-                amount.alias("__amount"),
+                (type_code.cast(pl.Int32) * 2).alias("__type2"),
+                *[
+                    pl.col(c).cast(pl.Float64).fill_null(np.nan).alias(f"__num_{c}")
+                    for c in numeric
+                ],
                 *([filters.condition_bits().alias("__cond")] if filters.conditions else []),
                 *[_value_hash(c).alias(c) for c in value_cols],
             )
@@ -170,11 +178,11 @@ class _Batch:
         self.n_entities = len(self.heads) + 1
         self.e = np.repeat(np.arange(len(self.heads)), counts[has])
         self.t = t[self.perm]
-        self.code = ev["__code"].to_numpy()[self.perm]
+        self.type2 = ev["__type2"].to_numpy()[self.perm]
         self.values = {c: ev[c].to_numpy()[self.perm] for c in value_cols}
-        # Amounts and condition words stay in input order: the kernels read them through perm
-        # for the events that carry one, rather than moving every row.
-        self.amount = ev["__amount"].to_numpy()
+        # Numeric values and condition words stay in input order: the kernels read them through
+        # perm for the events that carry one, rather than moving every row.
+        self.numeric = {c: ev[f"__num_{c}"].to_numpy() for c in numeric}
         self.cond = ev["__cond"].to_numpy() if filters.conditions else np.zeros(0, np.uint64)
 
         # Decisions: entity code (one past the last for an entity without events), time order.
@@ -198,20 +206,39 @@ class _Batch:
         )  # fmt: skip
         self.own = {c: own[c].to_numpy()[q_order] for c in own.columns}
 
-    def windowed(self, filters: _Filters, plan: dict) -> dict[str, np.ndarray]:
-        """Counts, amount statistics and recency of the planned features, from one walk."""
+    def windowed(
+        self, filters: _Filters, plan: dict, value: str = "amount"
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Counts, statistics of `value` and recency of the planned features, from one walk;
+        and the walk's window bounds."""
         members, where_id, where_type, where_need, is_amount = filters.tables()
-        ptr, ids = kernels.memberships(
-            self.code, self.cond, self.perm, members, where_id, where_type, where_need
-        )
-        vals, vstart = kernels.compact_amounts(ptr, ids, self.amount, self.perm, is_amount)
-        counts, amounts, recency = plan["count"], plan["amount"], plan["recency"]
-        self.bounds, c, s, mean, mx, days = kernels.walk(
-            self.e, self.t, ptr, ids, self.qe, self.qt, np.array(filters.offsets, np.int64),
-            np.array(list(counts), np.int64).reshape(-1, 2),
-            np.array(list(amounts), np.int64).reshape(-1, 2),
-            vals, vstart, np.array(list(recency), np.int64),
-        )  # fmt: skip
+        amount = self.numeric[value]
+        code = self.type2 + ~np.isnan(amount[self.perm])  # 2 * type + has a value
+        offsets = np.array(filters.offsets, np.int64)
+        count_pairs = np.array(list(plan["count"]), np.int64).reshape(-1, 2)
+        amount_pairs = np.array(list(plan["amount"]), np.int64).reshape(-1, 2)
+        recency = np.array(list(plan["recency"]), np.int64)
+
+        n_q = len(self.qe)
+        bounds = np.empty((len(offsets), n_q), np.int64)
+        c = np.empty((len(count_pairs), n_q), np.int32)
+        s, mean, mx = (np.empty((len(amount_pairs), n_q)) for _ in range(3))
+        days = np.empty((len(recency), n_q))
+
+        def part(rows: slice, queries: slice) -> None:
+            perm = self.perm[rows]
+            ptr, ids = kernels.memberships(
+                code[rows], self.cond, perm, members, where_id, where_type, where_need
+            )
+            vals, vstart = kernels.compact_amounts(ptr, ids, amount, perm, is_amount)
+            kernels.walk(
+                self.e[rows], self.t[rows], ptr, ids, self.qe[queries], self.qt[queries],
+                offsets, count_pairs, amount_pairs, vals, vstart, recency,
+                *(a[:, queries] for a in (bounds, c, s, mean, mx, days)),
+            )  # fmt: skip
+            bounds[:, queries] += rows.start
+
+        self._by_parts(part)
         out = {}
         for name, (kind, *args) in plan["features"].items():
             if kind == "count":
@@ -227,23 +254,44 @@ class _Batch:
                 out[name] = days[args[0]]
             else:
                 out[name] = {"sum": s, "mean": mean, "max": mx}[kind][args[0]]
-        return out
+        return out, bounds
 
-    def values_seen(self, col: str, windows: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Distinct values of `col` per window (bound rows), and prior events with the decision's
+    def values_seen(
+        self, col: str, bounds: np.ndarray, windows: list[int]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Distinct values of `col` per window (rows of the walk's `bounds`), and prior events with the decision's
         own value. Values are compared by hash within an entity, by the hash bits that an entity
         code would leave in a packed 64-bit key: two values of one entity would have to collide
         to be merged, odds of about k²/2^45 for an entity with k values."""
         same = self.own.get(f"__same_{col}")
-        distinct, seen = kernels.distinct_and_seen(
-            self.e,
-            self.values[col],
-            np.uint64(self.n_entities.bit_length()),
-            self.bounds,
-            np.array(windows, np.int64),
-            np.zeros(len(self.qt), np.uint64) if same is None else same,
-        )
+        q_hashes = np.zeros(len(self.qt), np.uint64) if same is None else same
+
+        distinct = np.zeros((len(windows), len(self.qt)), np.int32)
+        seen = np.empty(len(self.qt))
+
+        def part(rows: slice, queries: slice) -> None:
+            kernels.distinct_and_seen(
+                self.e[rows], self.values[col][rows], np.uint64(self.n_entities.bit_length()),
+                bounds[:, queries] - rows.start, np.array(windows, np.int64), q_hashes[queries],
+                distinct[:, queries], seen[queries],
+            )  # fmt: skip
+
+        self._by_parts(part)
         return distinct, (None if same is None else seen)
+
+    def _by_parts(self, part: Callable[[slice, slice], None]) -> None:
+        """`part(event rows, decision rows)` over runs of whole entities, about equal in events,
+        one per thread of the step's budget (the kernels release the GIL); each part writes its
+        own decisions' columns. An entity's features read only its own events, so the parts
+        give the same bits as one walk."""
+        n, n_q, threads = len(self.e), len(self.qe), step_threads()
+        cuts = np.unique(self.e[np.arange(1, threads) * n // threads]) if n >= 2 * threads else []
+        rows = [0, *np.searchsorted(self.e, cuts), n]
+        queries = [0, *np.searchsorted(self.qe, cuts), n_q]
+        parts = [(slice(rows[i], rows[i + 1]), slice(queries[i], queries[i + 1]))
+                 for i in range(len(rows) - 1)]  # fmt: skip
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda p: part(*p), parts))  # list: a part's error raises here
 
     def latest_codes(self, events: pl.DataFrame | pl.LazyFrame, cols: list[str]) -> np.ndarray:
         """Vocabulary code of the latest non-null value of each column before each decision;
@@ -333,17 +381,15 @@ def compute_features(
     filters = _Filters(fs)
     plan = _plan(fs, filters)
     b = _Batch(events, decisions, fs, filters)
-    res = b.windowed(filters, plan)
+    res, bounds = b.windowed(filters, plan)
     # Statistics of other numeric columns: one more walk per column, over the same events.
     for value in sorted({f.column for f in fs.of_kind(*STAT_KINDS)} - {"amount"}):
         other = _Filters(fs)
-        res.update(
-            _Batch(events, decisions, fs, other, value).windowed(other, _plan(fs, other, value))
-        )
+        res.update(b.windowed(other, _plan(fs, other, value), value)[0])
     for col in sorted({f.column for f in fs.of_kind("distinct", "seen_before")}):
         feats = [f for f in fs.of_kind("distinct", "seen_before") if f.column == col]
         windows = [filters.bound(window_us(f.window)) for f in feats if f.kind == "distinct"]
-        distinct, same = b.values_seen(col, windows)
+        distinct, same = b.values_seen(col, bounds, windows)
         for f in feats:
             res[f.name] = (
                 same
@@ -359,9 +405,10 @@ def compute_features(
         res[f.name] = b.own[f.name]
 
     columns = [b.decision_id]
+    del b  # the events' arrays go before the table is made: the peak holds one, not both
     for f in fs.features:
         if f.kind not in KEYED_KINDS:
-            columns.append(pl.Series(f.name, res[f.name], nan_to_null=True).cast(f.dtype))
+            columns.append(pl.Series(f.name, res.pop(f.name), nan_to_null=True).cast(f.dtype))
     table = pl.DataFrame(columns)
     if fs.of_kind(*KEYED_KINDS):
         keyed = keyed_features(activity, decisions, fs)

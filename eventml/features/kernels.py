@@ -99,7 +99,7 @@ def entity_sort(h, heads, order):
     return perm, counts
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def memberships(code, cond, perm, type_members, where_id, where_type, where_need):
     """The filters each event matches, as CSR: ids[ptr[p]:ptr[p + 1]] for event p. `cond` is
     in input order (perm maps sorted to input rows): only where-filters' candidates read it."""
@@ -125,7 +125,7 @@ def memberships(code, cond, perm, type_members, where_id, where_type, where_need
     return ptr, ids[:k].copy()
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def compact_amounts(ptr, ids, amount, perm, is_amount):
     """The amounts of each amount filter's events, concatenated in event order, and where each
     filter's run starts (`start[f]`; only amount filters have one). `amount` is in input order
@@ -146,26 +146,21 @@ def compact_amounts(ptr, ids, amount, perm, is_amount):
     return vals, start
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def walk(
-    e, t, ptr, ids, qe, qt, offsets,
-    count_pairs, amount_pairs, vals, vstart, recency,
+    e, t, ptr, ids, qe, qt, offsets, count_pairs, amount_pairs, vals, vstart, recency,
+    bounds, counts, sums, means, maxes, days,
 ):  # fmt: skip
     """One merge walk of events and decisions. Bound b of decision q is the first event at or
     after (qe[q], qt[q] - offsets[b]); offsets[0] must be 0 (the decision itself) and
     offsets[1] ALL (the entity's start).
 
-    Returns the bounds (B, Q); counts (len(count_pairs), Q) of filter f between bound b and
-    the decision for each pair (b, f); sum, mean, max (len(amount_pairs), Q) of an amount
-    filter's amounts likewise (0 / nan / nan when none); and days since the latest event of
-    each filter in `recency` (nan when none)."""
+    Writes, per decision (the last axis), the bounds (B, Q); counts (len(count_pairs), Q) of
+    filter f between bound b and the decision for each pair (b, f); sum, mean, max
+    (len(amount_pairs), Q) of an amount filter's amounts likewise (0 / nan / nan when none);
+    and days since the latest event of each filter in `recency` (nan when none). The outputs
+    are the caller's, so that parts of one batch write their own decisions' columns in place."""
     n, n_q, n_b, n_f = len(e), len(qe), len(offsets), len(vstart) - 1
-    bounds = np.empty((n_b, n_q), np.int64)
-    counts = np.empty((len(count_pairs), n_q), np.int32)
-    sums = np.empty((len(amount_pairs), n_q), np.float64)
-    means = np.empty((len(amount_pairs), n_q), np.float64)
-    maxes = np.empty((len(amount_pairs), n_q), np.float64)
-    days = np.empty((len(recency), n_q), np.float64)
     pos = np.zeros(n_b, np.int64)
     cum = np.zeros((n_b, n_f), np.int64)  # matching events before each bound, per filter
     last = np.full(n_f, -1, np.int64)  # latest matching event before the decision
@@ -223,7 +218,6 @@ def walk(
         for j in range(len(recency)):
             p = last[recency[j]]
             days[j, q] = (qt[q] - t[p]) / US_PER_DAY_F if p >= bounds[1, q] else np.nan
-    return bounds, counts, sums, means, maxes, days
 
 
 @nb.njit(cache=True, inline="always")
@@ -265,19 +259,18 @@ def previous_same(e, hashes, bits):
     return prev
 
 
-@nb.njit(cache=True)
-def distinct_and_seen(e, hashes, bits, bounds, windows, q_hashes):
-    """Per decision: distinct values in each window (a bound row in `windows`), and earlier
-    events with the decision's own value (q_hashes; 0: the decision has none → nan). Values
-    are compared by `_key`.
+@nb.njit(cache=True, nogil=True)
+def distinct_and_seen(e, hashes, bits, bounds, windows, q_hashes, distinct, seen):
+    """Per decision, written into the caller's `distinct` (W, Q) and `seen` (Q): distinct
+    values in each window (a bound row in `windows`), and earlier events with the decision's own
+    value (q_hashes; 0: the decision has none → nan). Values are compared by `_key`.
 
     With prev[p] the previous event of the same entity and value, a window [lo, hi) holds as
     many distinct values as it has events whose previous occurrence lies before lo."""
     prev = previous_same(e, hashes, bits)
     n_q = bounds.shape[1]
-    distinct = np.zeros((len(windows), n_q), np.int32)
-    seen = np.full(n_q, np.nan)
     for q in range(n_q):
+        seen[q] = np.nan
         hi = bounds[0, q]
         for j in range(len(windows)):
             lo = bounds[windows[j], q]
@@ -293,7 +286,6 @@ def distinct_and_seen(e, hashes, bits, bounds, windows, q_hashes):
                 if _key(hashes[p], bits) == qk:
                     c += 1
             seen[q] = c
-    return distinct, seen
 
 
 @nb.njit(cache=True)

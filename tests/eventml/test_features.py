@@ -424,6 +424,15 @@ def test_shuffled_events_give_the_same_features(world):
     assert a.equals(b)
 
 
+@pytest.mark.parametrize("threads", ["2", "3", "7"])
+def test_the_walk_split_over_threads_gives_the_same_bits_as_one(world, monkeypatch, threads):
+    decisions = decisions_of(world)
+    monkeypatch.setenv("EVENTML_THREADS", "1")
+    one = compute_features(world, decisions, FS)
+    monkeypatch.setenv("EVENTML_THREADS", threads)
+    assert compute_features(world, decisions, FS).equals(one)
+
+
 def test_an_unknown_event_type_is_named():
     events = frame([{"entity_id": "u", "hours": 0, "event_type": "teleport"},
                     {"entity_id": "u", "hours": 3, "event_type": "application"}])  # fmt: skip
