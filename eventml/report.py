@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from eventml.evaluate import calibration_plot, compare, roc_plot, score_distribution_plot
+from eventml.evaluate import (
+    calibration_plot,
+    compare,
+    metrics,
+    roc_plot,
+    score_distribution_plot,
+)
 from eventml.pack import DatasetPack
 
 METRICS = ("auc", "gini", "ks", "pr_auc", "brier", "ece")
@@ -26,6 +32,10 @@ class Report:
     table: pl.DataFrame  # model, task, n, rate and METRICS per row
     by_segment: pl.DataFrame  # the same per segment of the pack's `segments`
     plots: dict[str, bytes]  # name -> PNG: ROC, calibration and score distribution per task
+    # Per task with an oracle: its AUC on the decisions whose outcome was still open when they
+    # were made (0 < true p < 1). A simulator may draw an outcome before the decision (a loan's
+    # default at its first due date); no history shows those, so this is the realistic ceiling.
+    open_outcome_oracle: dict[str, float]
 
     def auc(self, model: str, task: str) -> float:
         found = self.table.filter((pl.col("model") == model) & (pl.col("task") == task))["auc"]
@@ -60,6 +70,10 @@ def out_of_time_report(
     scores = scores_with_oracle(test, scores, pack)
     tasks = list(scores["challenger"])
     table, by_segment = compare(test, scores, tasks, {x.name: x.expr() for x in pack.segments})
+    open_outcome = {}
+    for task, truth in scores.get("oracle", {}).items():
+        rows = test[task].is_not_null().to_numpy() & (truth > 0) & (truth < 1)
+        open_outcome[task] = metrics(test[task].to_numpy()[rows], truth[rows]).auc
     plots = {}
     for task in tasks:
         known = test[task].is_not_null().to_numpy()
@@ -72,7 +86,7 @@ def out_of_time_report(
         plots[f"scores_{task}"] = score_distribution_plot(
             y, shown["challenger"], f"challenger scores, {task}"
         )
-    return Report(table, by_segment, plots)
+    return Report(table, by_segment, plots, open_outcome)
 
 
 def reference_sample(

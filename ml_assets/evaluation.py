@@ -71,6 +71,10 @@ def model_evaluation(
             "comparison": table_md(report.table.drop("positives", strict=False), max_rows=20),
             **{f"embedding_lift_auc.{t}": round(v, 4) for t, v in report.embedding_lift().items()},
             **{f"oracle_gap_auc.{t}": round(v, 4) for t, v in report.oracle_gap().items()},
+            **{
+                f"oracle_auc_open_outcomes.{t}": round(v, 4)
+                for t, v in report.open_outcome_oracle.items()
+            },  # fmt: skip
             "by_segment": table_md(
                 report.by_segment.filter(pl.col("model") == "challenger"), max_rows=20
             ),

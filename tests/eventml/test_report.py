@@ -7,6 +7,7 @@ import pytest
 import returns_world
 import yaml
 
+from eventml.evaluate import metrics
 from eventml.pack import DatasetPack
 from eventml.promotion import PromotionRules, Verdict, audit_entry, metrics_of, within_bounds
 from eventml.report import out_of_time_report, reference_sample
@@ -42,6 +43,7 @@ def test_every_model_is_judged_on_the_known_labels_beside_the_oracle():
     assert report.table.filter(pl.col("task") == "returned_14d")["n"].to_list() == [N - 100] * 3
     # The challenger ranks as the truth does: no gap to the oracle, a lift over the baseline.
     assert report.oracle_gap()["returned_14d"] == pytest.approx(0.0, abs=1e-12)
+    assert report.open_outcome_oracle["returned_14d"] == report.auc("oracle", "returned_14d")
     assert report.embedding_lift()["returned_14d"] > 0.05
     assert {"roc_returned_14d", "calibration_disputed", "scores_disputed"} <= set(report.plots)
     assert report.plots["roc_disputed"][:4] == b"\x89PNG"
@@ -49,10 +51,26 @@ def test_every_model_is_judged_on_the_known_labels_beside_the_oracle():
     assert reference.columns == ["decision_id", "ts", "n_order_all", "p_returned_14d", "p_disputed"]
 
 
+def test_the_realistic_ceiling_leaves_out_outcomes_drawn_before_the_decision():
+    test = table()
+    truth = TRUTH.copy()
+    truth[:1000] = test["returned_14d"].to_numpy()[:1000].astype(float)  # already drawn: p 0 or 1
+    test = test.with_columns(pl.Series("p_returned", truth))
+    report = out_of_time_report(test, {"challenger": {"returned_14d": TRUTH}}, PACK)
+    open_rows = test[1000:].filter(pl.col("returned_14d").is_not_null())
+    expected = metrics(open_rows["returned_14d"].to_numpy(), open_rows["p_returned"].to_numpy())
+    assert report.open_outcome_oracle["returned_14d"] == expected.auc
+    assert report.auc("oracle", "returned_14d") > expected.auc  # the drawn ones rank perfectly
+
+
 def test_the_audit_names_the_versions_the_reasons_and_the_run():
     evaluation = pl.DataFrame(
-        {"model": ["challenger", "champion"], "task": ["t", "t"], "auc": [0.8, 0.7],
-         "ece": [0.01, 0.2]}  # fmt: skip
+        {
+            "model": ["challenger", "champion"],
+            "task": ["t", "t"],
+            "auc": [0.8, 0.7],
+            "ece": [0.01, 0.2],
+        }  # fmt: skip
     )
     challenger, champion = metrics_of(evaluation, "challenger"), metrics_of(evaluation, "champion")
     assert metrics_of(evaluation, "oracle") is None
