@@ -12,6 +12,9 @@ are always of the working tree), serves the Bento (1 worker) and measures
 - `/score_batch` throughput with two concurrent callers,
 - the bare in-process cost of the same decisions (`RiskModel.score_one`, and with the online
   store read the service adds), no HTTP.
+With `--beside-training`, the open loop runs again while a training process (the encoder bench's
+training step) shares the machine: on every core at the same priority, on every core at the
+lowest priority, and pinned to one core (`BESIDE`; docs/serving.md says which to use).
 Results print as a table and go to `<cache>/results.json`.
 """
 
@@ -22,10 +25,12 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +47,7 @@ from eventml.labels import build_decisions  # noqa: E402
 from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table  # noqa: E402
 from eventml.scorer import Scorer, ScorerConfig  # noqa: E402
 from eventml.splits import split_decisions  # noqa: E402
+from eventml.threads import cores_given, thread_environment  # noqa: E402
 from eventml.traffic import score_requests  # noqa: E402
 from eventml.worlds.lending import PACK as LENDING_PACK  # noqa: E402
 from eventml.worlds.lending import WorldConfig, simulate  # noqa: E402
@@ -214,6 +220,60 @@ def open_loop(url: str, requests: list[dict], rate: float, duration: float) -> d
     }  # fmt: skip
 
 
+def _lowest_priority() -> None:
+    # Niceness orders processes within one scheduling group; with autogroup (on by default),
+    # each session is a group that gets an equal share, however nice its processes are. The
+    # training gets a session of its own, and that group the lowest priority.
+    os.setsid()
+    Path("/proc/self/autogroup").write_text("19")
+
+
+def _last_core() -> None:
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+
+
+# How a training step shares the machine with the server: every core at the same priority (no
+# configuration), every core at the lowest priority, pinned to one core (its thread budget
+# follows the one core it is given), or pinned to one core with the server on the others.
+BESIDE = {
+    "every_core": (cores_given(), None, False),
+    "every_core_lowest_priority": (cores_given(), _lowest_priority, False),
+    "one_core_pinned": (1, _last_core, False),
+    "one_core_pinned_server_on_the_others": (1, _last_core, True),
+}
+
+
+def _pin_server(cores: set[int]) -> None:
+    """The server's processes (this process's children: the bench starts it) onto `cores`."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        child.cpu_affinity(sorted(cores))
+
+
+@contextmanager
+def training_beside(how: str):
+    """A training process (bench/encoder.py's step, until stopped) sharing the machine `how`."""
+    threads, setup, pin_server = BESIDE[how]
+    every = os.sched_getaffinity(0)
+    if pin_server:
+        _pin_server(every - {max(every)})
+    neighbour = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "encoder.py"), "--neighbour"],
+        env={**os.environ, **thread_environment(threads)}, stdout=subprocess.PIPE, text=True,
+        preexec_fn=setup,
+    )  # fmt: skip
+    try:
+        while "training" not in (line := neighbour.stdout.readline()):
+            if not line:
+                raise RuntimeError("the training process beside the server ended before training")
+        yield
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+        _pin_server(every)
+
+
 def batch_throughput(
     url: str, requests: list[dict], size: int = 256, callers: int = 2, duration: float = 10.0
 ) -> dict:
@@ -252,6 +312,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--sample", type=int, default=400, help="test decisions sent (cycled)")
     ap.add_argument("--workers", default="1", help="comma-separated worker counts to serve with")
+    ap.add_argument("--beside-training", action="store_true",
+                    help="the open loop again with a training process beside (BESIDE)")  # fmt: skip
     args = ap.parse_args()
     cache = StateHome.from_env().root / "bench" / "serve"
     events, splits, features = world(cache, args.users)
@@ -271,6 +333,11 @@ def main() -> None:
                     httpx.post(f"{url}/score", json={"request": r}, timeout=30)
                 served = {"parity": parity(url, model, events, test, features)}
                 served["score_open_loop"] = open_loop(url, requests, args.rate, args.duration)
+                for how in BESIDE if args.beside_training else ():
+                    with training_beside(how):
+                        served[f"score_open_loop_beside_training_{how}"] = open_loop(
+                            url, requests, args.rate, args.duration
+                        )
                 served["score_batch"] = batch_throughput(url, requests)
             p50 = served["score_open_loop"]["p50_ms"]
             bare_p50 = row["bare"]

@@ -122,7 +122,9 @@ class RiskService:
 
         from eventml.risk_model import RiskModel
 
-        torch.set_num_threads(1)  # one request is one row: threads only add contention
+        # One request is one row: threads only add contention (the feature kernels' parts too).
+        os.environ["EVENTML_THREADS"] = "1"
+        torch.set_num_threads(1)
         # NumPy's BLAS too: the reason-grouping matmul (256 x ~190 x ~170) takes ~7 ms with two
         # spinning threads and 0.04 ms with one (same bits), and the spin slows the next call.
         threadpool_limits(1, user_api="blas")
