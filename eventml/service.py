@@ -122,7 +122,8 @@ class RiskService:
 
         from eventml.risk_model import RiskModel
 
-        # One request is one row: threads only add contention (the feature kernels' parts too).
+        # One request is one row: threads only add contention, so one thread for everything,
+        # the feature kernels' parts too, whatever EVENTML_THREADS the server was started with.
         os.environ["EVENTML_THREADS"] = "1"
         torch.set_num_threads(1)
         # NumPy's BLAS too: the reason-grouping matmul (256 x ~190 x ~170) takes ~7 ms with two

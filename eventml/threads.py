@@ -5,16 +5,19 @@ all of them.
     EVENTML_STEPS_AT_ONCE=1   # CPU-heavy steps that run at once on this machine (default 1)
     EVENTML_THREADS=4         # the threads each one gets (default: cores given / steps at once)
 
-The cores given are this process's: its CPU affinity (`taskset`, a pinned container) and its
-cgroup's CPU quota (a container's CPU limit), whichever is smaller. The steps at once is also the
-limit of the Dagster pool the heavy steps join (`resources.compute.CPU_POOL`, written to
-dagster.yaml by `resources.state`), so the two can not disagree: by default a second heavy step
-(another run's retrain) waits for the first instead of running beside it at a fraction of its
-speed; with EVENTML_STEPS_AT_ONCE=2 two run side by side on half the cores each.
+The cores given are this process's: its CPU affinity (`taskset`, a pinned container) and the
+CPU quota of a container's own cgroup (v2 `cpu.max` at the cgroup root it sees), whichever is
+smaller. The steps at once is also the limit of the Dagster pool the heavy steps join
+(`resources.compute.CPU_POOL`), which the set-up step writes to an eventml-written dagster.yaml:
+by default a second heavy step (another run's retrain) waits for the first instead of running
+beside it at a fraction of its speed; with EVENTML_STEPS_AT_ONCE=2 two run side by side on half
+the cores each. (A dagster.yaml of your own keeps its own limit; Dagster applies it to all pools.)
 
 The budget is a setting, not what happens to be idle: the encoder's sums depend on how many
-threads split them, so fixed threads give the same weights whether or not a neighbour runs.
-A library's own variable (OMP_NUM_THREADS, POLARS_MAX_THREADS, ...) set by the user wins for it.
+threads split them, so fixed threads give the same weights whether or not a neighbour runs; a
+machine with other cores gives another budget, and so other bits. A library's own variable
+(OMP_NUM_THREADS for torch, MKL/OPENBLAS_NUM_THREADS, POLARS_MAX_THREADS), set before the
+process starts, wins for that library; XGBoost and the feature kernels follow EVENTML_THREADS.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def use_step_threads() -> int:
     for name in POOL_VARIABLES:
         os.environ.setdefault(name, str(threads))
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        omp = os.environ["OMP_NUM_THREADS"].split(",")[0]  # OpenMP allows a list per level
+        sys.modules["torch"].set_num_threads(int(omp) if omp.isdigit() and int(omp) else threads)
     return threads
 
 

@@ -62,6 +62,8 @@ def dagster_yaml() -> str:
     lines = [GENERATED, "telemetry:", "  enabled: false",
              # the daemon fails runs that never start or outlive dagster/max_runtime
              "run_monitoring:", "  enabled: true",
+             # ...and frees the pool slots of runs that ended without freeing them (killed)
+             "  free_slots_after_run_end_seconds: 60",
              # the CPU-heavy steps' pool (resources.compute.CPU_POOL), across all runs
              "concurrency:", "  pools:", f"    default_limit: {steps_at_once()}"]  # fmt: skip
     if postgres_url():
@@ -141,9 +143,10 @@ def _write_workspace(folder: Path, pack_name: str) -> None:
 
 def fail_killed_runs(instance) -> list[str]:
     """Mark failed the runs still STARTED whose process on this machine is gone (SIGKILLed,
-    out of memory), and free the pool slots they held: left alone they stay "in progress"
-    forever. Daemon-launched runs also have Dagster's run monitoring (dagster.yaml); a run
-    started by the CLI has no daemon to watch it. Returns the run ids it marked."""
+    out of memory), and free the pool slots of every run that has ended: left alone, a killed
+    run stays "in progress" forever and the next heavy step waits for its slot. Daemon-launched
+    runs also have Dagster's run monitoring (dagster.yaml); a run started by the CLI has no
+    daemon to watch it. Returns the run ids it marked."""
     import dagster as dg
 
     marked = []
@@ -158,11 +161,13 @@ def fail_killed_runs(instance) -> list[str]:
         instance.report_run_failed(
             run, f"the run's process (pid {pid}) is gone: it was killed before it finished"
         )
-        # A pool slot its step held stays claimed until the daemon's monitoring frees it; no
-        # daemon may run here, and the next heavy step would wait for it.
-        if instance.event_log_storage.supports_global_concurrency_limits:
-            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         marked.append(run.run_id)
+    storage = instance.event_log_storage
+    if storage.supports_global_concurrency_limits:  # (an in-memory instance has no pools)
+        for run_id in storage.get_concurrency_run_ids():
+            run = instance.get_run_by_id(run_id)
+            if run is None or run.is_finished:
+                storage.free_concurrency_slots_for_run(run_id)
     return marked
 
 

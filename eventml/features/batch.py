@@ -181,7 +181,7 @@ class _Batch:
         self.type2 = ev["__type2"].to_numpy()[self.perm]
         self.values = {c: ev[c].to_numpy()[self.perm] for c in value_cols}
         # Numeric values and condition words stay in input order: the kernels read them through
-        # perm for the events that carry one, rather than moving every row.
+        # perm for the events that carry one (a walk gathers only its column's nulls to code them).
         self.numeric = {c: ev[f"__num_{c}"].to_numpy() for c in numeric}
         self.cond = ev["__cond"].to_numpy() if filters.conditions else np.zeros(0, np.uint64)
 

@@ -14,7 +14,7 @@ import torch
 
 from eventml.encoder import Encoder, EncoderConfig, TrainConfig, train
 from eventml.scorer import ScorerConfig
-from eventml.threads import cores_given, step_threads, use_step_threads
+from eventml.threads import POOL_VARIABLES, cores_given, step_threads, use_step_threads
 from tests.conftest import REPO
 
 
@@ -62,7 +62,7 @@ def test_the_code_locations_processes_size_every_pool_to_the_budget():
 def test_torch_follows_the_budget_when_it_was_imported_first(budget):
     before = torch.get_num_threads()
     budget.setenv("EVENTML_THREADS", "1")
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for name in POOL_VARIABLES:  # unset, and restored after: what use_step_threads writes
         budget.delenv(name, raising=False)
     try:
         assert use_step_threads() == 1

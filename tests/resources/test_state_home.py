@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from eventml.home import StateHome
+from resources.compute import CPU_POOL
 from resources.state import HomeHoldsAnotherPack, dagster_home, prepare
 
 
@@ -46,3 +47,21 @@ def test_the_instance_runs_as_many_heavy_steps_at_once_as_the_thread_budget_is_s
     with dg.DagsterInstance.from_config(str(dagster_home(home))) as instance:
         assert instance.event_log_storage.supports_global_concurrency_limits
         assert instance.global_op_concurrency_default_limit == int(steps or 1)
+
+
+def test_the_set_up_step_frees_the_pool_slots_of_runs_that_ended_holding_them(home):
+    prepare(home)
+    with dg.DagsterInstance.from_config(str(dagster_home(home))) as instance:
+        ended = instance.add_run(
+            dg.DagsterRun(job_name="retrain_job", status=dg.DagsterRunStatus.FAILURE)
+        )
+        running = instance.add_run(
+            dg.DagsterRun(job_name="retrain_job", status=dg.DagsterRunStatus.STARTED)
+        )
+        storage = instance.event_log_storage
+        for run in (ended, running):  # a run whose process was killed never gave its slot back
+            storage.claim_concurrency_slot(CPU_POOL, run.run_id, "sequence_encoder")
+        assert storage.get_concurrency_run_ids() == {ended.run_id, running.run_id}
+    prepare(home)
+    with dg.DagsterInstance.from_config(str(dagster_home(home))) as instance:
+        assert instance.event_log_storage.get_concurrency_run_ids() == {running.run_id}
