@@ -29,7 +29,7 @@ from pathlib import Path
 
 # What each library reads for its pool size, once, when it starts the pool.
 POOL_VARIABLES = (
-    "OMP_NUM_THREADS",  # torch's intra-op pool, XGBoost
+    "OMP_NUM_THREADS",  # torch's intra-op pool (XGBoost gets `nthread` from the budget)
     "MKL_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",  # numpy's BLAS
     "POLARS_MAX_THREADS",
