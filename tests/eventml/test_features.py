@@ -17,6 +17,7 @@ from eventml.features import (
     compute_features,
     features_for_one,
 )
+from eventml.features.batch import HASH_SEED
 from eventml.labels import build_decisions
 from eventml.worlds.lending import PACK as LENDING_PACK
 from eventml.worlds.lending import WorldConfig, simulate
@@ -431,6 +432,42 @@ def test_the_walk_split_over_threads_gives_the_same_bits_as_one(world, monkeypat
     one = compute_features(world, decisions, FS)
     monkeypatch.setenv("EVENTML_THREADS", threads)
     assert compute_features(world, decisions, FS).equals(one)
+
+
+@pytest.mark.parametrize("threads", ["2", "5"])
+def test_the_split_holds_for_an_entity_larger_than_a_part_and_decisions_without_history(
+    monkeypatch, threads
+):
+    rng = np.random.default_rng(11)
+    events = frame(random_rows(rng, 8, 1_500, hours=24 * 90))
+    # Two entities get most events: the first in the split's order (the smallest hash) and one
+    # in the middle. The cuts fall inside them: a part without events first, then parts of
+    # several entities, and entities bigger than a part.
+    ids = events["entity_id"].unique()
+    order = ids.gather(ids.hash(HASH_SEED).arg_sort())
+    first, middle = order[0], order[len(order) // 2]
+    draw = pl.Series(rng.random(events.height))
+    events = events.with_columns(
+        pl.when(pl.col("event_type") == "signup")
+        .then(pl.col("entity_id"))
+        .when(draw < 0.3)
+        .then(pl.lit(first))
+        .when(draw < 0.8)
+        .then(pl.lit(middle))
+        .otherwise(pl.col("entity_id"))
+        .alias("entity_id")
+    )
+    decisions = decisions_of(events)
+    newcomer = decisions.head(3).with_columns(  # decided before any event of theirs is stored
+        pl.lit("newcomer").alias("entity_id"),
+        pl.format("new-{}", "decision_id").alias("decision_id"),
+    )
+    decisions = pl.concat([decisions, newcomer])
+    monkeypatch.setenv("EVENTML_THREADS", "1")
+    one = compute_features(events, decisions, FS)
+    monkeypatch.setenv("EVENTML_THREADS", threads)
+    assert compute_features(events, decisions, FS).equals(one)
+    assert one.filter(pl.col("decision_id").str.starts_with("new-")).height == 3
 
 
 def test_an_unknown_event_type_is_named():
