@@ -34,7 +34,7 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -239,24 +239,32 @@ def median_rate(args, run_steps, device) -> float:
     return args.batch / float(np.median([wall for wall, _ in rounds]))
 
 
-def beside_a_neighbour(args, run_steps, threads: int) -> float:
-    """Ours at `threads`, while a second process trains the same model at `threads`."""
-    model = [f"--{name.replace('_', '-')}={getattr(args, name)}"
-             for name in ("d_model", "layers", "heads", "max_len", "batch", "dropout", "rows")]  # fmt: skip
+@contextmanager
+def training_process(threads: int, model_args: list[str] = (), preexec_fn=None):
+    """A second process training ours (this bench's step, until stopped) on `threads`, from
+    its first step on; `preexec_fn` sets how it shares the machine (priority, cores)."""
     neighbour = subprocess.Popen(
-        [sys.executable, __file__, "--neighbour", *model],
-        env={**os.environ, **thread_environment(threads)},
-        stdout=subprocess.PIPE, text=True,
+        [sys.executable, __file__, "--neighbour", *model_args],
+        env={**os.environ, **thread_environment(threads)}, stdout=subprocess.PIPE, text=True,
+        preexec_fn=preexec_fn,
     )  # fmt: skip
     try:
         while "training" not in (line := neighbour.stdout.readline()):
             if not line:
-                raise RuntimeError("the neighbour training process ended before it trained")
-        torch.set_num_threads(threads)
-        return median_rate(args, run_steps, torch.device("cpu"))
+                raise RuntimeError("the second training process ended before it trained")
+        yield
     finally:
         neighbour.kill()
         neighbour.wait()
+
+
+def beside_a_neighbour(args, run_steps, threads: int) -> float:
+    """Ours at `threads`, while a second process trains the same model at `threads`."""
+    model = [f"--{name.replace('_', '-')}={getattr(args, name)}"
+             for name in ("d_model", "layers", "heads", "max_len", "batch", "dropout", "rows")]  # fmt: skip
+    with training_process(threads, model):
+        torch.set_num_threads(threads)
+        return median_rate(args, run_steps, torch.device("cpu"))
 
 
 def main(argv=None, **defaults):

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -39,6 +38,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.encoder import training_process  # noqa: E402
 from eventml.embedding import SequenceModelConfig, embedding_table, train_sequence_model  # noqa: E402
 from eventml.encoder import roc_auc  # noqa: E402
 from eventml.features import compute_features  # noqa: E402
@@ -47,7 +47,7 @@ from eventml.labels import build_decisions  # noqa: E402
 from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table  # noqa: E402
 from eventml.scorer import Scorer, ScorerConfig  # noqa: E402
 from eventml.splits import split_decisions  # noqa: E402
-from eventml.threads import cores_given, thread_environment  # noqa: E402
+from eventml.threads import cores_given  # noqa: E402
 from eventml.traffic import score_requests  # noqa: E402
 from eventml.worlds.lending import PACK as LENDING_PACK  # noqa: E402
 from eventml.worlds.lending import WorldConfig, simulate  # noqa: E402
@@ -258,19 +258,10 @@ def training_beside(how: str):
     every = os.sched_getaffinity(0)
     if pin_server:
         _pin_server(every - {max(every)})
-    neighbour = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "encoder.py"), "--neighbour"],
-        env={**os.environ, **thread_environment(threads)}, stdout=subprocess.PIPE, text=True,
-        preexec_fn=setup,
-    )  # fmt: skip
     try:
-        while "training" not in (line := neighbour.stdout.readline()):
-            if not line:
-                raise RuntimeError("the training process beside the server ended before training")
-        yield
+        with training_process(threads, preexec_fn=setup):
+            yield
     finally:
-        neighbour.kill()
-        neighbour.wait()
         _pin_server(every)
 
 

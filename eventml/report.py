@@ -33,8 +33,8 @@ class Report:
     by_segment: pl.DataFrame  # the same per segment of the pack's `segments`
     plots: dict[str, bytes]  # name -> PNG: ROC, calibration and score distribution per task
     # Per task with an oracle: its AUC on the decisions whose outcome was still open when they
-    # were made (0 < true p < 1). A simulator may draw an outcome before the decision (a loan's
-    # default at its first due date); no history shows those, so this is the realistic ceiling.
+    # were made (0 < true p < 1). A simulator may draw an outcome before the decision is made;
+    # no history shows it, so this is the realistic ceiling.
     open_outcome_oracle: dict[str, float]
 
     def auc(self, model: str, task: str) -> float:

@@ -259,8 +259,8 @@ class _Batch:
     def values_seen(
         self, col: str, bounds: np.ndarray, windows: list[int]
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Distinct values of `col` per window (rows of the walk's `bounds`), and prior events with the decision's
-        own value. Values are compared by hash within an entity, by the hash bits that an entity
+        """Distinct values of `col` per window (rows of the walk's `bounds`), and prior events
+        with the decision's own value. Values are compared by hash within an entity, by the hash bits that an entity
         code would leave in a packed 64-bit key: two values of one entity would have to collide
         to be merged, odds of about k²/2^45 for an entity with k values."""
         same = self.own.get(f"__same_{col}")
