@@ -7,10 +7,11 @@ event id an earlier entry carried, `duplicate_event_id`, as a repeated row of a 
 
 1. the clean events are written to the online store (idempotent: the store keys events by
    entity and event_id, so writing a batch again changes nothing);
-2. the clean events are appended to `stream_events` and the rejects to `stream_rejects`, each in
-   one Delta commit that records the batch's last entry as the table's application transaction
-   version (Delta's `txn` action, app id `stream:<stream key>`);
-3. the entries are acknowledged.
+2. at the same time, the clean events are appended to `stream_events` and the rejects to
+   `stream_rejects`, each in one Delta commit that records the batch's last entry as the table's
+   application transaction version (Delta's `txn` action, app id `stream:<stream key>`);
+3. once both are done, the entries are acknowledged, in the background while the next batch is
+   validated (Redis, on the other core, works on one batch while this process works on another).
 
 A consumer killed anywhere restarts on its pending entries (delivered, never acknowledged). An
 entry at or below a table's recorded version is already in that table and is not appended again;
@@ -33,6 +34,7 @@ After each batch the consumer records how it went in the stream's `<key>:consume
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,22 +55,43 @@ from eventml.validation import parse_ts, validate
 # How long the first entry of an event id is remembered: a copy sent again later than this is
 # not recognised (an at-least-once producer retries within minutes).
 DEDUP_DAYS = 30
-# Per event (day key index, event id, entry id): record the entry as the event id's first copy
-# unless one is recorded; 1 where the recorded first copy is another entry.
+# ARGV: the TTL, the number of events n, then n day key numbers (1-based in KEYS), n event ids
+# and n entry ids. Per event: record the entry as the event id's first copy unless one is
+# recorded; 1 where the recorded first copy is another entry. A day's events are looked up and
+# recorded by HMGET and HSET of up to 2,000 at a time (Lua's unpack takes ~8,000 values): a
+# command per event cost Redis more than the rest of the batch. Validation has kept one row per
+# event id, so the ids of one call are distinct.
 _FIRST_COPIES = """
-local later = {}
-for i = 2, #ARGV, 3 do
-  local key, event_id, entry = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
-  if redis.call('HSETNX', key, event_id, entry) == 1 then
-    later[#later + 1] = 0
-  else
-    later[#later + 1] = redis.call('HGET', key, event_id) == entry and 0 or 1
-  end
+local n, later, rows_of = tonumber(ARGV[2]), {}, {}
+for i = 1, n do
+  local k = tonumber(ARGV[2 + i])
+  rows_of[k] = rows_of[k] or {}
+  table.insert(rows_of[k], i)
 end
-for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[1]) end
+for k, rows in pairs(rows_of) do
+  local key = KEYS[k]
+  for from = 1, #rows, 2000 do
+    local upto, ids, fresh = math.min(from + 1999, #rows), {}, {}
+    for j = from, upto do ids[#ids + 1] = ARGV[2 + n + rows[j]] end
+    local known = redis.call('HMGET', key, unpack(ids))
+    for j = from, upto do
+      local i = rows[j]
+      local event_id, entry = ARGV[2 + n + i], ARGV[2 + 2 * n + i]
+      local first = known[j - from + 1]
+      if first then
+        later[i] = first == entry and 0 or 1
+      else
+        fresh[#fresh + 1] = event_id
+        fresh[#fresh + 1] = entry
+        later[i] = 0
+      end
+    end
+    if #fresh > 0 then redis.call('HSET', key, unpack(fresh)) end
+  end
+  redis.call('EXPIRE', key, ARGV[1])
+end
 return later
 """
-STAGES = ("validate", "online_store", "delta", "ack")
 # The most entries one batch takes: a live stream's batches hold what arrived since the last
 # (a few), a backlog's are large, so each batch's fixed costs (two Delta commits, a transaction)
 # are spread over many events when the consumer is behind.
@@ -83,7 +106,9 @@ class Consumed:
     clean: int = 0
     rejected: int = 0
     landed: int = 0  # rows appended to the two tables (0 for a batch landed before a crash)
+    # Per stage (validate, online_store, delta); the online store's write overlaps the commits.
     seconds: dict[str, float] = field(default_factory=dict)
+    busy_s: float = 0.0  # the batch from its validation to its last commit
     # Publication to servable (the online store holds it), per entry of the batch: ms.
     freshness_p50_ms: float = 0.0
     freshness_max_ms: float = 0.0
@@ -91,7 +116,7 @@ class Consumed:
 
     def stats(self) -> dict:
         """What `EventStream.consumer_stats` reports for the batch."""
-        busy = sum(self.seconds.values())
+        busy = self.busy_s
         return {**asdict(self), "events_per_s": round(self.entries / busy, 1) if busy else 0.0,
                 "at": datetime.now(UTC).isoformat(timespec="milliseconds")}  # fmt: skip
 
@@ -119,16 +144,19 @@ class StreamConsumer:
         self.watermark: datetime | None = watermark(events_uri)
         stream.create_group()
         self._recovering = True  # until this consumer's pending entries are all consumed
-        # Redis builds the next batch on one core while this process works on the other.
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-read")
+        # Redis calls made beside this thread's work: the next batch's read, the online store's
+        # write, the acknowledgement.
+        self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stream")
         self._next: Future | None = None
+        self._acked: Future | None = None
 
     def step(self, count: int = BATCH, block_ms: int = 200) -> Consumed:
         """One batch: after a (re)start, this consumer's pending entries until none are left;
-        then new ones. Behind a backlog, the next batch is read while this one is consumed; it
-        is delivered (pending) then, so a consumer killed holds two batches pending, which its
-        restart consumes first, in id order, as any other."""
+        then new ones. Behind a backlog, the next batch is read while this one is consumed, and
+        the last one's acknowledgement is on its way: a consumer killed holds up to three
+        batches pending, which its restart consumes first, in id order, as any other."""
         if self._recovering:
+            self._settle()  # else the batch just consumed would still be pending
             entries = self.stream.read(self.name, count, pending=True)
             if not entries.is_empty():
                 return self.consume(entries)
@@ -137,25 +165,32 @@ class StreamConsumer:
             entries, self._next = self._next.result(), None
         else:
             entries = self.stream.read(self.name, count, block_ms=block_ms)
+        if entries.is_empty():
+            self._settle()  # caught up: every batch consumed is acknowledged
         # Behind (a full batch), the next batch is read while this one is consumed. Not when
         # caught up: a read sent at once would take the first few events to arrive, and a
         # batch's fixed costs would be paid twice as often.
         behind = entries.height == count
         return self.consume(entries, read_next=partial(self._read_next, count) if behind else None)
 
+    def _settle(self) -> None:
+        """Wait until the last batch consumed is acknowledged."""
+        if self._acked is not None:
+            self._acked.result()
+
     def _read_next(self, count: int) -> None:
-        self._next = self._reader.submit(self.stream.read, self.name, count)
+        self._next = self._background.submit(self.stream.read, self.name, count)
 
     def consume(
         self, entries: pl.DataFrame, read_next: Callable[[], None] | None = None
     ) -> Consumed:
-        """One batch read by `EventStream.read`. `read_next` is called once the batch's
-        first-copy check is done: Redis runs one call at a time, and a read of the next batch
-        sent sooner would hold that check up."""
+        """One batch read by `EventStream.read`; its acknowledgement is sent in the background.
+        `read_next` is called once the batch's first-copy check is done: Redis runs one call at a
+        time, and a read of the next batch sent sooner would hold that check up."""
         done = Consumed(entries=entries.height)
         if entries.is_empty():
             return done
-        marks = [time.perf_counter()]
+        started = time.perf_counter()
         ids = entries[ENTRY].to_list()
         sources = (pl.lit(f"{self.stream.key}/") + entries[ENTRY]).alias("source")
         checked = validate(
@@ -171,15 +206,12 @@ class StreamConsumer:
         rejects = pl.concat([checked.rejects, self._as_rejects(checked.clean.filter(again),
                             [i for i, a in zip(clean_ids, again) if a])])  # fmt: skip
         done.clean, done.rejected = clean.height, rejects.height
-        marks.append(time.perf_counter())  # validate
+        done.seconds["validate"] = time.perf_counter() - started
         if read_next:
             read_next()
 
-        self.store.write(clean)
-        marks.append(time.perf_counter())  # online_store
-        served_ms = time.time() * 1e3
-        waited = pl.Series([served_ms - int(i.split("-")[0]) for i in ids])
-        done.freshness_p50_ms, done.freshness_max_ms = waited.median(), waited.max()
+        storing = self._background.submit(self._serve, clean)
+        landing = time.perf_counter()
 
         first, batch = stream_version(ids[0]), stream_version(ids[-1])  # delivered in id order
         clean_ids = [i for i, a in zip(clean_ids, again) if not a]
@@ -190,14 +222,26 @@ class StreamConsumer:
         rejects = self._placed(rejects)
         done.landed += self._land(clean, clean_ids, self.events_uri, first, batch)
         done.landed += self._land(rejects, reject_ids, self.rejects_uri, first, batch)
-        marks.append(time.perf_counter())  # delta
+        done.seconds["delta"] = time.perf_counter() - landing
+        served_ms, done.seconds["online_store"] = storing.result()
+        waited = pl.Series([served_ms - int(i.split("-")[0]) for i in ids])
+        done.freshness_p50_ms, done.freshness_max_ms = waited.median(), waited.max()
 
-        self.stream.ack(ids)
-        marks.append(time.perf_counter())  # ack
-        done.seconds = dict(zip(STAGES, (b - a for a, b in zip(marks, marks[1:]))))
+        # Only after both: an entry acknowledged is in the store and landed. A consumer killed
+        # before the acknowledgement is sent gets the batch again, which changes nothing.
+        self._settle()  # the last batch's, long done: its error, if any, is raised here
+        self._acked = self._background.submit(self.stream.ack, ids)
+        done.busy_s = time.perf_counter() - started
         done.watermark = self.watermark.isoformat() if self.watermark else ""
         self.stream.record_stats(self.name, done.stats())
         return done
+
+    def _serve(self, clean: pl.DataFrame) -> tuple[float, float]:
+        """Write the clean events to the online store: when they were servable (epoch ms), and
+        the seconds it took."""
+        started = time.perf_counter()
+        self.store.write(clean)
+        return time.time() * 1e3, time.perf_counter() - started
 
     def _placed(self, rejects: pl.DataFrame) -> pl.DataFrame:
         """The rejects, each on a partition day: its own if its time parses to one, else the
@@ -215,13 +259,13 @@ class StreamConsumer:
         script call per batch: a command per event cost more than the rest of the batch."""
         if clean.height == 0:
             return []
-        days = clean["ts"].dt.date().cast(pl.String)
-        keys = sorted(set(days))
-        index = {day: str(i + 1) for i, day in enumerate(keys)}
-        args = [str(DEDUP_DAYS * 86_400)]
-        for day, event_id, entry in zip(days, clean["event_id"], entry_ids):
-            args += (index[day], event_id, entry)
-        keys = [f"{self.stream.key}:first:{day}" for day in keys]
+        days = clean["ts"].dt.date()
+        keys = [f"{self.stream.key}:first:{day}" for day in days.unique().sort().cast(pl.String)]
+        # The rows' key numbers (1-based, KEYS' order), event ids and entry ids as three lists
+        # one after the other: joined in C, where a triple per row built in Python cost as much
+        # as Redis' work on them.
+        args = [DEDUP_DAYS * 86_400, clean.height, *days.rank("dense").cast(pl.Int64).to_list(),
+                *clean["event_id"].to_list(), *entry_ids]  # fmt: skip
         return [bool(again) for again in self._first_copies(keys=keys, args=args)]
 
     def _as_rejects(self, rows: pl.DataFrame, entry_ids: list[str]) -> pl.DataFrame:
@@ -260,6 +304,10 @@ class StreamConsumer:
         """Consume until stopped (or, `until_drained`, until nothing is pending or new); a line
         per batch to `log` (default: stdout, flushed)."""
         log = log or partial(print, flush=True)
+        # Out of the collector's reach from here on: what start-up made (modules, the pack) is
+        # never garbage, and a batch makes ~20 objects an entry (the reply's), whose collections
+        # would otherwise traverse all of it again and again.
+        gc.freeze()
         while True:
             done = self.step(count)
             if done.entries:

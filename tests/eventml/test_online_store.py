@@ -302,3 +302,19 @@ def test_a_redis_store_of_another_key_layout_is_refused_with_what_to_do(redis_ur
     store.client.set(f"{store.prefix}:layout", "9")
     with pytest.raises(ValueError, match="key layout 9.*rebuild risk_service_bento"):
         RedisOnlineStore(redis_url, SPEC)
+
+
+def test_each_entitys_packed_slice_reads_back_as_its_events_alone():
+    """A batch's histories are packed by slicing one Arrow table: each slice, entities of one
+    event, of several, and with nulls, reads back as exactly that entity's events."""
+    from eventml.online_store.packing import packed_histories, us
+
+    frame = pl.concat([events(7, "u1"), events(1, "u2"), events(12, "u3")]).sort(
+        "entity_id", "ts", "event_id"
+    )
+    packed = packed_histories(frame)
+    assert [row[0] for row in packed] == ["u1", "u2", "u3"]
+    for entity_id, n, first, last, history in packed:
+        own = frame.filter(pl.col("entity_id") == entity_id)
+        assert pl.read_ipc_stream(history).equals(own) and n == own.height
+        assert (first, last) == (us(own["ts"].min()), us(own["ts"].max()))

@@ -1,0 +1,47 @@
+"""The stream consumer's first-copy rule, on a real Redis: the first entry of an event id is the
+event; a later entry with the same id, in the same batch or a later one, on any day, is a
+`duplicate_event_id` reject; and a batch delivered again (a consumer killed before it
+acknowledged) holds the first copies it held before, and nothing of it lands twice."""
+
+import polars as pl
+import pytest
+
+from eventml.online_store import open_store
+from eventml.stream import EventStream, StreamConsumer
+from eventml.worlds.lending import PACK, WorldConfig, simulate
+
+
+@pytest.fixture
+def world() -> list[dict]:
+    events = simulate(WorldConfig(n_users=200), range(10)).sort("ts")
+    assert events["ts"].dt.date().n_unique() == 10  # the copies below span several days
+    return events.to_dicts()
+
+
+def consumer_on(redis_url: str, tmp_path) -> StreamConsumer:
+    return StreamConsumer(EventStream(redis_url, PACK.name), PACK, open_store(redis_url, PACK),
+                          str(tmp_path / "events"), str(tmp_path / "rejects"))  # fmt: skip
+
+
+def test_later_copies_of_an_event_id_are_rejects_and_a_redelivered_batch_is_not(
+    world, redis_url, tmp_path
+):
+    consumer = consumer_on(redis_url, tmp_path)
+    head, tail = world[:60], world[60:]
+    again = head[::7] + tail[::5]  # copies of earlier batches' events and of this batch's own
+    consumer.stream.publish(head)
+    first = consumer.step(count=len(head), block_ms=10)
+    consumer.stream.publish(tail + again)
+    entries = consumer.stream.read(consumer.name, count=len(tail) + len(again))
+    second = consumer.consume(entries)
+    redelivered = consumer.consume(entries)  # as a restarted consumer's pending batch
+
+    assert (first.clean, first.rejected) == (len(head), 0)
+    assert (second.clean, second.rejected) == (len(tail), len(again))
+    assert (redelivered.clean, redelivered.rejected) == (len(tail), len(again))
+    assert redelivered.landed == 0
+    landed = pl.read_delta(str(tmp_path / "events"))
+    rejects = pl.read_delta(str(tmp_path / "rejects"))
+    assert sorted(landed["event_id"]) == sorted(e["event_id"] for e in world)
+    assert sorted(rejects["event_id"]) == sorted(e["event_id"] for e in again)
+    assert set(rejects["reason"]) == {"duplicate_event_id"}
