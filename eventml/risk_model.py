@@ -69,10 +69,8 @@ class RiskModel:
 
     def score_tables(self, features: pl.DataFrame, embeddings: pl.DataFrame) -> pl.DataFrame:
         """decision_id and `p_<task>` for decisions whose features and embeddings are given."""
-        joined = features.join(embeddings, on="decision_id", how="inner")
-        probs = self.scorer.predict(joined)
-        return joined.select("decision_id").with_columns(
-            pl.Series(f"p_{task}", p.astype(np.float64)) for task, p in probs.items()
+        return self.scorer.probability_table(
+            features.join(embeddings, on="decision_id", how="inner")
         )
 
     def scores_on(

@@ -192,6 +192,14 @@ class Scorer:
             lambda booster, margin: booster.predict(data, output_margin=margin)
         )
 
+    def probability_table(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """decision_id and `p_<task>` (float64) per row of `frame` (its scorer inputs), in order:
+        the offline scores, in process or on a cluster's workers."""
+        probabilities = self.predict(frame)
+        return frame.select("decision_id").with_columns(
+            pl.Series(f"p_{task}", p.astype(np.float64)) for task, p in probabilities.items()
+        )
+
     def score_rows(self, matrix: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Probabilities and SHAP contributions per task (as `predict` and `contributions` give
         them, to the bit) for rows already in the scorer's form: float32 in `feature_names`

@@ -45,7 +45,7 @@ DEFAULT_DAYS = DEMO.DEMO_DAYS
 INGEST = ("raw_events", "event_rejects", "decision_features", "online_store")
 TRAIN = (
     "decisions", "training_splits", "sequence_encoder", "decision_embeddings", "baseline_scorer",
-    "risk_scorer", "model_evaluation", "champion", "risk_service_bento",
+    "risk_scorer", "decision_scores", "model_evaluation", "champion", "risk_service_bento",
 )  # fmt: skip
 
 

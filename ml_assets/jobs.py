@@ -23,7 +23,7 @@ references_job = dg.define_asset_job(
 # zone sensor, automation); a retrain rebuilds everything that learns from them, in order.
 RETRAIN = (
     "decisions", "training_splits", "sequence_encoder", "decision_embeddings", "baseline_scorer",
-    "risk_scorer", "model_evaluation", "champion", "risk_service_bento",
+    "risk_scorer", "decision_scores", "model_evaluation", "champion", "risk_service_bento",
 )  # fmt: skip
 retrain_job = dg.define_asset_job(
     "retrain_job",

@@ -241,3 +241,28 @@ def risk_scorer(
         }
     )
     return model
+
+
+@dg.asset(group_name="models", pool=CPU_POOL)
+def decision_scores(
+    context: dg.AssetExecutionContext,
+    risk_scorer: RiskModel,
+    training_splits: pl.DataFrame,
+    decision_features: pl.DataFrame,
+    decision_embeddings: pl.DataFrame,
+    compute: Compute,
+) -> pl.DataFrame:
+    """The risk model's probability per task for every decision, with its split: the batch
+    scores backtests, threshold studies and audits read, from the scorer the Bento serves."""
+    table = model_table(training_splits, decision_features, decision_embeddings)
+    scores = compute.scores(risk_scorer.scorer, table)
+    context.add_output_metadata(
+        {
+            "dagster/row_count": scores.height,
+            **{f"mean_{c}": float(scores[c].mean()) for c in scores.columns if c != "decision_id"},
+            "compute": dg.MetadataValue.json(compute.describe()),
+        }
+    )
+    return table.select("decision_id", "entity_id", "ts", "split").join(
+        scores, on="decision_id", how="left", maintain_order="left"
+    )

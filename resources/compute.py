@@ -13,7 +13,8 @@ What runs where:
   replaces the lost call's result);
 - `encoder_trainer`, `booster_trainer`: the training loops, in process or on Ray Train's
   workers (one per CPU), the same artifacts either way;
-- `embeddings`: the encoder's outputs for every decision, in process or by Ray Data.
+- `embeddings`, `scores`: the encoder's outputs and the scorer's probabilities for every
+  decision, in process or by Ray Data.
 
 The cluster's workers import `eventml` from their own environment (the same image on Kubernetes;
 this checkout's for a local cluster).
@@ -32,7 +33,7 @@ from eventml.cluster.workers import ONE_CPU
 from eventml.embedding import SequenceModel, Trainer, embedding_table
 from eventml.encoder import train
 from eventml.home import StateHome
-from eventml.scorer import BoosterTrainer, train_boosters
+from eventml.scorer import BoosterTrainer, Scorer, train_boosters
 
 # The Dagster concurrency pool of the steps that keep every core they are given busy (features,
 # encoder, embeddings, scorers): its limit, across all runs, is `eventml.threads.steps_at_once`,
@@ -111,6 +112,16 @@ class Compute(dg.ConfigurableResource):
         return embedding_table_by_parts(
             model, events_uri, version, decisions, self.parts(), workers=self._cpus()
         )
+
+    def scores(self, scorer: Scorer, table: pl.DataFrame) -> pl.DataFrame:
+        """decision_id and the scorer's probability per task (`p_<task>`) for every row of
+        `table` (decision_id and the scorer's inputs), in its order: in this process, or by
+        blocks with Ray Data."""
+        if self.backend == "in_process":
+            return scorer.probability_table(table)
+        from eventml.cluster import probability_table_by_parts
+
+        return probability_table_by_parts(scorer, table, self.parts(), workers=self._cpus())
 
     def describe(self) -> dict:
         """What a run's metadata says of where it ran."""

@@ -8,7 +8,7 @@ pickled model. `ray` is imported only here (and by `resources.compute`), so the 
 and the Bento, run without it.
 """
 
-from eventml.cluster.inference import embedding_table_by_parts
+from eventml.cluster.inference import embedding_table_by_parts, probability_table_by_parts
 from eventml.cluster.train import RayTrain
 
-__all__ = ["RayTrain", "embedding_table_by_parts"]
+__all__ = ["RayTrain", "embedding_table_by_parts", "probability_table_by_parts"]

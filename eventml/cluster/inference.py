@@ -1,5 +1,6 @@
 """Batch inference on a Ray cluster with Ray Data: the encoder's outputs (embedding and its own
-probability per task) for every decision, by parts of the decisions.
+probability per task) for every decision, by parts of the decisions; and the scorer's
+probabilities for every row of a model table, by blocks of it.
 
 The decisions are ordered by entity shard, so a part holds few entities' decisions, and cut into
 `parts` blocks, each one batch. A pool of `workers` actors each loads the encoder once (from its saved files,
@@ -19,6 +20,7 @@ import pyarrow as pa
 from eventml.cluster.workers import ONE_CPU, files_of, write_files
 from eventml.embedding import SequenceModel, embedding_table
 from eventml.features.batch import HASH_SEED
+from eventml.scorer import Scorer
 
 
 class EmbedPart:
@@ -52,27 +54,70 @@ def embedding_table_by_parts(
 ) -> pl.DataFrame:
     """`embedding_table` for `decisions` from the events table at `version`, computed by Ray Data
     on the cluster this process is connected to; rows in the decisions' order."""
-    import ray
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         files = files_of(model.save(tmp))
     ordered = decisions.select("decision_id", "entity_id", "ts").sort(
         pl.col("entity_id").hash(HASH_SEED) % parts, "entity_id", "ts"
     )
-    size = max(1, -(-ordered.height // parts))
-    blocks = [ordered.slice(start, size).to_arrow() for start in range(0, ordered.height, size)]
+    kwargs = {"model_files": files, "events_uri": events_uri, "version": version}
+    # A part is a batch: its entities' events are read once.
+    table = _by_actors(EmbedPart, kwargs, _blocks(ordered, parts), workers, cpus_per_worker)
+    return decisions.select("decision_id").join(
+        table, on="decision_id", how="left", maintain_order="left"
+    )
+
+
+class ScorePart:
+    """A Ray Data worker: the scorer loaded once (its boosters' UBJ files, not a pickle), then a
+    block of the model table at a time."""
+
+    def __init__(self, scorer_files: dict[str, bytes]):
+        with tempfile.TemporaryDirectory() as tmp:
+            self.scorer = Scorer.load(write_files(scorer_files, tmp))
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        return self.scorer.probability_table(pl.from_arrow(block)).to_arrow()
+
+
+def probability_table_by_parts(
+    scorer: Scorer, table: pl.DataFrame, parts: int, workers: int, cpus_per_worker: int = 1
+) -> pl.DataFrame:
+    """`Scorer.probability_table` of `table` (decision_id and the scorer's inputs), computed by
+    Ray Data in `parts` blocks on the cluster this process is connected to; rows in the table's
+    order. Each row's probabilities depend on that row alone: the same as in process, to the
+    bit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = files_of(scorer.save(tmp))
+    inputs = table.select("decision_id", *scorer.feature_names)
+    scores = _by_actors(
+        ScorePart, {"scorer_files": files}, _blocks(inputs, parts), workers, cpus_per_worker
+    )
+    return table.select("decision_id").join(
+        scores, on="decision_id", how="left", maintain_order="left"
+    )
+
+
+def _blocks(frame: pl.DataFrame, parts: int) -> list[pa.Table]:
+    """`frame` cut into at most `parts` blocks of consecutive rows."""
+    size = max(1, -(-frame.height // parts))
+    return [frame.slice(start, size).to_arrow() for start in range(0, frame.height, size)]
+
+
+def _by_actors(
+    actor: type, kwargs: dict, blocks: list[pa.Table], workers: int, cpus_per_worker: int
+) -> pl.DataFrame:
+    """`actor(**kwargs)`'s outputs for the blocks, each block one batch, by a pool of `workers`
+    actors on the cluster this process is connected to (each made once); in no set order."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
     outputs = ray.data.from_arrow(blocks).map_batches(
-        EmbedPart,
-        fn_constructor_kwargs={"model_files": files, "events_uri": events_uri, "version": version},
-        batch_size=None,  # a part is a batch: its entities' events are read once
+        actor,
+        fn_constructor_kwargs=kwargs,
+        batch_size=None,
         batch_format="pyarrow",
         concurrency=workers,
         num_cpus=cpus_per_worker,
         runtime_env={"env_vars": ONE_CPU},
     )
-    table = pl.from_arrow(pa.concat_tables(ray.get(outputs.to_arrow_refs())))
-    return decisions.select("decision_id").join(
-        table, on="decision_id", how="left", maintain_order="left"
-    )
+    return pl.from_arrow(pa.concat_tables(ray.get(outputs.to_arrow_refs())))

@@ -39,6 +39,7 @@ def whole_graph(root, source: EventSource, days: tuple[str, str]):
     from ml_assets.models import (
         baseline_scorer,
         decision_embeddings,
+        decision_scores,
         risk_scorer,
         sequence_encoder,
     )
@@ -52,7 +53,7 @@ def whole_graph(root, source: EventSource, days: tuple[str, str]):
                  "mlflow_tracking": MlflowTracking.embedded(root / "mlflow"),
                  "event_source": source, "serving": serving, "compute": Compute()}  # fmt: skip
     assets = [references, ingest, decision_features, online_store, decisions, training_splits,
-              sequence_encoder, decision_embeddings, baseline_scorer, risk_scorer,
+              sequence_encoder, decision_embeddings, baseline_scorer, risk_scorer, decision_scores,
               model_evaluation, champion, risk_service_bento]  # fmt: skip
     tags = {ASSET_PARTITION_RANGE_START_TAG: days[0], ASSET_PARTITION_RANGE_END_TAG: days[1]}
     with dg.DagsterInstance.ephemeral() as instance:

@@ -2,7 +2,7 @@
 trained data-parallel on two Ray Train workers learns as well as in one process, within the
 spread of seeds, and saves the same artifact; both scorers' boosters trained on two XGBoost
 workers rank as well as in one process; Ray Data's batch inference gives every decision the
-embedding the in-process path gives."""
+embedding and the scores the in-process path gives."""
 
 import numpy as np
 import polars as pl
@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from test_scorer import CONFIG, FEATURES, world  # the scorer tests' synthetic rows
 
-from eventml.cluster import RayTrain, embedding_table_by_parts
+from eventml.cluster import RayTrain, embedding_table_by_parts, probability_table_by_parts
 from eventml.embedding import (
     SequenceModel,
     SequenceModelConfig,
@@ -98,3 +98,14 @@ def test_ray_data_gives_every_decision_the_embedding_of_the_in_process_path(lend
     assert on_ray.columns == expected.columns and on_ray.null_count().sum_horizontal().item() == 0
     for column in expected.columns[1:]:
         assert np.allclose(on_ray[column], expected[column], atol=1e-5), column
+
+
+def test_ray_data_gives_every_row_the_scorers_in_process_probabilities(ray_cluster):
+    scorer = Scorer.fit(
+        world(4_000, 2), world(2_000, 3), FEATURES, TASKS, CONFIG, log=lambda _: None
+    )
+    test = world(3_000, 4).with_columns(
+        pl.format("d{}", pl.int_range(pl.len())).alias("decision_id")
+    )
+    on_ray = probability_table_by_parts(scorer, test, parts=5, workers=2)
+    assert on_ray.equals(scorer.probability_table(test))  # every row, in the table's order

@@ -85,6 +85,7 @@ class SmallWorld:
         from ml_assets.models import (
             baseline_scorer,
             decision_embeddings,
+            decision_scores,
             risk_scorer,
             sequence_encoder,
         )
@@ -92,7 +93,8 @@ class SmallWorld:
         from resources.tracking import MlflowTracking
 
         self.assets = [ingest, decision_features, decisions, training_splits, sequence_encoder,
-                       decision_embeddings, baseline_scorer, risk_scorer, model_evaluation, champion]  # fmt: skip
+                       decision_embeddings, baseline_scorer, risk_scorer, decision_scores,
+                       model_evaluation, champion]  # fmt: skip
         self.tables = DeltaTables(root_uri=str(root / "tables"))
         self.mlflow = MlflowTracking.embedded(root / "mlflow")
         self.models = ModelIOManager(root=str(root / "models"))

@@ -49,5 +49,5 @@ def test_the_steps_that_keep_every_core_busy_share_one_pool():
     graph = defs.resolve_asset_graph()
     heavy = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).pools}
     assert heavy == {"decision_features", "sequence_encoder", "decision_embeddings",
-                     "baseline_scorer", "risk_scorer"}  # fmt: skip
+                     "baseline_scorer", "risk_scorer", "decision_scores"}  # fmt: skip
     assert all(graph.get(dg.AssetKey(name)).pools == {CPU_POOL} for name in heavy)

@@ -43,6 +43,27 @@ def test_the_first_challenger_becomes_champion_and_everything_is_logged(world):
     assert run.data.tags["git_commit"]
 
 
+def test_every_decision_is_scored_by_the_risk_scorer_it_was_trained_with(world):
+    """`decision_scores`: each decision of the splits once, in its split, with the probabilities
+    the trained risk model gives its row. Runs before any later challenger replaces it."""
+    trained, _, _ = world
+    model = RiskModel.load(trained.models.current_path(dg.AssetKey("risk_scorer")))
+    splits = trained.tables.scan("training_splits").collect()
+    table = model_table(
+        splits,
+        trained.tables.scan("decision_features").collect(),
+        trained.tables.scan("decision_embeddings").collect(),
+    )
+    scores = trained.tables.scan("decision_scores").collect()
+    assert scores.height == table.height == splits.height
+    scored = table.select("decision_id", "split").join(
+        scores, on="decision_id", how="left", maintain_order="left"
+    )
+    assert scored["split"].equals(scored["split_right"])
+    for task, p in model.scorer.predict(table).items():
+        np.testing.assert_array_equal(scored[f"p_{task}"].to_numpy(), p)
+
+
 def test_a_worse_challenger_is_refused_and_the_alias_stays(world, scorer_settings):
     trained, instance, _ = world
     before = trained.mlflow.version_by_alias(REGISTERED_MODEL, "champion").version
