@@ -98,6 +98,7 @@ def throughput(server: str, rows: list[dict], store: str, batch: int) -> dict:
             for k, v in done.seconds.items():
                 stages[k] += v
         seconds = time.perf_counter() - started
+        gc.unfreeze()
     return {"events": n, "seconds": seconds, "events_per_s": n / seconds, **stages}
 
 

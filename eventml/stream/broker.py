@@ -25,6 +25,9 @@ from eventml.online_store.redis import connect
 
 GROUP = "eventml"
 ENTRY = "__entry"  # the column of a read batch that holds each entry's id
+# Field layouts (names in order) a batch is made into columns by, one layout at a time; past
+# this many, a producer orders its fields at random and the batch is read an entry at a time.
+LAYOUTS = 32
 
 
 def stream_version(entry_id: str | bytes) -> int:
@@ -126,6 +129,10 @@ def _columns(entries: list) -> pl.DataFrame:
     rows_of: dict[tuple, list[int]] = {}
     for i, (_, fields) in enumerate(entries):
         rows_of.setdefault(tuple(fields[::2]) if fields else (), []).append(i)
+    if len(rows_of) > LAYOUTS:  # fields in no fixed order (a map's iteration): a dict per entry
+        rows = [{ENTRY: i, **dict(zip(f[::2], f[1::2]))} if f else {ENTRY: i} for i, f in entries]
+        names = dict.fromkeys(name for row in rows for name in row)
+        return pl.from_dicts(rows, schema=dict.fromkeys(names, pl.String))
     parts = []
     for names, rows in rows_of.items():
         values = [entries[i][1][1::2] for i in rows] if names else []

@@ -165,18 +165,28 @@ class StreamConsumer:
             entries, self._next = self._next.result(), None
         else:
             entries = self.stream.read(self.name, count, block_ms=block_ms)
-        if entries.is_empty():
-            self._settle()  # caught up: every batch consumed is acknowledged
         # Behind (a full batch), the next batch is read while this one is consumed. Not when
         # caught up: a read sent at once would take the first few events to arrive, and a
         # batch's fixed costs would be paid twice as often.
         behind = entries.height == count
-        return self.consume(entries, read_next=partial(self._read_next, count) if behind else None)
+        try:
+            done = self.consume(
+                entries, read_next=partial(self._read_next, count) if behind else None
+            )
+        except BaseException:
+            # Whatever this batch landed, its entries stay pending: they, not newer ones, come
+            # next (a newer batch would move the tables' versions past them).
+            self._recovering, self._next = True, None
+            raise
+        if not behind:
+            self._settle()  # caught up: a step returns with its batch acknowledged
+        return done
 
     def _settle(self) -> None:
-        """Wait until the last batch consumed is acknowledged."""
-        if self._acked is not None:
-            self._acked.result()
+        """Wait until the last batch consumed is acknowledged (raising if that failed)."""
+        acked, self._acked = self._acked, None
+        if acked is not None:
+            acked.result()
 
     def _read_next(self, count: int) -> None:
         self._next = self._background.submit(self.stream.read, self.name, count)
@@ -307,6 +317,7 @@ class StreamConsumer:
         # Out of the collector's reach from here on: what start-up made (modules, the pack) is
         # never garbage, and a batch makes ~20 objects an entry (the reply's), whose collections
         # would otherwise traverse all of it again and again.
+        gc.collect()
         gc.freeze()
         while True:
             done = self.step(count)
