@@ -252,17 +252,19 @@ def decision_scores(
     decision_embeddings: pl.DataFrame,
     compute: Compute,
 ) -> pl.DataFrame:
-    """The risk model's probability per task for every decision, with its split: the batch
-    scores backtests, threshold studies and audits read, from the scorer the Bento serves."""
+    """The newest risk scorer's (the challenger's) probability per task for every decision,
+    with its split: the batch scores backtests, threshold studies and audits read. A challenger
+    the evaluation refuses is scored here too; the Bento serves the champion."""
     table = model_table(training_splits, decision_features, decision_embeddings)
-    scores = compute.scores(risk_scorer.scorer, table)
+    scores = compute.scores(risk_scorer.scorer, table)  # in the table's order
+    means = {f"mean_{c}": float(scores[c].mean() or 0.0) for c in scores.columns[1:]}
     context.add_output_metadata(
         {
             "dagster/row_count": scores.height,
-            **{f"mean_{c}": float(scores[c].mean()) for c in scores.columns if c != "decision_id"},
+            **means,
             "compute": dg.MetadataValue.json(compute.describe()),
         }
     )
-    return table.select("decision_id", "entity_id", "ts", "split").join(
-        scores, on="decision_id", how="left", maintain_order="left"
+    return table.select("decision_id", "entity_id", "ts", "split").hstack(
+        scores.drop("decision_id")
     )

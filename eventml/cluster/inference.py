@@ -86,6 +86,8 @@ def probability_table_by_parts(
     Ray Data in `parts` blocks on the cluster this process is connected to; rows in the table's
     order. Each row's probabilities depend on that row alone: the same as in process, to the
     bit."""
+    if table.height == 0:  # no block to give a worker
+        return scorer.probability_table(table)
     with tempfile.TemporaryDirectory() as tmp:
         files = files_of(scorer.save(tmp))
     inputs = table.select("decision_id", *scorer.feature_names)

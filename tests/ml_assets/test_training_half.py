@@ -45,8 +45,9 @@ def test_the_first_challenger_becomes_champion_and_everything_is_logged(world):
 
 def test_every_decision_is_scored_by_the_risk_scorer_it_was_trained_with(world):
     """`decision_scores`: each decision of the splits once, in its split, with the probabilities
-    the trained risk model gives its row. Runs before any later challenger replaces it."""
-    trained, _, _ = world
+    the newest risk model gives its row."""
+    trained, instance, _ = world
+    assert trained.run(instance, ["decision_scores"]).success
     model = RiskModel.load(trained.models.current_path(dg.AssetKey("risk_scorer")))
     splits = trained.tables.scan("training_splits").collect()
     table = model_table(
