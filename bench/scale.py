@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -30,11 +31,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from features import world_events  # noqa: E402  (bench/features.py: the cached world)
 
 from eventml.embedding import SequenceModel, SequenceModelConfig  # noqa: E402
-from eventml.features.sharded import entity_shards, shard_features  # noqa: E402
+from eventml.features.sharded import (  # noqa: E402
+    entity_shards,
+    shard_features,
+    staged_shard_features,
+)
 from eventml.home import StateHome  # noqa: E402
 from eventml.labels import build_decisions  # noqa: E402
 from eventml.splits import split_decisions, with_stacking_stages  # noqa: E402
 from eventml.worlds.lending import PACK, WorldConfig  # noqa: E402
+from resources.delta import StagedDays, commit_days  # noqa: E402
 
 STEPS = ("features", "encoder", "scorers", "embeddings")
 BACKENDS = ("in_process", "ray")
@@ -124,11 +130,19 @@ def features_step(directory: Path, compute, args) -> dict:
     activity = PACK.activity_for(history, decisions)
     calls = [(uri, 0, end, part, PACK.feature_set().to_json(), activity)
              for part in entity_shards(decisions, compute.parts())]  # fmt: skip
-    done = compute.map(shard_features, calls)
-    features = pl.concat([part for part, _ in done])
     if compute.backend == "in_process":
-        features.write_parquet(directory / "features.parquet")
-    seconds = sorted(how["seconds"] for _, how in done)
+        done = compute.map(shard_features, calls)
+        pl.concat([part for part, _ in done]).write_parquet(directory / "features.parquet")
+        hows = [how for _, how in done]
+    else:  # as `decision_features` does on a cluster: each shard writes its rows, one commit
+        table = directory / "decision_features_ray"
+        shutil.rmtree(table, ignore_errors=True)
+        done = compute.map(staged_shard_features, [(str(table), *call) for call in calls])
+        staged = StagedDays([f for files, *_ in done for f in files], done[0][1])
+        start = decisions["ts"].min().date()
+        commit_days(str(table), staged, "day", start, end, table="decision_features")
+        hows = [how for _, _, how, _ in done]
+    seconds = sorted(how["seconds"] for how in hows)
     return {"events": history.select(pl.len()).collect().item(), "decisions": decisions.height,
             "shards": len(calls), "shard_s_median": seconds[len(seconds) // 2],
             "shard_s_max": seconds[-1]}  # fmt: skip

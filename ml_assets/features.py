@@ -5,7 +5,12 @@ import numpy as np
 import polars as pl
 
 from eventml.features import features_for_one
-from eventml.features.sharded import entity_shards, shard_features
+from eventml.features.sharded import (
+    entity_shards,
+    feature_rows,
+    shard_features,
+    staged_shard_features,
+)
 from eventml.labels import build_decisions, decision_summary
 from eventml.sources import DAY
 from eventml.splits import (
@@ -18,7 +23,7 @@ from eventml.splits import (
 from ml_assets.metadata import check_result, table_md
 from ml_assets.partitions import daily, run_days
 from resources.compute import CPU_POOL, Compute
-from resources.delta import DeltaTables
+from resources.delta import DeltaTables, StagedDays
 from resources.sources import EventSource
 
 SPLIT_CHECKS = (
@@ -83,43 +88,54 @@ def decision_features(
     )
     # Keyed families (per terminal, per merchant) read every entity's events of the days before.
     activity = spec.activity_for(history, todays) if todays.height else None
-    # By entity shard: one in this process, or the compute resource's parts on its Ray cluster.
+    # By entity shard: one in this process, or the compute resource's parts on its Ray cluster,
+    # where each shard writes its own rows under the table and the IO manager commits them all.
     shards = entity_shards(todays, compute.parts())
-    declared = feature_set.to_json()
-    calls = [(events_uri, version, end, part, declared, activity) for part in shards]
-    done = compute.map(shard_features, calls)
-    features = pl.concat([part for part, _ in done])
-    table = todays.select("decision_id", "entity_id", "ts", pl.col("ts").dt.date().alias(DAY)).join(
-        features, on="decision_id", how="left"
-    )
+    calls = [(events_uri, version, end, part, feature_set.to_json(), activity) for part in shards]
+    if compute.parts() > 1:
+        output, rows, nulls, hows = _staged(tables.uri("decision_features"), calls, compute)
+    else:
+        done = compute.map(shard_features, calls)
+        output = feature_rows(todays, pl.concat([part for part, _ in done]))
+        rows, nulls, hows = output, output.null_count().row(0, named=True), [h for _, h in done]
     null_rates = (
-        table.select(pl.col(feature_set.names).null_count() / max(table.height, 1))
+        pl.DataFrame({n: [nulls[n] / max(todays.height, 1)] for n in feature_set.names})
         .unpivot(variable_name="feature", value_name="null_rate")
         .sort("null_rate", descending=True)
     )
     yield dg.Output(
-        table,
+        output,
         metadata={
-            "dagster/row_count": table.height,
+            "dagster/row_count": todays.height,
             "features": len(feature_set.names),
             "highest_null_rates": table_md(null_rates, max_rows=15),
             "feature_set": dg.MetadataValue.json({"names": feature_set.names[:200]}),
-            "compute": dg.MetadataValue.json(
-                {**compute.describe(), "shards": [s for _, s in done]}
-            ),
+            "compute": dg.MetadataValue.json({**compute.describe(), "shards": hows}),
         },
     )
-    yield _parity_check(history, todays, table, feature_set, activity)
+    yield _parity_check(history, todays, rows, feature_set, activity)
+
+
+def _staged(table_uri: str, calls: list[tuple], compute: Compute):
+    """Each shard's rows written by its worker under the table (`StagedDays`, for the IO manager
+    to commit); a lazy scan of them, the columns' null counts, and how each shard went."""
+    done = compute.map(staged_shard_features, [(table_uri, *call) for call in calls])
+    files = [f for shard_files, *_ in done for f in shard_files]
+    nulls = {c: sum(counts[c] for *_, counts in done) for c in done[0][3]}
+    scan = pl.scan_parquet([f"{table_uri}/{f['path']}" for f in files])
+    return StagedDays(files, done[0][1]), scan, nulls, [how for _, _, how, _ in done]
 
 
 def _parity_check(
-    history: pl.LazyFrame, todays: pl.DataFrame, table: pl.DataFrame, feature_set, activity
-) -> dg.AssetCheckResult:
+    history: pl.LazyFrame, todays: pl.DataFrame, table: pl.DataFrame | pl.LazyFrame, feature_set,
+    activity,
+) -> dg.AssetCheckResult:  # fmt: skip
     """Recompute a sample through the live-request path, from events strictly before each
     decision: a feature that saw the future, or batch/online drift, shows up as a mismatch."""
     sample = todays.sample(min(PARITY_SAMPLE, todays.height), seed=0)
     entities = history.filter(pl.col("entity_id").is_in(sample["entity_id"].implode())).collect()
-    batch = table.filter(pl.col("decision_id").is_in(sample["decision_id"].implode()))
+    batch = table.lazy().filter(pl.col("decision_id").is_in(sample["decision_id"].implode()))
+    batch = batch.collect()
     mismatches = []
     for decision in sample.iter_rows(named=True):
         online = features_for_one(

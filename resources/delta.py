@@ -16,8 +16,10 @@ other, which fails with `ConcurrentWriteError` saying so. Either way each row is
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from dagster_deltalake_polars import DeltaLakePolarsIOManager
 from dagster_deltalake_polars.deltalake_polars_type_handler import DeltaLakePolarsTypeHandler
 from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.transaction import AddAction
 
 from eventml.home import table_uri
 
@@ -192,12 +195,81 @@ class DayRangePolarsTypeHandler(DeltaLakePolarsTypeHandler):
         return lazy if context.dagster_type.typing_type == pl.LazyFrame else lazy.collect()
 
 
+@dataclass(frozen=True)
+class StagedDays:
+    """Rows a step's workers wrote themselves as Parquet files under a day-partitioned table,
+    not yet in it (`eventml.features.sharded.staged_shard_features`): returned by the asset,
+    committed by the IO manager in one transaction that replaces the run's days, as the write
+    of a DataFrame would, without the rows passing through the step's process."""
+
+    files: list[dict]  # path (relative to the table), size, day, rows, modified_ms
+    schema: pl.Schema  # the rows' columns, the day column included
+
+    @property
+    def rows(self) -> int:
+        return sum(f["rows"] for f in self.files)
+
+
+def commit_days(
+    uri: str, staged: StagedDays, column: str, start: date, end: date,
+    storage_options=None, table: str = "table",
+) -> int:  # fmt: skip
+    """Make the staged files the days [start, end) of the table partitioned by `column`, in one
+    Delta commit that removes the days' files before (creating the table if it is absent); the
+    new version."""
+    stored = stored_schema(uri, storage_options)
+    if stored is not None and stored != staged.schema:
+        raise PackChangedError(
+            f"{table}: the rows the workers wrote ({dict(staged.schema)}) are not in the table's "
+            f"columns ({dict(stored)}): the dataset pack changed since the table was first "
+            "written. Run `make migrate` (python -m ml_assets.migrate), then re-run."
+        )
+    schema = pl.DataFrame(schema=staged.schema).to_arrow().schema
+    create_if_absent(uri, schema, partition_by=[column], storage_options=storage_options)
+    adds = [
+        AddAction(
+            path=f["path"],
+            size=f["size"],
+            partition_values={column: f["day"]},
+            modification_time=f["modified_ms"],
+            data_change=True,
+            stats=json.dumps({"numRecords": f["rows"]}),
+        )
+        for f in staged.files
+    ]
+    days = [(column, ">=", f"{start:%Y-%m-%d}"), (column, "<", f"{end:%Y-%m-%d}")]
+    delta = DeltaTable(uri, storage_options=storage_options)
+    overwrite_or_explain(
+        f"{table} [{start:%Y-%m-%d}, {end:%Y-%m-%d})",
+        lambda: delta.create_write_transaction(
+            adds, mode="overwrite", schema=schema, partition_by=[column], partition_filters=days
+        ),
+    )
+    return DeltaTable(uri, storage_options=storage_options).version()
+
+
+class StagedDaysTypeHandler(DbTypeHandler[StagedDays]):
+    supported_types = (StagedDays,)
+
+    def handle_output(self, context, table_slice: TableSlice, obj, connection: TableConnection):
+        uri, options = connection.table_uri, connection.storage_options
+        column, start, end = _time_window(table_slice)
+        version = commit_days(uri, obj, column, start, end, options, table=table_slice.table)
+        context.add_output_metadata(
+            {"table_uri": uri, "delta_version": version, "dagster/row_count": obj.rows}
+        )
+
+    def load_input(self, context, table_slice: TableSlice, connection: TableConnection):
+        raise TypeError(f"{table_slice.table}: read it as a Polars DataFrame or LazyFrame")
+
+
 class DeltaIOManager(DeltaLakePolarsIOManager):
-    """Polars frames in and out of Delta tables under `root_uri/<schema>/<asset>`."""
+    """Polars frames in and out of Delta tables under `root_uri/<schema>/<asset>`, and rows that
+    workers wrote themselves (`StagedDays`) into them."""
 
     @staticmethod
     def type_handlers() -> Sequence[DbTypeHandler]:
-        return [DayRangePolarsTypeHandler(), DeltaLakePyArrowTypeHandler()]
+        return [DayRangePolarsTypeHandler(), DeltaLakePyArrowTypeHandler(), StagedDaysTypeHandler()]
 
 
 def table_version(uri: str, storage_options: dict[str, str] | None = None) -> int | None:

@@ -6,13 +6,19 @@ the version the run pinned; `compute_features` keeps only the shard's entities' 
 scans, so a worker holds its shard's histories, never the table. Every feature depends on its own
 entity's events only (keyed families on the keys' daily activity, which every shard gets whole),
 so the shards' rows together are the in-process result, bit for bit.
+
+On a cluster a shard also writes its rows itself (`staged_shard_features`): Parquet files under
+the Delta table, one per day, which the step then commits in one transaction. The driver holds
+the decisions and the shards' file lists, never the features.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from datetime import date
+from pathlib import Path
 
 import polars as pl
 
@@ -51,3 +57,38 @@ def shard_features(
         "seconds": round(time.perf_counter() - started, 3),
         "pid": os.getpid(),
     }
+
+
+def feature_rows(decisions: pl.DataFrame, features: pl.DataFrame) -> pl.DataFrame:
+    """The rows of `decision_features`: each decision's id, entity, time and day, then its
+    features."""
+    keys = decisions.select("decision_id", "entity_id", "ts", pl.col("ts").dt.date().alias(DAY))
+    return keys.join(features, on="decision_id", how="left")
+
+
+def staged_shard_features(
+    table_uri: str,
+    events_uri: str,
+    version: int | None,
+    end: date,
+    decisions: pl.DataFrame,
+    feature_set_json: str,
+    activity: pl.DataFrame | None,
+) -> tuple[list[dict], pl.Schema, dict, dict[str, int]]:
+    """`shard_features`, its rows (`feature_rows`) written by this worker as Parquet files under
+    the day-partitioned Delta table at `table_uri` (a folder every worker reaches), one per day,
+    outside the table until the step commits them: a retried shard's lost attempt leaves files
+    no commit names. Returns the files (path relative to the table, size, day, rows,
+    modified_ms), the rows' schema, how it went, and each column's null count."""
+    features, how = shard_features(events_uri, version, end, decisions, feature_set_json, activity)
+    rows = feature_rows(decisions, features)
+    files = []
+    for (day,), part in rows.partition_by(DAY, as_dict=True, include_key=False).items():
+        relative = f"{DAY}={day:%Y-%m-%d}/part-{uuid.uuid4().hex}.parquet"
+        path = Path(table_uri) / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.write_parquet(path, compression="snappy")  # Delta's own writer's default
+        stat = path.stat()
+        files.append({"path": relative, "size": stat.st_size, "day": f"{day:%Y-%m-%d}",
+                      "rows": part.height, "modified_ms": int(stat.st_mtime * 1000)})  # fmt: skip
+    return files, rows.schema, how, rows.null_count().row(0, named=True)

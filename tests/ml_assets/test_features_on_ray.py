@@ -1,7 +1,8 @@
 """`decision_features` on a Ray cluster (a local one of two CPUs, started once per session): the
 decisions are split by entity, one shard per CPU, and each task reads its own entities' events
-from the table. On the card world, whose keyed features read every terminal's activity, the
-table is the in-process one to the bit; a worker killed in the middle of its shard is replaced
+from the table, and writes its rows under the table for the run to commit. On the card world,
+whose keyed features read every terminal's activity, the table is the in-process one to the
+bit, and a run of some of the days replaces exactly those; a worker killed in the middle of its shard is replaced
 by a new one and the features do not change; the run's metadata says where it ran."""
 
 import os
@@ -45,9 +46,9 @@ def world(tmp_path_factory, ray_cluster):
             assert dg.materialize(assets, selection=selection, resources=resources,
                                   instance=instance, tags=days).success  # fmt: skip
 
-        def features(compute: Compute) -> tuple[pl.DataFrame, dict]:
+        def features(compute: Compute, tags: dict = days) -> tuple[pl.DataFrame, dict]:
             result = dg.materialize(assets, selection=["decision_features"], instance=instance,
-                                    resources={**resources, "compute": compute}, tags=days)  # fmt: skip
+                                    resources={**resources, "compute": compute}, tags=tags)  # fmt: skip
             assert result.success
             meta = result.asset_materializations_for_node("decision_features")[-1].metadata
             table = tables.scan("decision_features").collect().sort("decision_id")
@@ -66,6 +67,18 @@ def test_features_computed_by_shard_on_ray_are_the_in_process_features(world):
     shards = where_ray["shards"]
     assert len(shards) == 2 and sum(s["decisions"] for s in shards) == in_process.height
     assert all(s["pid"] != os.getpid() for s in shards)  # computed by the cluster's workers
+
+
+def test_a_run_of_some_days_on_ray_replaces_exactly_those_days(world):
+    """On Ray the workers write their rows under the table themselves and the run commits them:
+    the days it ran are replaced, once, and the others kept."""
+    tables, features = world
+    whole, _ = features(Compute())
+    days = {ASSET_PARTITION_RANGE_START_TAG: date_of(CARDS.world(), 10).isoformat(),
+            ASSET_PARTITION_RANGE_END_TAG: date_of(CARDS.world(), 19).isoformat()}  # fmt: skip
+    before = tables.version("decision_features")
+    again, _ = features(ON_RAY, days)
+    assert again.equals(whole) and tables.version("decision_features") == before + 1
 
 
 def test_a_worker_killed_in_the_middle_of_its_shard_is_replaced_and_nothing_changes(
