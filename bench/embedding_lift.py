@@ -7,6 +7,7 @@ training recipe and the alternatives tried against it.
         --option takeover_rate=0.0015 --option shift_day=null \
         --recipes person-split     # 3 encoder seeds, ~45 minutes on 2 cores
     .venv/bin/python bench/embedding_lift.py --world lending --users 10000 --recipes person-split
+    .venv/bin/python bench/embedding_lift.py --recipes person-split --halvings 0 1   # 3 seeds x 2
     .venv/bin/python bench/embedding_lift.py    # lending's reference world, 6 recipes x 3 seeds
 
 The world is simulated here (its `WorldConfig` defaults; by default the days before its shift)
@@ -33,9 +34,10 @@ Recipes (the scorer and its features-only baseline always learn from the same ro
   the pooled state to the embedding (`Encoder.to_emb`), so this is a random projection of a
   self-supervised state: a lower bound.
 
-Each recipe runs once per encoder seed (the seed of its initial weights and batches): the lift
-moves by a few hundredths from seed to seed, so one run is an anecdote; the summary gives the
-mean and spread. Each row also gives the lift of a scorer that reads the encoder's own task
+Each recipe runs once per encoder seed (the seed of its initial weights and batches) and, for the
+person-split recipes, per halving of the people (`--halvings 0 1`: the shipped halves, then the
+same halves swapped): the lift moves by a few hundredths from seed to seed and from halving to
+halving, so one run is an anecdote; the summary gives every run's lift, the mean and spread. Each row also gives the lift of a scorer that reads the encoder's own task
 probabilities beside the embedding ("lift +encoder scores", not shipped). Then, for the first
 recipe, the encoder's own AUC on the promotion task split by split with the mean age of the
 people it scores (how fast what it learned from labels goes stale), and how much of the oracle's
@@ -92,10 +94,16 @@ def judged(test: pl.DataFrame, task: str) -> tuple:
     return known, test[task].to_numpy()[known].astype(int)
 
 
-def staged(splits: pl.DataFrame, recipe: str) -> pl.DataFrame:
-    """`stage` per row: encoder (its labels teach the encoder), scorer, or none."""
+def staged(splits: pl.DataFrame, recipe: str, halving: int = 0) -> pl.DataFrame:
+    """`stage` per row: encoder (its labels teach the encoder), scorer, or none. Halving 1 of a
+    person-split recipe swaps the two halves of the people: which people teach the encoder moves
+    the lift as much as the encoder's seed does."""
     if recipe.startswith("person-split"):
-        return with_stacking_stages(splits, encoder_share=0.5)
+        stages = with_stacking_stages(splits, encoder_share=0.5)
+        if halving:
+            swap = {"encoder": "scorer", "scorer": "encoder", "none": "none"}
+            stages = stages.with_columns(pl.col("stage").replace_strict(swap))
+        return stages
     train = pl.col("split") == "train"
     encoder = pl.lit(False)  # outlook-only, self-supervised: the scorers take every train row
     if recipe == "time-split":
@@ -124,9 +132,9 @@ def out_of_time(
     return out
 
 
-def run(recipe, seed, events, splits, features, pack, args) -> tuple[dict, pl.DataFrame]:
+def run(recipe, seed, halving, events, splits, features, pack, args) -> tuple[dict, pl.DataFrame]:
     tasks = [label.name for label in pack.labels]
-    splits = staged(splits, recipe)
+    splits = staged(splits, recipe, halving)
     unlabelled = recipe in ("outlook-only", "self-supervised")
     config = SequenceModelConfig(
         epochs=args.epochs,
@@ -162,6 +170,7 @@ def run(recipe, seed, events, splits, features, pack, args) -> tuple[dict, pl.Da
     row = {
         "recipe": recipe,
         "seed": seed,
+        "halving": halving,
         "encoder_s": round(seconds),
         "scorer_rows": table.filter(
             (pl.col("split") == "train") & (pl.col("stage") == "scorer")
@@ -237,6 +246,8 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=SequenceModelConfig.epochs)
     p.add_argument("--patience", type=int, default=SequenceModelConfig.patience)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--halvings", type=int, nargs="+", choices=(0, 1), default=[0],
+                   help="person-split recipes: 0 the shipped halves of the people, 1 swapped")  # fmt: skip
     args = p.parse_args(argv)
     options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
     events, decisions, features, pack = load(args.world, args.users, args.days, options)
@@ -248,23 +259,27 @@ def main(argv=None) -> None:
           f"{days} days")  # fmt: skip
     rows, tables = [], {}
     for recipe in args.recipes:
-        for seed in args.seeds:
-            row, table = run(recipe, seed, events, splits, features, pack, args)
-            tables.setdefault(recipe, table)  # the first seed's, for the diagnosis below
-            print(row, flush=True)
-            rows.append(row)
+        halvings = args.halvings if recipe.startswith("person-split") else [0]
+        for halving in halvings:
+            for seed in args.seeds:
+                row, table = run(recipe, seed, halving, events, splits, features, pack, args)
+                tables.setdefault(recipe, table)  # the first run's, for the diagnosis below
+                print(row, flush=True)
+                rows.append(row)
     results = pl.DataFrame(rows)
     figures = [c for c in results.columns if c.split(" ")[0] in tasks]
     lifts = [c for c in figures if c.endswith(" lift")]
     summary = results.group_by("recipe", maintain_order=True).agg(
-        pl.len().alias("seeds"),
+        pl.len().alias("runs"),
         *(pl.col(c).mean().round(4) for c in figures),
         *(pl.col(c).std().round(4).alias(f"{c} sd") for c in lifts),
         *(pl.col(c).min().alias(f"{c} min") for c in lifts),
         *(pl.col(c).max().alias(f"{c} max") for c in lifts),
     )
     with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
-        print("\nmean over seeds")
+        print("\nthe lift of every run (seeds x halvings)")
+        print(results.select("recipe", "halving", "seed", *lifts))
+        print("\nmean over runs")
         print(summary.transpose(include_header=True, column_names="recipe"))
         recipe, first = next(iter(tables.items()))
         if recipe not in ("outlook-only", "self-supervised"):  # their task heads are untrained

@@ -124,7 +124,9 @@ def prepare(directory: Path, args) -> None:
 
 def features_step(directory: Path, compute, args) -> dict:
     uri = str(directory / "raw_events")
-    decisions = pl.read_parquet(directory / "splits.parquet")
+    # The decision events' own columns, as the asset's driver holds them (not their labels).
+    columns = ["decision_id", *(c for c in PACK.event_schema() if c != "event_id")]
+    decisions = pl.read_parquet(directory / "splits.parquet", columns=columns)
     end = decisions["ts"].max().date() + timedelta(days=1)
     history = pl.scan_delta(uri).drop("day")
     activity = PACK.activity_for(history, decisions)
