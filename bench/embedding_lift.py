@@ -37,8 +37,8 @@ Recipes (the scorer and its features-only baseline always learn from the same ro
 Each recipe runs once per encoder seed (the seed of its initial weights and batches) and, for the
 person-split recipes, per halving of the people (`--halvings 0 1`: the shipped halves, then the
 same halves swapped): the lift moves by a few hundredths from seed to seed and from halving to
-halving, so one run is an anecdote; the summary gives every run's lift, the mean and spread. Each row also gives the lift of a scorer that reads the encoder's own task
-probabilities beside the embedding ("lift +encoder scores", not shipped). Then, for the first
+halving, so one run is an anecdote; the summary gives every run's lift, the mean and spread.
+Each row also gives the lift of a scorer that reads the encoder's own task probabilities beside the embedding ("lift +encoder scores", not shipped). Then, for the first
 recipe, the encoder's own AUC on the promotion task split by split with the mean age of the
 people it scores (how fast what it learned from labels goes stale), and how much of the oracle's
 edge is outcomes the simulator had already drawn, which no history can show.
