@@ -31,6 +31,7 @@ import yaml
 
 from eventml.home import StateHome
 from eventml.worlds import selected_pack, world
+from ml_assets.jobs import RETRAIN
 from ml_assets.partitions import daily
 from resources.state import dagster_home, prepare
 
@@ -43,10 +44,7 @@ with warnings.catch_warnings():  # the terminal is for the demo's lines; the bet
 DEMO = world(selected_pack())
 DEFAULT_DAYS = DEMO.DEMO_DAYS
 INGEST = ("raw_events", "event_rejects", "decision_features", "online_store")
-TRAIN = (
-    "decisions", "training_splits", "sequence_encoder", "decision_embeddings", "baseline_scorer",
-    "risk_scorer", "decision_scores", "model_evaluation", "champion", "risk_service_bento",
-)  # fmt: skip
+TRAIN = RETRAIN  # what `retrain_job` refreshes, after the days are in
 
 
 class StageFailed(Exception):
