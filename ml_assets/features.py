@@ -122,8 +122,10 @@ def _staged(table_uri: str, calls: list[tuple], compute: Compute):
     done = compute.map(staged_shard_features, [(table_uri, *call) for call in calls])
     files = [f for shard_files, *_ in done for f in shard_files]
     nulls = {c: sum(counts[c] for *_, counts in done) for c in done[0][3]}
-    scan = pl.scan_parquet([f"{table_uri}/{f['path']}" for f in files])
-    return StagedDays(files, done[0][1]), scan, nulls, [how for _, _, how, _ in done]
+    schema = done[0][1]
+    paths = [f"{table_uri}/{f['path']}" for f in files]
+    scan = pl.scan_parquet(paths) if paths else pl.LazyFrame(schema=schema)  # days, no decisions
+    return StagedDays(files, schema), scan, nulls, [how for _, _, how, _ in done]
 
 
 def _parity_check(
