@@ -140,7 +140,7 @@ def features_step(directory: Path, compute, args) -> dict:
         table = directory / "decision_features_ray"
         shutil.rmtree(table, ignore_errors=True)
         done = compute.map(staged_shard_features, [(str(table), *call) for call in calls])
-        staged = StagedDays([f for files, *_ in done for f in files], done[0][1])
+        staged = StagedDays(str(table), [f for files, *_ in done for f in files], done[0][1])
         start = decisions["ts"].min().date()
         commit_days(str(table), staged, "day", start, end, table="decision_features")
         hows = [how for _, _, how, _ in done]

@@ -89,11 +89,13 @@ def decision_features(
     # Keyed families (per terminal, per merchant) read every entity's events of the days before.
     activity = spec.activity_for(history, todays) if todays.height else None
     # By entity shard: one in this process, or the compute resource's parts on its Ray cluster,
-    # where each shard writes its own rows under the table and the IO manager commits them all.
+    # where each shard writes its own rows under the table and the IO manager commits them all
+    # (when the workers reach the table's folder: a local table, a cluster on this machine).
     shards = entity_shards(todays, compute.parts())
     calls = [(events_uri, version, end, part, feature_set.to_json(), activity) for part in shards]
-    if compute.parts() > 1:
-        output, rows, nulls, hows = _staged(tables.uri("decision_features"), calls, compute)
+    table_uri = tables.uri("decision_features")
+    if compute.parts() > 1 and compute.workers_share_this_disk() and "://" not in table_uri:
+        output, rows, nulls, hows = _staged(table_uri, calls, compute)
     else:
         done = compute.map(shard_features, calls)
         output = feature_rows(todays, pl.concat([part for part, _ in done]))
@@ -123,9 +125,11 @@ def _staged(table_uri: str, calls: list[tuple], compute: Compute):
     files = [f for shard_files, *_ in done for f in shard_files]
     nulls = {c: sum(counts[c] for *_, counts in done) for c in done[0][3]}
     schema = done[0][1]
+    if any(shard_schema != schema for _, shard_schema, *_ in done):  # as a concat would refuse
+        raise ValueError(f"decision_features: the shards' columns differ: {[d[1] for d in done]}")
     paths = [f"{table_uri}/{f['path']}" for f in files]
     scan = pl.scan_parquet(paths) if paths else pl.LazyFrame(schema=schema)  # days, no decisions
-    return StagedDays(files, schema), scan, nulls, [how for _, _, how, _ in done]
+    return StagedDays(table_uri, files, schema), scan, nulls, [how for _, _, how, _ in done]
 
 
 def _parity_check(

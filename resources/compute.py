@@ -80,6 +80,11 @@ class Compute(dg.ConfigurableResource):
             return 1
         return self.shards or self._cpus()
 
+    def workers_share_this_disk(self) -> bool:
+        """Whether every worker reads and writes this machine's disk: in process, or on a local
+        cluster this process starts. A cluster by address may span machines."""
+        return self.backend == "in_process" or self.ray_address is None
+
     def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
         """`fn(*args)` for each argument tuple, in order: in this process, or as Ray tasks."""
         if self.backend == "in_process":

@@ -33,7 +33,7 @@ from dagster_deltalake_polars import DeltaLakePolarsIOManager
 from dagster_deltalake_polars.deltalake_polars_type_handler import DeltaLakePolarsTypeHandler
 from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
-from deltalake.transaction import AddAction
+from deltalake.transaction import AddAction, Transaction
 
 from eventml.home import table_uri
 
@@ -202,6 +202,7 @@ class StagedDays:
     committed by the IO manager in one transaction that replaces the run's days, as the write
     of a DataFrame would, without the rows passing through the step's process."""
 
+    table_uri: str  # where the files are: the table the IO manager writes
     files: list[dict]  # path (relative to the table), size, day, rows, modified_ms
     schema: pl.Schema  # the rows' columns, the day column included
 
@@ -216,36 +217,74 @@ def commit_days(
 ) -> int:  # fmt: skip
     """Make the staged files the days [start, end) of the table partitioned by `column`, in one
     Delta commit that removes the days' files before (creating the table if it is absent); the
-    new version."""
-    stored = stored_schema(uri, storage_options)
-    if stored is not None and stored != staged.schema:
+    new version. If the commit fails, the staged files are deleted."""
+    try:
+        if staged.table_uri != uri:
+            raise ValueError(f"{table}: the workers wrote under {staged.table_uri}, not {uri}")
+        stored = stored_schema(uri, storage_options)
+        if stored is not None:
+            _check_columns(staged.schema, stored, table)
+        schema = pl.DataFrame(schema=staged.schema).to_arrow().schema
+        create_if_absent(uri, schema, partition_by=[column], storage_options=storage_options)
+        delta = DeltaTable(uri, storage_options=storage_options)
+        adds = [
+            AddAction(
+                path=f["path"],
+                size=f["size"],
+                partition_values={column: f["day"]},
+                modification_time=f["modified_ms"],
+                data_change=True,
+                stats=json.dumps({"numRecords": f["rows"]}),
+            )
+            for f in staged.files
+        ]
+        days = [(column, ">=", f"{start:%Y-%m-%d}"), (column, "<", f"{end:%Y-%m-%d}")]
+        overwrite_or_explain(
+            f"{table} [{start:%Y-%m-%d}, {end:%Y-%m-%d})",
+            lambda: delta.create_write_transaction(
+                adds,
+                mode="overwrite",
+                schema=delta.schema(),
+                partition_by=[column],
+                partition_filters=days,
+                commit_properties=day_claims(delta, table, start, end),
+            ),
+        )
+    except BaseException:
+        for f in staged.files:  # in no version: nothing reads them
+            (Path(staged.table_uri) / f["path"]).unlink(missing_ok=True)
+        raise
+    return DeltaTable(uri, storage_options=storage_options).version()
+
+
+def day_claims(delta: DeltaTable, table: str, start: date, end: date) -> CommitProperties:
+    """An application transaction per day of [start, end) (app id `<table>/<day>`, its next
+    version): a commit of files written elsewhere reads nothing, so Delta would let two of them
+    add the same new days at once; two commits that claim a day conflict, and one fails."""
+    days = pl.date_range(_as_date(start), _as_date(end), closed="left", eager=True)
+    ids = [f"{table}/{day}" for day in days]
+    return CommitProperties(
+        app_transactions=[
+            Transaction(app_id=i, version=(delta.transaction_version(i) or 0) + 1) for i in ids
+        ]
+    )
+
+
+def _as_date(value: date | datetime) -> date:
+    return value.date() if isinstance(value, datetime) else value
+
+
+def _check_columns(staged: pl.Schema, stored: pl.Schema, table: str) -> None:
+    """Staged rows fit the table as a DataFrame's write does (`conform`): no column the table
+    lacks, none of another type; a column the rows lack reads as null."""
+    added = [c for c in staged if c not in stored]
+    retyped = [c for c in staged if c in stored and staged[c] != stored[c]]
+    if added or retyped:
         raise PackChangedError(
-            f"{table}: the rows the workers wrote ({dict(staged.schema)}) are not in the table's "
-            f"columns ({dict(stored)}): the dataset pack changed since the table was first "
+            f"{table}: the workers wrote columns the table does not have ({added}) or of "
+            f"another type ({retyped}): the dataset pack changed since the table was first "
             "written. Run `make migrate` (python -m ml_assets.migrate), then re-run."
         )
-    schema = pl.DataFrame(schema=staged.schema).to_arrow().schema
-    create_if_absent(uri, schema, partition_by=[column], storage_options=storage_options)
-    adds = [
-        AddAction(
-            path=f["path"],
-            size=f["size"],
-            partition_values={column: f["day"]},
-            modification_time=f["modified_ms"],
-            data_change=True,
-            stats=json.dumps({"numRecords": f["rows"]}),
-        )
-        for f in staged.files
-    ]
-    days = [(column, ">=", f"{start:%Y-%m-%d}"), (column, "<", f"{end:%Y-%m-%d}")]
-    delta = DeltaTable(uri, storage_options=storage_options)
-    overwrite_or_explain(
-        f"{table} [{start:%Y-%m-%d}, {end:%Y-%m-%d})",
-        lambda: delta.create_write_transaction(
-            adds, mode="overwrite", schema=schema, partition_by=[column], partition_filters=days
-        ),
-    )
-    return DeltaTable(uri, storage_options=storage_options).version()
 
 
 class StagedDaysTypeHandler(DbTypeHandler[StagedDays]):

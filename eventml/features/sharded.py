@@ -76,12 +76,16 @@ def staged_shard_features(
     activity: pl.DataFrame | None,
 ) -> tuple[list[dict], pl.Schema, dict, dict[str, int]]:
     """`shard_features`, its rows (`feature_rows`) written by this worker as Parquet files under
-    the day-partitioned Delta table at `table_uri` (a folder every worker reaches), one per day,
+    the day-partitioned Delta table at `table_uri` (a local folder every worker reaches: see
+    `resources.compute.Compute.workers_share_this_disk`), one per day,
     outside the table until the step commits them: a retried shard's lost attempt leaves files
     no commit names. Returns the files (path relative to the table, size, day, rows,
     modified_ms), the rows' schema, how it went, and each column's null count."""
     features, how = shard_features(events_uri, version, end, decisions, feature_set_json, activity)
-    rows = feature_rows(decisions, features)
+    # Delta has no enum type: such columns are stored as text, as the IO manager stores a frame.
+    rows = feature_rows(decisions, features).with_columns(
+        pl.col(pl.Enum, pl.Categorical).cast(pl.String)
+    )
     files = []
     for (day,), part in rows.partition_by(DAY, as_dict=True, include_key=False).items():
         relative = f"{DAY}={day:%Y-%m-%d}/part-{uuid.uuid4().hex}.parquet"
