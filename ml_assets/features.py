@@ -5,12 +5,7 @@ import numpy as np
 import polars as pl
 
 from eventml.features import features_for_one
-from eventml.features.sharded import (
-    entity_shards,
-    feature_rows,
-    shard_features,
-    staged_shard_features,
-)
+from eventml.features.sharded import entity_shards, shard_features, staged_shard_features
 from eventml.labels import build_decisions, decision_summary
 from eventml.sources import DAY
 from eventml.splits import (
@@ -98,7 +93,7 @@ def decision_features(
         output, rows, nulls, hows = _staged(table_uri, calls, compute)
     else:
         done = compute.map(shard_features, calls)
-        output = feature_rows(todays, pl.concat([part for part, _ in done]))
+        output = pl.concat([part for part, _ in done])
         rows, nulls, hows = output, output.null_count().row(0, named=True), [h for _, h in done]
     null_rates = (
         pl.DataFrame({n: [nulls[n] / max(todays.height, 1)] for n in feature_set.names})

@@ -45,47 +45,34 @@ def shard_features(
     feature_set_json: str,
     activity: pl.DataFrame | None,
 ) -> tuple[pl.DataFrame, dict]:
-    """One shard's features from the events of `events_uri` (a Delta table with a `day`
-    column) at `version`, before day `end`; and how it went (rows, seconds, process)."""
+    """One shard's rows of `decision_features` (each decision's id, entity, time and day, then
+    its features) from the events of `events_uri` (a Delta table with a `day` column) at
+    `version`, before day `end`; and how it went (rows, seconds, process)."""
     started = time.perf_counter()
     history = pl.scan_delta(events_uri, version=version).filter(pl.col(DAY) < end).drop(DAY)
     features = compute_features(
         history, decisions, FeatureSet.from_json(feature_set_json), activity
     )
-    return features, {
+    keys = decisions.select("decision_id", "entity_id", "ts", pl.col("ts").dt.date().alias(DAY))
+    return keys.join(features, on="decision_id", how="left"), {
         "decisions": decisions.height,
         "seconds": round(time.perf_counter() - started, 3),
         "pid": os.getpid(),
     }
 
 
-def feature_rows(decisions: pl.DataFrame, features: pl.DataFrame) -> pl.DataFrame:
-    """The rows of `decision_features`: each decision's id, entity, time and day, then its
-    features."""
-    keys = decisions.select("decision_id", "entity_id", "ts", pl.col("ts").dt.date().alias(DAY))
-    return keys.join(features, on="decision_id", how="left")
-
-
 def staged_shard_features(
-    table_uri: str,
-    events_uri: str,
-    version: int | None,
-    end: date,
-    decisions: pl.DataFrame,
-    feature_set_json: str,
-    activity: pl.DataFrame | None,
+    table_uri: str, *shard: object
 ) -> tuple[list[dict], pl.Schema, dict, dict[str, int]]:
-    """`shard_features`, its rows (`feature_rows`) written by this worker as Parquet files under
-    the day-partitioned Delta table at `table_uri` (a local folder every worker reaches: see
-    `resources.compute.Compute.workers_share_this_disk`), one per day,
-    outside the table until the step commits them: a retried shard's lost attempt leaves files
-    no commit names. Returns the files (path relative to the table, size, day, rows,
-    modified_ms), the rows' schema, how it went, and each column's null count."""
-    features, how = shard_features(events_uri, version, end, decisions, feature_set_json, activity)
+    """`shard_features(*shard)`, its rows written by this worker as Parquet files under the
+    day-partitioned Delta table at `table_uri` (a local folder every worker reaches: see
+    `resources.compute.Compute.workers_share_this_disk`), one per day, outside the table until
+    the step commits them: a retried shard's lost attempt leaves files no commit names. Returns
+    the files (path relative to the table, size, day, rows, modified_ms), the rows' schema, how
+    it went, and each column's null count."""
+    rows, how = shard_features(*shard)
     # Delta has no enum type: such columns are stored as text, as the IO manager stores a frame.
-    rows = feature_rows(decisions, features).with_columns(
-        pl.col(pl.Enum, pl.Categorical).cast(pl.String)
-    )
+    rows = rows.with_columns(pl.col(pl.Enum, pl.Categorical).cast(pl.String))
     files = []
     for (day,), part in rows.partition_by(DAY, as_dict=True, include_key=False).items():
         relative = f"{DAY}={day:%Y-%m-%d}/part-{uuid.uuid4().hex}.parquet"
