@@ -14,7 +14,7 @@ The world is simulated here (its `WorldConfig` defaults; by default the days bef
 and its features computed in process, so nothing needs `make demo` first.
 
 Recipes (the scorer and its features-only baseline always learn from the same rows):
-- person-split (shipped, `eventml.splits.with_stacking_stages` + `eventml.embedding.learning_rows`):
+- person-split (shipped, `eventml.splits.with_stacking_stages` + `eventml.encoder_data.learning_rows`):
   the encoder learns decision labels from the train rows of half of the people, the scorers from
   the other half, both over the whole train window; the encoder also learns 30-day outlook
   targets (which event types each person has in the month after a decision) from train and gap

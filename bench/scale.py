@@ -24,6 +24,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import psutil
 
@@ -152,9 +153,11 @@ def features_step(directory: Path, compute, args) -> dict:
 
 def encoder_step(directory: Path, compute, args) -> dict:
     from eventml.embedding import train_sequence_model
-    from eventml.sequences import sequence_columns
+    from eventml.encoder_data import EventTable
 
-    events = pl.read_delta(str(directory / "raw_events"), columns=list(sequence_columns(PACK)))
+    # As the asset does: the table, which this process (in process) or each part's task (on
+    # Ray) reads its entities' events from.
+    events = EventTable(str(directory / "raw_events"), 0)
     splits = pl.read_parquet(directory / "splits.parquet")
     config = SequenceModelConfig(epochs=args.epochs)
     model, result = train_sequence_model(
@@ -173,16 +176,26 @@ def scorers_step(directory: Path, compute, args) -> dict:
     from eventml.risk_model import model_table
     from eventml.scorer import Scorer, ScorerConfig
 
-    splits = pl.read_parquet(directory / "splits.parquet")
-    table = model_table(splits, pl.read_parquet(directory / "features.parquet"))
+    splits = pl.scan_parquet(directory / "splits.parquet")
+    features = pl.scan_parquet(directory / "features.parquet")
     names, tasks = PACK.feature_set().names, [label.name for label in PACK.labels]
     rows = (pl.col("split") == "train") & (pl.col("stage") == "scorer")
-    scorer = Scorer.fit(table.filter(rows), table.filter(pl.col("split") == "valid"), names,
-                        tasks, ScorerConfig(monotone=PACK.monotone), log=lambda line: None,
+    valid = pl.col("split") == "valid"
+    table = model_table(splits.filter(rows | valid).collect(), features)  # as the assets read it
+    train_rows = table.filter(rows).height
+    scorer = Scorer.fit(table.filter(rows), table.filter(valid), names, tasks,
+                        ScorerConfig(monotone=PACK.monotone), log=lambda line: None,
                         booster_trainer=compute.booster_trainer())  # fmt: skip
-    test = table.filter((pl.col("split") == "test") & pl.col(tasks[0]).is_not_null())
-    auc = roc_auc_score(test[tasks[0]], scorer.predict(test)[tasks[0]])
-    return {f"test_auc_{tasks[0]}": round(auc, 4), "train_rows": table.filter(rows).height}
+    del table
+    # The test window's AUC, read and scored a slice at a time: the fit's memory is the step's.
+    test = splits.filter(pl.col("split") == "test", pl.col(tasks[0]).is_not_null()).collect()
+    labels, scores = [], []
+    for part in test.iter_slices(100_000):
+        part = model_table(part, features)
+        labels.append(part[tasks[0]].to_numpy())
+        scores.append(scorer.predict(part)[tasks[0]])
+    auc = roc_auc_score(np.concatenate(labels), np.concatenate(scores))
+    return {f"test_auc_{tasks[0]}": round(auc, 4), "train_rows": train_rows}
 
 
 def embeddings_step(directory: Path, compute, args) -> dict:
@@ -211,6 +224,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="encoder epochs (each is timed)")
     parser.add_argument("--shards", type=int, default=16, help="entity shards on Ray (0: one per CPU)")  # fmt: skip
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset")
     parser.add_argument("--one", nargs=2, metavar=("STEP", "BACKEND"), help=argparse.SUPPRESS)
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,7 +248,7 @@ def main() -> None:
     print(f"load average before: {Path('/proc/loadavg').read_text().split()[:3]}")
     rows = []
     for step in args.steps.split(","):
-        for backend in BACKENDS:
+        for backend in args.backends.split(","):
             command = [sys.executable, __file__, "--one", step, backend, *common]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode == 0:

@@ -1,8 +1,9 @@
 """The sequence model: the encoder together with the coding that turns events into its inputs.
 
 `eventml.encoder` is torch-only (it trains on a GPU box without Polars); this module binds it to
-the event table: which decisions it learns from, how their histories become arrays, and how a
-trained model is saved next to its `SequenceSpec` so serving codes events exactly as training did.
+the event table: it trains on what `eventml.encoder_data` says it learns from, codes every
+decision's history for inference, and saves a trained model next to its `SequenceSpec` so
+serving codes events exactly as training did.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ from eventml.encoder import (
     save,
     train,
 )
+from eventml.encoder_data import EncoderData, EventTable, scan_of
 from eventml.features.sharded import entity_shards
-from eventml.labels import event_within
 from eventml.schema import DatasetSpec
 from eventml.sequences import SequenceSpec, build_one, build_sequences
 
 # Decisions whose sequence arrays are built at once by `embedding_table`: about half a GB.
 DECISIONS_PER_PASS = 50_000
 
-# (encoder, training arrays, validation arrays, config, log) -> result; trains the encoder in place.
+# (encoder, what it learns from, config, log) -> result: builds the sequences and trains the encoder
+# in place.
 Trainer = Callable[..., TrainResult]
 
 
@@ -52,7 +54,8 @@ class SequenceModelConfig:
     dropout: float = 0.1
     aux_task: str = "masked_event"
     aux_weight: float = 0.5
-    # Outlook targets (see `outlook_targets`): the window in days (0 = none) and their weight.
+    # Outlook targets (see `eventml.encoder_data.outlook_targets`): the window in days (0 = none)
+    # and their weight.
     outlook_days: int = 30
     outlook_weight: float = 1.0
     # How identifier columns (device ids) are coded: "first_seen" (their order of appearance in
@@ -136,96 +139,29 @@ class SequenceModel:
         return cls(encoder=encoder, sequence_spec=spec)
 
 
-def outlook_targets(
-    events: pl.DataFrame, rows: pl.DataFrame, spec: DatasetSpec, days: int, known: pl.Expr
-) -> pl.DataFrame:
-    """One 0/1 column per event type, `<type>_<days>d`: does the person have such an event in
-    the `days` after the decision; null where `known` is false.
-
-    Why: a decision label takes its horizon (90 days for a default) plus the split's gap to
-    become usable, so the encoder would learn only from the earliest, youngest histories, whose
-    people have barely made a payment yet. What happens in the next month is known soon after,
-    for far more people and for histories like the ones scored, and it is the stress the
-    labels follow: late and missed payments, bursts of applications, delinquencies."""
-    return rows.select(
-        pl.when(known)
-        .then(pl.lit(event_within(rows, events, event_type, days)))
-        .alias(f"{event_type}_{days}d")
-        for event_type in spec.event_types
-    )
-
-
-def learning_rows(
-    events: pl.DataFrame, splits: pl.DataFrame, spec: DatasetSpec, outlook_days: int = 30
-) -> tuple[pl.DataFrame, tuple[str, ...]]:
-    """The rows the encoder learns from, in a canonical order, and the names of their outlook
-    targets: every `train` and `gap` history (the self-supervised task reads them all), with
-    decision labels (where matured and applicable) only on the train rows of stage "encoder"
-    (see `eventml.splits.with_stacking_stages`: people the scorers never learn from) and outlook
-    targets (see `outlook_targets`) only where the outlook ends before the first test decision.
-
-    With stages, no outlook target comes from a person who has a row of stage "scorer" or of
-    `valid`: a gap row's outlook and a scorer or validation row's label are often the very same
-    adverse event, and an encoder that fitted it recognises the person (their device, their
-    habits) in the scorer's rows, which would teach the scorer to trust an embedding that knows
-    nothing of new people; validation would flatter it the same way. Validation still is
-    flattered on the encoder's own people (train and valid are adjacent, so their train and
-    valid labels can be one event); early-stopping on the other people only was measured
-    and changed nothing (README, issue 5)."""
-    tasks = [label.name for label in spec.labels]
-    staged = "stage" in splits.columns
-    learn = splits.filter(pl.col("split").is_in(["train", "gap"]))
-    if staged:
-        seen = splits.filter((pl.col("stage") == "scorer") | (pl.col("split") == "valid"))
-        unseen = ~pl.col("entity_id").is_in(seen["entity_id"].unique().implode())
-        own_labels = pl.col("stage") == "encoder"
-    else:
-        unseen, own_labels = pl.lit(True), pl.col("split") == "train"
-    learn = learn.with_columns(
-        pl.when(own_labels).then(pl.col(t)).otherwise(None).alias(t) for t in tasks
-    ).sort("ts", "decision_id")  # a canonical order: same data, same model
-    if outlook_days <= 0:
-        return learn, ()
-    first_test = splits.filter(pl.col("split") == "test")["ts"].min()
-    ends = pl.col("ts") + pl.duration(days=outlook_days)
-    # The window (ts, ts + days] must have passed and end before the first test decision: no
-    # outcome of the test window teaches the encoder.
-    known = (ends <= events["ts"].max()) & unseen
-    if first_test is not None:
-        known = known & (ends < first_test)
-    outlook = outlook_targets(events, learn, spec, outlook_days, known)
-    return pl.concat([learn, outlook], how="horizontal"), tuple(outlook.columns)
+def train_in_process(
+    encoder: Encoder, data: EncoderData, config: TrainConfig, log=None
+) -> TrainResult:
+    """The training loop in this process, on every row's sequence built at once."""
+    return train(encoder, *data.arrays(), config, log=log)
 
 
 def train_sequence_model(
-    events: pl.DataFrame,
+    events: pl.DataFrame | EventTable,
     splits: pl.DataFrame,
     spec: DatasetSpec,
     config: SequenceModelConfig = SequenceModelConfig(),
     log=print,
-    trainer: Trainer = train,
+    trainer: Trainer = train_in_process,
 ) -> tuple[SequenceModel, TrainResult]:
-    """Train on `learning_rows`; early-stop on `valid`. `trainer` runs the training loop: in this
-    process (`eventml.encoder.train`), or on a cluster's workers (`eventml.cluster`)."""
+    """Train on `eventml.encoder_data.learning_rows`; early-stop on `valid`. `events` are the
+    events themselves, or the table they are read from (a cluster's workers read only their
+    entities' events). `trainer` builds the sequences and runs the training loop: in this
+    process (`train_in_process`), or on a cluster's workers (`eventml.cluster`)."""
     tasks = tuple(label.name for label in spec.labels)
-    seq_spec = SequenceSpec.fit(spec, events, high_cardinality=config.high_cardinality)
-    learn, outlook = learning_rows(events, splits, spec, config.outlook_days)
-    valid = splits.filter(pl.col("split") == "valid").sort("ts", "decision_id")
-    train_arrays = build_sequences(
-        events, learn, seq_spec, config.max_len, label_columns=tasks + outlook
-    )
-    if "labels" in train_arrays:
-        train_arrays["labels"], train_arrays["outlook"] = np.split(
-            train_arrays["labels"], [len(tasks)], axis=1
-        )
-    valid_arrays = build_sequences(events, valid, seq_spec, config.max_len, label_columns=tasks)
-    labelled = learn.select(pl.any_horizontal(pl.col(tasks).is_not_null()).sum()).item()
-    with_outlook = learn.select(pl.col(outlook[0]).is_not_null().sum()).item() if outlook else 0
-    log(
-        f"sequences: {len(learn):,} to learn from ({labelled:,} with decision labels, "
-        f"{with_outlook:,} with {config.outlook_days}-day outlook targets), "
-        f"{valid.height:,} to validate"
-    )
+    seq_spec = SequenceSpec.fit(spec, scan_of(events), high_cardinality=config.high_cardinality)
+    data = EncoderData.of(events, splits, spec, seq_spec, config.outlook_days, config.max_len)
+    log(data.summary())
     # The initial weights come from torch's global generator: seeded here, the same data and
     # config give the same model in every process (unseeded, two runs differed by 0.2 in
     # validation AUC and 0.04 in the embedding lift).
@@ -238,15 +174,11 @@ def train_sequence_model(
             **_fields_of(config, EncoderConfig),
             tasks=tasks,
             task_weights=(1.0,) * len(tasks),  # every label of the pack counts alike
-            outlook=outlook,
+            outlook=data.outlook,
         )
     )
     result = trainer(
-        encoder,
-        train_arrays,
-        valid_arrays,
-        TrainConfig(**_fields_of(config, TrainConfig), monitor="auc"),
-        log=log,
+        encoder, data, TrainConfig(**_fields_of(config, TrainConfig), monitor="auc"), log=log
     )
     encoder.eval()
     return SequenceModel(encoder=encoder, sequence_spec=seq_spec), result

@@ -177,15 +177,32 @@ class RiskModel:
 
 
 def model_table(
-    splits: pl.DataFrame, features: pl.DataFrame, embeddings: pl.DataFrame | None = None
+    splits: pl.DataFrame,
+    features: pl.DataFrame | pl.LazyFrame,
+    embeddings: pl.DataFrame | pl.LazyFrame | None = None,
 ) -> pl.DataFrame:
-    """Decisions with their split, labels and oracle columns, joined to their features (and
-    embeddings): the rows every scorer trains and is evaluated on."""
-    table = splits.join(
-        features.drop("entity_id", "ts", "day", strict=False), on="decision_id", how="inner"
+    """The decisions of `splits`, with their split, labels and oracle columns, joined to their
+    features (and embeddings): the rows every scorer trains and is evaluated on. Features and
+    embeddings may be scans of their tables: only `splits`' rows are read from them, so a step
+    that needs some of the rows (a scorer's training rows, the test window) never holds every
+    decision's."""
+    ids = splits["decision_id"].implode()
+
+    def rows_of(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+        if isinstance(frame, pl.DataFrame):  # the join keeps the splits' rows alone
+            return frame
+        return frame.filter(pl.col("decision_id").is_in(ids)).collect()
+
+    # XGBoost's row sampling depends on the rows' order: a canonical one (the splits' sorted, kept
+    # by the joins) makes every training run on the same data the same model.
+    table = splits.sort("ts", "decision_id").join(
+        rows_of(features).drop("entity_id", "ts", "day", strict=False),
+        on="decision_id",
+        how="inner",
+        maintain_order="left",
     )
     if embeddings is not None:
-        table = table.join(embeddings, on="decision_id", how="inner")
-    # Joins do not keep row order, and XGBoost's row sampling depends on it: a canonical order
-    # makes every training run on the same data the same model.
-    return table.sort("ts", "decision_id")
+        table = table.join(
+            rows_of(embeddings), on="decision_id", how="inner", maintain_order="left"
+        )
+    return table

@@ -38,8 +38,8 @@ def _champion_scores(mlflow_tracking, challenger_version, test, decisions, raw_e
 def model_evaluation(
     context: dg.AssetExecutionContext,
     training_splits: pl.DataFrame,
-    decision_features: pl.DataFrame,
-    decision_embeddings: pl.DataFrame,
+    decision_features: pl.LazyFrame,
+    decision_embeddings: pl.LazyFrame,
     decisions: pl.DataFrame,
     raw_events: pl.LazyFrame,
     baseline_scorer: Scorer,

@@ -13,10 +13,10 @@ from eventml.embedding import (
     config_dict,
     train_sequence_model,
 )
+from eventml.encoder_data import EventTable
 from eventml.evaluate import learning_curve_plot
 from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table
 from eventml.scorer import Scorer, ScorerConfig
-from eventml.sequences import sequence_columns
 from ml_assets.metadata import lineage, png_md
 from ml_assets.settings import settings_of
 from resources.compute import CPU_POOL, Compute
@@ -43,12 +43,12 @@ ScorerSettings = settings_of(
     pool=CPU_POOL,
     io_manager_key="model_io_manager",
     metadata={"model_class": "sequence_model"},
+    deps=["raw_events"],
 )
 def sequence_encoder(
     context: dg.AssetExecutionContext,
     config: EncoderSettings,
     training_splits: pl.DataFrame,
-    raw_events: pl.LazyFrame,
     event_source: EventSource,
     mlflow_tracking: MlflowTracking,
     tables: DeltaTables,
@@ -65,8 +65,10 @@ def sequence_encoder(
     ) as run:
         mlflow.log_params(config_dict(settings))
         spec = event_source.spec()
+        # One version of the events for this process and every worker that builds sequences.
+        events = EventTable(tables.uri("raw_events"), tables.version("raw_events"))
         model, result = train_sequence_model(
-            raw_events.select(sequence_columns(spec)).collect(),  # not the other, wide columns
+            events,
             training_splits,
             spec,
             settings,
@@ -121,13 +123,24 @@ def decision_embeddings(
     return table
 
 
+# Both scorers learn from the same rows: train decisions whose labels the encoder never saw.
+SCORER_ROWS = (pl.col("split") == "train") & (pl.col("stage") == "scorer")
+
+
 def _fit(
-    context, table: pl.DataFrame, names: list[str], pack, config: ScorerSettings, compute: Compute
+    context,
+    splits: pl.LazyFrame,
+    inputs: list[pl.LazyFrame],
+    names: list[str],
+    pack,
+    config: ScorerSettings,
+    compute: Compute,
 ) -> Scorer:
-    # Both scorers learn from the same rows: train decisions whose labels the encoder never saw.
-    scorer_rows = (pl.col("split") == "train") & (pl.col("stage") == "scorer")
+    # Only the rows the scorer learns and early-stops on are read from the tables.
+    scorer_and_valid = splits.filter(SCORER_ROWS | (pl.col("split") == "valid")).collect()
+    table = model_table(scorer_and_valid, *inputs)
     return Scorer.fit(
-        table.filter(scorer_rows),
+        table.filter(SCORER_ROWS),
         table.filter(pl.col("split") == "valid"),
         names,
         [label.name for label in pack.labels],
@@ -164,8 +177,8 @@ def _log_scorer_run(
 def baseline_scorer(
     context: dg.AssetExecutionContext,
     config: ScorerSettings,
-    training_splits: pl.DataFrame,
-    decision_features: pl.DataFrame,
+    training_splits: pl.LazyFrame,
+    decision_features: pl.LazyFrame,
     event_source: EventSource,
     mlflow_tracking: MlflowTracking,
     tables: DeltaTables,
@@ -175,14 +188,7 @@ def baseline_scorer(
     embeddings bring is always measured against it."""
     spec = event_source.spec()
     names = spec.feature_set().names
-    scorer = _fit(
-        context,
-        model_table(training_splits, decision_features),
-        names,
-        spec,
-        config,
-        compute,
-    )
+    scorer = _fit(context, training_splits, [decision_features], names, spec, config, compute)
     run_id = _log_scorer_run(
         mlflow_tracking, scorer, "baseline_scorer", context, tables, scorer, "scorer"
     )
@@ -205,9 +211,9 @@ def baseline_scorer(
 def risk_scorer(
     context: dg.AssetExecutionContext,
     config: ScorerSettings,
-    training_splits: pl.DataFrame,
-    decision_features: pl.DataFrame,
-    decision_embeddings: pl.DataFrame,
+    training_splits: pl.LazyFrame,
+    decision_features: pl.LazyFrame,
+    decision_embeddings: pl.LazyFrame,
     sequence_encoder: SequenceModel,
     event_source: EventSource,
     mlflow_tracking: MlflowTracking,
@@ -219,8 +225,8 @@ def risk_scorer(
     spec = event_source.spec()
     feature_set = spec.feature_set()
     names = feature_set.names + embedding_columns(sequence_encoder.encoder.config.emb_dim)
-    table = model_table(training_splits, decision_features, decision_embeddings)
-    scorer = _fit(context, table, names, spec, config, compute)
+    inputs = [decision_features, decision_embeddings]
+    scorer = _fit(context, training_splits, inputs, names, spec, config, compute)
     model = RiskModel(
         sequence_model=sequence_encoder,
         scorer=scorer,

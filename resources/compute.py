@@ -12,7 +12,8 @@ What runs where:
   retried on another worker if its worker dies (the function must be deterministic: a retry
   replaces the lost call's result);
 - `encoder_trainer`, `booster_trainer`: the training loops, in process or on Ray Train's
-  workers (one per CPU), the same artifacts either way;
+  workers (one per CPU), the same artifacts either way; on Ray the encoder's sequences are built
+  by entity shard, one task per part (retried like `map`'s), where its workers read them;
 - `embeddings`, `scores`: the encoder's outputs and the scorer's probabilities for every
   decision, in process or by Ray Data.
 
@@ -30,8 +31,7 @@ import dagster as dg
 import polars as pl
 
 from eventml.cluster.workers import ONE_CPU
-from eventml.embedding import SequenceModel, Trainer, embedding_table
-from eventml.encoder import train
+from eventml.embedding import SequenceModel, Trainer, embedding_table, train_in_process
 from eventml.home import StateHome
 from eventml.scorer import BoosterTrainer, Scorer, train_boosters
 
@@ -96,8 +96,11 @@ class Compute(dg.ConfigurableResource):
         return ray.get([task.remote(*args) for args in calls])
 
     def encoder_trainer(self) -> Trainer:
-        """The encoder's training loop: in this process, or DDP on Ray Train's workers."""
-        return train if self.backend == "in_process" else self._ray_train().train_encoder
+        """The encoder's sequences and training loop: in this process, or built by entity
+        shard by Ray tasks and trained on DDP by Ray Train's workers."""
+        if self.backend == "in_process":
+            return train_in_process
+        return self._ray_train().train_encoder
 
     def booster_trainer(self) -> BoosterTrainer:
         """The scorers' boosting: in this process, or XGBoost's collective on Ray Train."""
@@ -147,7 +150,9 @@ class Compute(dg.ConfigurableResource):
         from eventml.cluster import RayTrain
 
         storage = self.storage_path or str(StateHome.from_env().ray)
-        return RayTrain(workers=self._cpus(), storage_path=storage)
+        return RayTrain(
+            workers=self._cpus(), storage_path=storage, parts=self.parts(), retries=RETRIES
+        )
 
     def _ray(self):
         import ray

@@ -110,23 +110,28 @@ def write_days(
     storage_options=None, table: str = "table", commit_metadata: dict[str, str] | None = None,
 ) -> None:  # fmt: skip
     """Replace the days [start, end) of a table partitioned by `column` with `frame`, in one
-    Delta commit (carrying `commit_metadata`), creating the table if it is absent (see the
-    module docstring)."""
+    Delta commit (carrying `commit_metadata`, and claiming the days as `commit_days` does, so a
+    write and a commit of staged days cannot both add the same new days), creating the table
+    if it is absent (see the module docstring)."""
     stored = stored_schema(uri, storage_options)
     if stored is not None:
         frame = conform(frame, stored, table)
     arrow = frame.to_arrow()
     create_if_absent(uri, arrow.schema, partition_by=[column], storage_options=storage_options)
+    delta = DeltaTable(uri, storage_options=storage_options)  # the claims' and the write's snapshot
     overwrite_or_explain(
         f"{table} [{start:%Y-%m-%d}, {end:%Y-%m-%d})",
         lambda: write_deltalake(
-            uri,
+            delta,
             arrow,
             mode="overwrite",
             partition_by=[column],
             storage_options=storage_options,
             predicate=f"{column} >= '{start:%Y-%m-%d}' AND {column} < '{end:%Y-%m-%d}'",
-            commit_properties=CommitProperties(custom_metadata=commit_metadata or {}),
+            commit_properties=CommitProperties(
+                custom_metadata=commit_metadata or {},
+                app_transactions=day_claims(delta, table, start, end),
+            ),
         ),
     )
 
@@ -247,7 +252,9 @@ def commit_days(
                 schema=delta.schema(),
                 partition_by=[column],
                 partition_filters=days,
-                commit_properties=day_claims(delta, table, start, end),
+                commit_properties=CommitProperties(
+                    app_transactions=day_claims(delta, table, start, end)
+                ),
             ),
         )
     except BaseException:
@@ -257,17 +264,14 @@ def commit_days(
     return DeltaTable(uri, storage_options=storage_options).version()
 
 
-def day_claims(delta: DeltaTable, table: str, start: date, end: date) -> CommitProperties:
+def day_claims(delta: DeltaTable, table: str, start: date, end: date) -> list[Transaction]:
     """An application transaction per day of [start, end) (app id `<table>/<day>`, its next
-    version): a commit of files written elsewhere reads nothing, so Delta would let two of them
-    add the same new days at once; two commits that claim a day conflict, and one fails."""
+    version), which every commit of days carries: a commit of files written elsewhere reads
+    nothing, so Delta would let it and another commit add the same new days at once; two
+    commits that claim a day conflict, and one fails."""
     days = pl.date_range(_as_date(start), _as_date(end), closed="left", eager=True)
     ids = [f"{table}/{day}" for day in days]
-    return CommitProperties(
-        app_transactions=[
-            Transaction(app_id=i, version=(delta.transaction_version(i) or 0) + 1) for i in ids
-        ]
-    )
+    return [Transaction(app_id=i, version=(delta.transaction_version(i) or 0) + 1) for i in ids]
 
 
 def _as_date(value: date | datetime) -> date:

@@ -3,11 +3,13 @@ DDP over gloo on CPUs, NCCL on GPUs), the scorers' boosters with XGBoost's colle
 (`XGBoostTrainer`). Both give what the in-process trainers give: an encoder trained in place
 (saved as state_dict + JSON), boosters saved as UBJ.
 
-Each worker gets its own rows: the driver splits them into one part per worker (every
-`workers`-th row, so each part spans the whole period) and puts each part in the object store
-once; a worker reads only its own part. The encoder's replicas each validate on all the
-validation rows, so they agree on the best epoch; XGBoost's workers split them too, and its
-collective computes each round's validation metric over all of them.
+The encoder's workers each train on their own entities' sequences, which tasks build by parts
+of whole entities, each from only its entities' events, into the object store: no process, the
+driver included, holds every sequence. Each replica validates on its parts' validation rows and
+the group's figures are computed over all of them, so the replicas agree on the best epoch.
+The boosters' driver splits the training rows into one part per worker (every `workers`-th row,
+so each part spans the whole period), put in the object store once; XGBoost's workers split the
+validation rows too, and its collective computes each round's metric over all of them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import numpy as np
 import torch
 import xgboost as xgb
 
-from eventml.cluster.workers import files_of, write_files
+from eventml.cluster.workers import ONE_CPU, files_of, write_files
 from eventml.encoder import Encoder, TrainConfig, TrainResult, save, train
+from eventml.encoder.batches import batches_in
+from eventml.encoder_data import EncoderData
 from eventml.scorer import ScorerConfig, TaskRows
 
 
@@ -38,28 +42,57 @@ class RayTrain:
     storage_path: str
     cpus_per_worker: int = 1
     use_gpu: bool = False
+    # Parts of whole entities the encoder's sequences are built in, by as many tasks (at least
+    # one per worker): more parts bound each task's memory by a smaller part.
+    parts: int = 0
+    # Attempts of a building task whose worker died before the step fails.
+    retries: int = 3
 
     def train_encoder(
-        self,
-        encoder: Encoder,
-        train_data: dict[str, np.ndarray],
-        valid_data: dict[str, np.ndarray] | None,
-        config: TrainConfig,
-        log=None,
+        self, encoder: Encoder, data: EncoderData, config: TrainConfig, log=None
     ) -> TrainResult:
-        """`eventml.encoder.train` on the workers, DDP: the same steps as in one process (each
-        worker's batch is `batch_size / workers` rows, so a step still learns from
-        `batch_size`); the encoder ends with the trained weights of its best epoch."""
+        """`eventml.encoder.train` on the workers, DDP, each worker on its own entities'
+        sequences: tasks build them by parts of whole entities (`EncoderData.by_entity`, each
+        reading only its entities' events) into the object store, where the workers train on
+        them; no process holds every sequence. A step still learns from `batch_size` rows
+        (`batch_size / workers` on each worker), and every worker takes the steps an epoch that
+        the worker with the fewest rows can; the validation figures are the group's, over
+        every validation row. The encoder ends with the trained weights of its best epoch."""
         import ray
         from ray.train.torch import TorchTrainer
 
         per_worker = replace(config, batch_size=max(1, config.batch_size // self.workers))
+        parts = data.by_entity(max(self.parts, self.workers))
+        if len(parts) < self.workers:
+            raise ValueError(
+                f"{len(parts)} entities' worth of rows for {self.workers} training workers: "
+                "train in process, or on fewer workers"
+            )
+        build = ray.remote(_build_sequences).options(
+            num_cpus=1, num_returns=3, max_retries=self.retries, runtime_env={"env_vars": ONE_CPU}
+        )
+        built = [build.remote(part) for part in parts]  # (train, valid) arrays and rows of each
+        # Every part built before the workers take the cluster's CPUs (a failed build raises
+        # here, by its own error); the arrays stay in the object store.
+        ray.get([rows for *_, rows in built])
+        dealt = _deal([part.learn.height for part in parts], self.workers)
+        steps = min(
+            sum(batches_in(parts[i].learn.height, per_worker.batch_size) for i in mine)
+            for mine in dealt
+        )
+        if steps < 1:
+            raise ValueError(
+                f"a training worker has no batch of {per_worker.batch_size} rows: "
+                f"{data.learn.height:,} rows to learn from are too few for {self.workers} "
+                "workers; train in process, or on fewer workers"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             initial = files_of(save(encoder, tmp))
         job = {
             "initial": initial,
-            "parts": [ray.put(part) for part in _row_parts(train_data, self.workers)],
-            "valid": ray.put(valid_data) if valid_data is not None else None,
+            "train": [[built[i][0] for i in mine] for mine in dealt],
+            "valid": [[built[i][1] for i in mine] for mine in dealt],
+            "steps": steps,
             "config": asdict(per_worker),
             "threads": self.cpus_per_worker,
             "gpu": self.use_gpu,
@@ -92,7 +125,7 @@ class RayTrain:
 
         parts = [{} for _ in range(self.workers)]
         for task, task_rows in rows.items():
-            columns = [_row_parts(array, self.workers, equal=False) for array in task_rows]
+            columns = [_row_parts(array, self.workers) for array in task_rows]
             for worker, part in enumerate(zip(*columns, strict=True)):
                 parts[worker][task] = part
         job = {
@@ -124,24 +157,34 @@ class RayTrain:
         }
 
 
-def _row_parts(data, parts: int, equal: bool = True) -> list:
-    """Every `parts`-th row from row i, for each i: arrays or dicts of arrays with rows first.
-    `equal` cuts them to the same length (at most `parts - 1` rows left out), which DDP needs:
-    every replica must take as many steps as the others."""
-    rows = len(data["mask"]) if isinstance(data, dict) else len(data)
-    keep = rows // parts * parts if equal else rows
+def _row_parts(array: np.ndarray, parts: int) -> list[np.ndarray]:
+    """Every `parts`-th row from row i, for each i: each part spans the whole period."""
+    return [np.ascontiguousarray(array[i::parts]) for i in range(parts)]
 
-    def part(array: np.ndarray, i: int) -> np.ndarray:
-        return np.ascontiguousarray(array[i:keep:parts])
 
-    if isinstance(data, dict):
-        return [{k: part(v, i) for k, v in data.items()} for i in range(parts)]
-    return [part(data, i) for i in range(parts)]
+def _deal(rows: list[int], workers: int) -> list[list[int]]:
+    """Parts (by their rows) dealt to workers, largest first to the one with the fewest rows so
+    far (of two, the one with fewer parts), so the workers' rows come out nearly even and each
+    worker gets a part: each worker's list of part indices."""
+    dealt, held = [[] for _ in range(workers)], [0] * workers
+    for i in sorted(range(len(rows)), key=lambda i: -rows[i]):
+        worker = min(range(workers), key=lambda w: (held[w], len(dealt[w])))
+        dealt[worker].append(i)
+        held[worker] += rows[i]
+    return [sorted(mine) for mine in dealt]
+
+
+def _build_sequences(part: EncoderData) -> tuple[dict, dict, int]:
+    """A Ray task: one part's training and validation arrays, from its entities' events, and
+    its learning rows."""
+    train, valid = part.arrays()
+    return train, valid, len(train["mask"])
 
 
 def _encoder_worker(job: dict) -> None:
-    """One DDP replica: its part of the rows, all the validation rows; rank 0 reports the
-    trained encoder (state_dict + JSON) and the training's history as the checkpoint."""
+    """One DDP replica: its parts' training and validation rows, read where the object store
+    holds them; rank 0 reports the trained encoder (state_dict + JSON) and the training's
+    history as the checkpoint."""
     import ray
     import ray.train
 
@@ -151,13 +194,15 @@ def _encoder_worker(job: dict) -> None:
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     with tempfile.TemporaryDirectory() as tmp:
         encoder = Encoder.load(write_files(job["initial"], tmp))
-    valid = ray.get(job["valid"]) if job["valid"] is not None else None
-    config = TrainConfig(**job["config"])
+    # Each replica its own shuffles and dropout (the weights start alike: DDP broadcasts rank 0's).
+    config = replace(TrainConfig(**job["config"]), seed=job["config"]["seed"] + 7919 * rank)
     if job["gpu"]:
         import ray.train.torch
 
         config = replace(config, device=str(ray.train.torch.get_device()))
-    result = train(encoder, ray.get(job["parts"][rank]), valid, config)
+    train_parts = ray.get(job["train"][rank])
+    valid_parts = ray.get(job["valid"][rank])
+    result = train(encoder, train_parts, valid_parts, config, steps_per_epoch=job["steps"])
     metrics = {"best_epoch": result.best_epoch, "best_metric": result.best_metric}
     if rank != 0:
         ray.train.report(metrics)

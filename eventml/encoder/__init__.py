@@ -5,7 +5,7 @@ Imports only torch, numpy and the standard library, so it trains on a GPU box th
 polars nor dagster; `eventml.embedding` binds it to the event tables.
 """
 
-from eventml.encoder.batches import iter_batches, to_tensors
+from eventml.encoder.batches import iter_batches, iter_part_batches, to_tensors
 from eventml.encoder.infer import embed, embed_and_predict, predict
 from eventml.encoder.model import Encoder, EncoderConfig, masked_bce, save
 from eventml.encoder.train import (
@@ -26,6 +26,7 @@ __all__ = [
     "embed_and_predict",
     "evaluate",
     "iter_batches",
+    "iter_part_batches",
     "make_train_step",
     "masked_bce",
     "predict",

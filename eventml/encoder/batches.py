@@ -86,3 +86,40 @@ def iter_batches(
                 t = t.to(device, non_blocking=True)
             batch[k] = t
         yield batch
+
+
+def batches_in(rows: int, batch_size: int) -> int:
+    """How many training batches `iter_batches` cuts from `rows` rows (the last short one
+    dropped, unless it is the only one)."""
+    return rows // batch_size if rows >= batch_size else min(rows, 1)
+
+
+def iter_part_batches(
+    parts: list[dict[str, np.ndarray | torch.Tensor]],
+    batch_size: int,
+    *,
+    seed: int,
+    steps: int | None = None,
+    bucket: bool = False,
+    device: str | torch.device | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """An epoch's training batches over several parts of the rows, which stay where they are
+    (a cluster worker's shards, in its object store): each part's own shuffled batches as
+    `iter_batches` cuts them, the parts' batches taken in a random order; the first `steps` of
+    them (a data-parallel group's replicas must each take the same number). One part gives
+    exactly `iter_batches(part, shuffle=True, drop_last=True)`'s batches."""
+    part_batches = [
+        iter_batches(part, batch_size, shuffle=True, seed=seed + 7919 * i, drop_last=True,
+                     bucket=bucket, device=device)
+        for i, part in enumerate(parts)
+    ]  # fmt: skip
+    turns = torch.cat(
+        [
+            torch.full((batches_in(len(part["mask"]), batch_size),), i)
+            for i, part in enumerate(parts)
+        ]
+    )
+    if len(parts) > 1:
+        turns = turns[torch.randperm(len(turns), generator=torch.Generator().manual_seed(seed))]
+    for i in turns[:steps].tolist():
+        yield next(part_batches[i])

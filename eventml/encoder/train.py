@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from eventml.encoder.batches import iter_batches, to_tensors
+from eventml.encoder.batches import batches_in, iter_part_batches, to_tensors
 from eventml.encoder.infer import outputs
 from eventml.encoder.model import Encoder, masked_bce
 
@@ -71,12 +71,16 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one dict per epoch
 
 
+Arrays = dict[str, np.ndarray]
+
+
 def train(
     model: Encoder,
-    train_data: dict[str, np.ndarray],
-    valid_data: dict[str, np.ndarray] | None,
+    train_data: Arrays | list[Arrays],
+    valid_data: Arrays | list[Arrays] | None,
     config: TrainConfig = TrainConfig(),
     log: Callable[[str], None] | None = None,
+    steps_per_epoch: int | None = None,
 ) -> TrainResult:
     """Train in place with AdamW, linear warmup then cosine decay, and early stopping; the
     model ends with the weights of its best epoch. Deterministic on CPU for a given seed.
@@ -87,9 +91,14 @@ def train(
     monitored: a label-free pretraining run keeps its best epoch, not its first. On CUDA the
     arrays are moved to the GPU once, up front.
 
+    The rows may come in parts (a list of arrays, e.g. a cluster worker's shards), which are
+    never concatenated: each batch is drawn from one part (`iter_part_batches`).
+
     Inside a data-parallel group (`torch.distributed` initialized, as on a Ray Train worker) each
-    replica trains on its own rows, `config.batch_size` of them a step, and validates on the whole
-    validation data, so the replicas agree on the best epoch and on when to stop.
+    replica trains on its own rows, `config.batch_size` of them a step, `steps_per_epoch` steps
+    an epoch (the same on every replica), and validates on its own validation rows; the group's
+    figures are computed over all of them, so the replicas agree on the best epoch and on when
+    to stop.
     """
     log = log or (lambda line: None)
     device = torch.device(config.device)
@@ -99,7 +108,7 @@ def train(
     if not cuda:  # CUDA's fused attention backward has no deterministic variant
         torch.use_deterministic_algorithms(True)
     try:
-        return _train(model, train_data, valid_data, config, log, device)
+        return _train(model, train_data, valid_data, config, log, device, steps_per_epoch)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
 
@@ -156,14 +165,21 @@ def make_train_step(
     return step, schedule
 
 
-def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
+def _parts(data: Arrays | list[Arrays] | None) -> list[Arrays]:
+    return [] if data is None else data if isinstance(data, list) else [data]
+
+
+def _train(model, train_data, valid_data, config, log, device, steps_per_epoch) -> TrainResult:
     cuda = device.type == "cuda"
     model.to(device)
-    train_t = to_tensors(train_data, device if cuda else "cpu")
-    has_labels = valid_data is not None and "labels" in valid_data
-    valid_t = to_tensors(valid_data, device if cuda else "cpu") if has_labels else None
-    steps_per_epoch = max(1, len(train_t["mask"]) // config.batch_size)
-    step, schedule = make_train_step(model, config, config.epochs * steps_per_epoch)
+    train_t = [to_tensors(part, device if cuda else "cpu") for part in _parts(train_data)]
+    valid_parts = _parts(valid_data)
+    has_labels = bool(valid_parts) and all("labels" in part for part in valid_parts)
+    valid_t = [to_tensors(part, device if cuda else "cpu") for part in valid_parts]
+    valid_t = valid_t if has_labels else None
+    if steps_per_epoch is None:
+        steps_per_epoch = sum(batches_in(len(part["mask"]), config.batch_size) for part in train_t)
+    step, schedule = make_train_step(model, config, config.epochs * max(1, steps_per_epoch))
 
     higher_is_better = config.monitor == "auc"
     best = TrainResult(best_epoch=-1, best_metric=float("nan"))
@@ -174,12 +190,11 @@ def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
         # the four losses, summed on the device and read once an epoch (no sync a step)
         sums = torch.zeros(4, device=device)
         steps = 0
-        batches = iter_batches(
+        batches = iter_part_batches(
             train_t,
             config.batch_size,
-            shuffle=True,
             seed=config.seed + epoch,
-            drop_last=True,
+            steps=steps_per_epoch,
             bucket=config.bucket_by_length,
             device=device,
         )
@@ -201,7 +216,7 @@ def _train(model, train_data, valid_data, config, log, device) -> TrainResult:
             "lr": schedule.get_last_lr()[0],
         }
         if valid_t is not None:
-            row.update(evaluate(model, valid_t, config.eval_batch_size))
+            row.update(evaluate(model, valid_t, config.eval_batch_size, gather=_distributed()))
         row["seconds"] = time.perf_counter() - start
         replicas = dist.get_world_size() if _distributed() else 1
         row["sequences_per_s"] = replicas * steps * config.batch_size / row["seconds"]
@@ -236,12 +251,23 @@ def _distributed() -> bool:
 
 @torch.no_grad()
 def evaluate(
-    model: Encoder, data: dict[str, np.ndarray | torch.Tensor], batch_size: int = 1024
+    model: Encoder,
+    data: dict[str, np.ndarray | torch.Tensor] | list[dict[str, np.ndarray | torch.Tensor]],
+    batch_size: int = 1024,
+    gather: bool = False,
 ) -> dict:
     """valid_loss: the task loss over every known label (not a mean of batch means);
-    valid_auc_<task> per task and valid_mean_auc over the tasks that have both classes."""
-    (logits,) = outputs(model, data, ("logits",), batch_size)
-    labels = torch.as_tensor(data["labels"]).to(logits.device)
+    valid_auc_<task> per task and valid_mean_auc over the tasks that have both classes. With
+    `gather`, a collective call of a data-parallel group whose replicas each hold a part of the
+    validation rows: the figures over every replica's rows, the same on each."""
+    parts = _parts(data)
+    logits = torch.cat([outputs(model, part, ("logits",), batch_size)[0] for part in parts])
+    labels = torch.cat([torch.as_tensor(part["labels"]).to(logits.device) for part in parts])
+    if gather:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (logits.cpu(), labels.cpu()))
+        logits = torch.cat([theirs for theirs, _ in everyone]).to(labels.device)
+        labels = torch.cat([theirs for _, theirs in everyone]).to(logits.device)
     row = {"valid_loss": masked_bce(logits, labels, model.task_weights).item()}
     if not (~torch.isnan(labels)).any():
         row["valid_loss"] = float("nan")

@@ -103,7 +103,7 @@ class SequenceSpec:
     def fit(
         cls,
         spec: DatasetSpec,
-        events: pl.DataFrame | None = None,
+        events: pl.DataFrame | pl.LazyFrame | None = None,
         *,
         max_vocab: int = 64,
         high_cardinality: Literal["first_seen", "hash"] = "first_seen",
@@ -136,7 +136,7 @@ class SequenceSpec:
                     f"categorical column {name!r} has no declared categories in spec "
                     f"{spec.name!r}; declare them or pass training events to learn them from"
                 )
-            distinct = events[name].drop_nulls().unique()
+            distinct = events.lazy().select(pl.col(name).drop_nulls().unique()).collect()[name]
             if len(distinct) <= max_vocab:
                 vocabulary = tuple(sorted(distinct.to_list()))
                 codings.append(CategoricalCoding(name, vocabulary=vocabulary))

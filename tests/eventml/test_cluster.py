@@ -17,6 +17,7 @@ from eventml.embedding import (
     embedding_table,
     train_sequence_model,
 )
+from eventml.encoder_data import EventTable
 from eventml.labels import build_decisions
 from eventml.scorer import Scorer, ScorerConfig
 from eventml.sources import DAY
@@ -30,12 +31,18 @@ TASKS = ["default_90d", "fraud_60d"]
 
 @pytest.fixture(scope="module")
 def lending(ray_cluster, tmp_path_factory):
+    """The world's events, the same events as a Delta table partitioned by day (as `raw_events`
+    is), its decisions' splits, and Ray Train on two workers."""
     events = simulate(WorldConfig(n_users=400, n_days=300, seed=5))
     splits = with_stacking_stages(
         split_decisions(build_decisions(events, LENDING_PACK), LENDING_PACK)
     )
+    table = str(tmp_path_factory.mktemp("tables") / "raw_events")
+    events.with_columns(pl.col("ts").dt.date().alias(DAY)).write_delta(
+        table, delta_write_options={"partition_by": [DAY]}
+    )
     storage = str(tmp_path_factory.mktemp("ray"))
-    return events, splits, RayTrain(workers=2, storage_path=storage)
+    return events, EventTable(table, 0), splits, RayTrain(workers=2, storage_path=storage, parts=5)
 
 
 def valid_auc(events, splits, seed: int, trainer=None) -> tuple[float, SequenceModel]:
@@ -49,14 +56,17 @@ def valid_auc(events, splits, seed: int, trainer=None) -> tuple[float, SequenceM
 
 @pytest.fixture(scope="module")
 def encoder_on_ray(lending) -> tuple[float, SequenceModel]:
-    events, splits, ray_train = lending
-    return valid_auc(events, splits, 0, trainer=ray_train.train_encoder)
+    """Trained from the table: five tasks each build one part of the entities' sequences from
+    those entities' events, and each worker trains on its parts where the object store holds
+    them."""
+    _, table, splits, ray_train = lending
+    return valid_auc(table, splits, 0, trainer=ray_train.train_encoder)
 
 
 def test_the_encoder_trained_on_two_workers_learns_as_well_as_in_one_process(
     lending, encoder_on_ray, tmp_path
 ):
-    events, splits, _ = lending
+    events, _, splits, _ = lending
     in_process = [valid_auc(events, splits, seed)[0] for seed in (0, 1, 2)]
     on_ray, model = encoder_on_ray
     spread = max(in_process) - min(in_process)
@@ -68,7 +78,7 @@ def test_the_encoder_trained_on_two_workers_learns_as_well_as_in_one_process(
 
 
 def test_the_boosters_trained_on_two_workers_rank_as_well_as_in_one_process(lending):
-    _, _, ray_train = lending
+    *_, ray_train = lending
     train, valid, test = world(20_000, 2), world(10_000, 3), world(20_000, 4)
 
     def test_auc(seed: int, **options) -> dict[str, float]:
@@ -86,11 +96,10 @@ def test_the_boosters_trained_on_two_workers_rank_as_well_as_in_one_process(lend
         assert low - 0.01 <= on_ray[task] <= high + 0.01, (task, on_ray[task], low, high)
 
 
-def test_ray_data_gives_every_decision_the_embedding_of_the_in_process_path(lending, tmp_path):
-    events, splits, _ = lending
+def test_ray_data_gives_every_decision_the_embedding_of_the_in_process_path(lending):
+    events, table, splits, _ = lending
     _, model = valid_auc(events, splits, 0)
-    uri = str(tmp_path / "raw_events")
-    events.with_columns(pl.col("ts").dt.date().alias(DAY)).write_delta(uri)
+    uri = table.uri
     decisions = splits.sample(fraction=1.0, shuffle=True, seed=0)  # any order comes back as given
     expected = embedding_table(model, events, decisions)
     on_ray = embedding_table_by_parts(model, uri, 0, decisions, parts=5, workers=2)

@@ -1,18 +1,16 @@
 """The sequence model bound to the event table: what it may learn from, and the same data and
 config train the same model."""
 
+from dataclasses import replace
 from datetime import timedelta
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
 
-from eventml.embedding import (
-    SequenceModel,
-    SequenceModelConfig,
-    learning_rows,
-    train_sequence_model,
-)
+from eventml.embedding import SequenceModel, SequenceModelConfig, train_sequence_model
+from eventml.encoder_data import EncoderData, EventTable, learning_rows
 from eventml.labels import build_decisions
 from eventml.sequences import SequenceSpec
 from eventml.splits import split_decisions, with_stacking_stages
@@ -110,3 +108,41 @@ def test_the_encoder_learns_every_label_of_the_spec_however_many(world, n_labels
     probabilities = list(columns.values())[config.emb_dim :]
     assert len(probabilities) == n_labels
     assert all(((p >= 0) & (p <= 1)).all() for p in probabilities)
+
+
+def test_sequences_built_by_parts_of_whole_entities_are_the_whole_builds_rows(world, tmp_path):
+    events, splits = world
+    table = str(tmp_path / "raw_events")
+    events.with_columns(pl.col("ts").dt.date().alias("day")).write_delta(table)
+    coding = SequenceSpec.fit(LENDING_PACK, events)
+    data = EncoderData.of(events, splits, LENDING_PACK, coding, outlook_days=30, max_len=16)
+    whole = dict(zip(("learn", "valid"), data.arrays(), strict=True))
+    assert whole["learn"]["outlook"].shape[1] == len(LENDING_PACK.event_types)
+    # Held events are cut with the rows; a table is read by each part for its own entities.
+    for source in (data, replace(data, events=EventTable(table, 0))):
+        parts = source.by_entity(3)
+        assert len(parts) == 3
+        for rows in ("learn", "valid"):
+            ids = pl.concat([getattr(part, rows)["decision_id"] for part in parts])
+            assert ids.sort().equals(getattr(data, rows)["decision_id"].sort())
+        for part in parts:
+            for rows, arrays in zip(("learn", "valid"), part.arrays(), strict=True):
+                at = getattr(data, rows)["decision_id"].index_of  # the row in the whole build
+                index = [at(i) for i in getattr(part, rows)["decision_id"]]
+                assert arrays.keys() == whole[rows].keys()
+                for key, values in arrays.items():
+                    np.testing.assert_array_equal(values, whole[rows][key][index], err_msg=key)
+
+
+def test_the_same_model_from_the_events_or_from_their_table(world, tmp_path):
+    events, splits = world
+    table = str(tmp_path / "raw_events")
+    events.with_columns(pl.col("ts").dt.date().alias("day")).write_delta(table)
+    config = SequenceModelConfig(epochs=1, d_model=16, n_layers=1, max_len=16, emb_dim=4)
+    held, _ = train_sequence_model(events, splits, LENDING_PACK, config, log=lambda line: None)
+    read, _ = train_sequence_model(
+        EventTable(table, 0), splits, LENDING_PACK, config, log=lambda line: None
+    )
+    assert read.sequence_spec == held.sequence_spec
+    mine, theirs = held.encoder.state_dict(), read.encoder.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -16,6 +16,7 @@ from eventml.encoder import (
     embed,
     evaluate,
     iter_batches,
+    iter_part_batches,
     masked_bce,
     predict,
     roc_auc,
@@ -297,3 +298,23 @@ def test_a_config_that_cannot_work_says_what_to_change():
         config(d_model=10, n_heads=4)
     with pytest.raises(ValueError, match="'masked_event' or 'next_event'"):
         config(aux_task="contrastive")
+
+
+def test_rows_in_parts_are_drawn_from_where_they_lie_each_row_at_most_once_an_epoch():
+    data = arrays(200)
+    data["time"][:, -1, 0] = np.arange(200)  # which row a batch's row came from
+    parts = [{k: v[i::3] for k, v in data.items()} for i in range(3)]  # 67, 67 and 66 rows
+    one = [b["time"] for b in iter_part_batches([data], 32, seed=4)]
+    alike = [b["time"] for b in iter_batches(data, 32, shuffle=True, seed=4, drop_last=True)]
+    assert len(one) == len(alike) == 6 and all(map(torch.equal, one, alike))
+
+    def epoch(steps=None) -> list[np.ndarray]:
+        batches = iter_part_batches(parts, 16, seed=4, steps=steps)
+        return [batch["time"][:, -1, 0].long().numpy() for batch in batches]
+
+    batches = epoch()
+    assert len(batches) == 3 * 4  # each part's whole batches of 16, its short last one dropped
+    drawn = np.concatenate(batches)
+    assert len(np.unique(drawn)) == len(drawn) == 3 * 4 * 16
+    assert all(len({row % 3 for row in rows}) == 1 for rows in batches)  # each from one part
+    assert len(epoch(steps=5)) == 5  # a data-parallel replica takes the group's steps

@@ -1,7 +1,7 @@
 """Rows that workers wrote under a day-partitioned table themselves (`StagedDays`) become its days
 in one commit: the run's days replaced, the others kept; two runs committing the same new days
-at once cannot both land them; rows that do not fit the table are refused and their files
-removed."""
+at once cannot both land them, whether both staged their rows or one writes a frame; rows that
+do not fit the table are refused and their files removed."""
 
 import os
 import uuid
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import AddAction
 
-from resources.delta import PackChangedError, StagedDays, commit_days, day_claims
+from resources.delta import PackChangedError, StagedDays, commit_days, day_claims, write_days
 
 
 def staged(uri: str, rows: pl.DataFrame) -> StagedDays:
@@ -63,12 +63,32 @@ def test_two_commits_of_the_same_new_days_at_once_cannot_both_land(table):
         commits.append(lambda d=delta, a=adds, c=claims: d.create_write_transaction(
             a, mode="overwrite", schema=d.schema(), partition_by=["day"],
             partition_filters=[("day", ">=", "2025-01-05"), ("day", "<", "2025-01-06")],
-            commit_properties=c,
+            commit_properties=CommitProperties(app_transactions=c),
         ))  # fmt: skip
     commits[0]()
     with pytest.raises(CommitFailedError):
         commits[1]()
     assert [x for d, x in read(table) if d == date(2025, 1, 5)] == ["one"]
+
+
+def test_a_frame_written_while_a_commit_of_staged_days_waits_keeps_it_from_landing_them_twice(
+    table,
+):
+    """A run on Ray and a run in process add the same new day: the staged commit read the table
+    first, the frame's write lands first."""
+    waiting = DeltaTable(table)
+    files = staged(table, days((5, "staged"))).files
+    adds = [AddAction(f["path"], f["size"], {"day": f["day"]}, f["modified_ms"], True, None)
+            for f in files]  # fmt: skip
+    claims = day_claims(waiting, "t", date(2025, 1, 5), date(2025, 1, 6))
+    write_days(table, days((5, "frame")), "day", date(2025, 1, 5), date(2025, 1, 6), table="t")
+    with pytest.raises(CommitFailedError):
+        waiting.create_write_transaction(
+            adds, mode="overwrite", schema=waiting.schema(), partition_by=["day"],
+            partition_filters=[("day", ">=", "2025-01-05"), ("day", "<", "2025-01-06")],
+            commit_properties=CommitProperties(app_transactions=claims),
+        )  # fmt: skip
+    assert [x for d, x in read(table) if d == date(2025, 1, 5)] == ["frame"]
 
 
 def test_rows_that_do_not_fit_the_table_are_refused_and_their_files_removed(table):
