@@ -15,7 +15,7 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
-from eventml.features.batch import HASH_SEED
+from eventml.features.sharded import shard_of_entity
 from eventml.labels import event_within
 from eventml.schema import DatasetSpec
 from eventml.sequences import SequenceSpec, build_sequences
@@ -169,7 +169,7 @@ class EncoderData:
         """This data in at most `parts` parts of whole entities (a hash of the entity, so each
         part spans the whole period), each part's rows in this data's order. Events held here
         are cut the same way; a table is read by each part for its own entities."""
-        shard = pl.col("entity_id").hash(HASH_SEED) % parts
+        shard = shard_of_entity(parts)
         cut = {
             name: frame.with_columns(shard.alias("__part")).partition_by("__part", as_dict=True)
             for name, frame in (("learn", self.learn), ("valid", self.valid))

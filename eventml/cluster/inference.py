@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from eventml.cluster.workers import ONE_CPU, files_of, write_files
 from eventml.embedding import SequenceModel, embedding_table
-from eventml.features.batch import HASH_SEED
+from eventml.features.sharded import shard_of_entity
 from eventml.scorer import Scorer
 
 
@@ -57,7 +57,7 @@ def embedding_table_by_parts(
     with tempfile.TemporaryDirectory() as tmp:
         files = files_of(model.save(tmp))
     ordered = decisions.select("decision_id", "entity_id", "ts").sort(
-        pl.col("entity_id").hash(HASH_SEED) % parts, "entity_id", "ts"
+        shard_of_entity(parts), "entity_id", "ts"
     )
     kwargs = {"model_files": files, "events_uri": events_uri, "version": version}
     # A part is a batch: its entities' events are read once.

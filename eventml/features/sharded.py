@@ -27,12 +27,18 @@ from eventml.features.declare import FeatureSet
 from eventml.sources import DAY
 
 
+def shard_of_entity(shards: int) -> pl.Expr:
+    """Which of `shards` parts a row's entity falls in: every step that cuts by entity cuts the
+    same way within a process (polars' hash is stable within one, not across versions)."""
+    return pl.col("entity_id").hash(HASH_SEED) % shards
+
+
 def entity_shards(decisions: pl.DataFrame, shards: int) -> list[pl.DataFrame]:
     """The decisions in at most `shards` parts, each holding whole entities (empty parts left
     out), in a stable order."""
     if shards <= 1 or decisions.height == 0:
         return [decisions]
-    shard = (pl.col("entity_id").hash(HASH_SEED) % shards).alias("__shard")
+    shard = shard_of_entity(shards).alias("__shard")
     parts = decisions.with_columns(shard).partition_by("__shard", as_dict=True, include_key=False)
     return [parts[key] for key in sorted(parts)]
 
