@@ -20,6 +20,10 @@ Recipes (the scorer and its features-only baseline always learn from the same ro
   targets (which event types each person has in the month after a decision) from train and gap
   histories whose outlook ends before the first test decision, none from a person who has a
   scorer or valid row; device ids are coded by the order they first appear in each history.
+- person-crossfit (not shipped; from each seed's two person-split halvings, `--halvings 0 1`):
+  cross-fitting by person. Each train row takes the task probabilities of the halving whose
+  encoder never learned its person's labels, every other row the mean of both encoders'; the
+  scorers (and the features-only baseline) learn from every train row (`cross_fitted`).
 - person-split-hashed-ids: the same, but the encoder reads device ids hashed into 1,024 buckets
   (shipped before first-seen coding, `eventml.sequences`): it recognises people by
   their devices and memorises their outcomes.
@@ -49,6 +53,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 
 import polars as pl
 import yaml
@@ -195,6 +200,40 @@ def run(recipe, seed, halving, events, splits, features, pack, args) -> tuple[di
     return row, table
 
 
+def cross_fitted(first: pl.DataFrame, second: pl.DataFrame, pack: DatasetPack) -> dict:
+    """Cross-fitting by person, from one seed's two halvings (not shipped, measured): the
+    halving-0 encoder learned the labels of people A, the halving-1 encoder those of people B.
+    Each train row takes the task probabilities of the encoder that never learned its person's
+    labels, every other row the mean of both; the scorers then learn from every train row, and
+    so does their features-only baseline."""
+    tasks = [label.name for label in pack.labels]
+    other = second.select(
+        "decision_id", *(pl.col(f"encoder_{t}").alias(f"other_{t}") for t in tasks)
+    )
+    table = first.join(other, on="decision_id", how="left", maintain_order="left").with_columns(
+        pl.when(pl.col("stage") == "scorer").then(pl.col(f"encoder_{t}"))
+        .when(pl.col("stage") == "encoder").then(pl.col(f"other_{t}"))
+        .otherwise((pl.col(f"encoder_{t}") + pl.col(f"other_{t}")) / 2)
+        .alias(f"crossfit_{t}")
+        for t in tasks
+    )  # fmt: skip
+    every_train_row = table.with_columns(
+        pl.when(pl.col("split") == "train").then(pl.lit("scorer")).otherwise(pl.col("stage"))
+        .alias("stage")
+    )  # fmt: skip
+    names = pack.feature_set().names
+    baseline = out_of_time(every_train_row, names, pack)
+    scorer = out_of_time(every_train_row, names + [f"crossfit_{t}" for t in tasks], pack)
+    row = {"recipe": "person-crossfit", "halving": None, "scorer_rows": every_train_row.filter(
+        pl.col("stage") == "scorer").height}  # fmt: skip
+    for task in tasks:
+        for metric in METRICS:
+            row[f"{task} {metric} features"] = round(baseline[task][metric], 4)
+            row[f"{task} {metric} +embeddings"] = round(scorer[task][metric], 4)
+            row[f"{task} {metric} lift"] = round(scorer[task][metric] - baseline[task][metric], 4)
+    return row
+
+
 def staleness(table: pl.DataFrame, events: pl.DataFrame, task: str) -> pl.DataFrame:
     """The encoder's own AUC on each split and stage, with how old the people scored are."""
     first = events.group_by("entity_id").agg(pl.col("ts").min().alias("first_event"))
@@ -248,6 +287,9 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--halvings", type=int, nargs="+", choices=(0, 1), default=[0],
                    help="person-split recipes: 0 the shipped halves of the people, 1 swapped")  # fmt: skip
+    p.add_argument("--keep-tables", metavar="DIR",
+                   help="write each run's model table (features, embeddings, the encoder's "
+                        "probabilities, splits) to DIR/<recipe>-h<halving>-s<seed>.parquet")  # fmt: skip
     args = p.parse_args(argv)
     options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
     events, decisions, features, pack = load(args.world, args.users, args.days, options)
@@ -260,10 +302,19 @@ def main(argv=None) -> None:
     rows, tables = [], {}
     for recipe in args.recipes:
         halvings = args.halvings if recipe.startswith("person-split") else [0]
-        for halving in halvings:
-            for seed in args.seeds:
+        for seed in args.seeds:
+            by_halving = {}
+            for halving in halvings:
                 row, table = run(recipe, seed, halving, events, splits, features, pack, args)
                 tables.setdefault(recipe, table)  # the first run's, for the diagnosis below
+                by_halving[halving] = table
+                if args.keep_tables:
+                    Path(args.keep_tables).mkdir(parents=True, exist_ok=True)
+                    table.write_parquet(f"{args.keep_tables}/{recipe}-h{halving}-s{seed}.parquet")
+                print(row, flush=True)
+                rows.append(row)
+            if recipe == "person-split" and len(by_halving) == 2:
+                row = {**cross_fitted(by_halving[0], by_halving[1], pack), "seed": seed}
                 print(row, flush=True)
                 rows.append(row)
     results = pl.DataFrame(rows)

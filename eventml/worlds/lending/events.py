@@ -90,11 +90,8 @@ def _decode(names: tuple[str, ...], codes: np.ndarray) -> pl.Series:
     return pl.Series(names, dtype=pl.String).gather(_nullable(codes))
 
 
-def _day_frame(
-    day: int, chunks: list[dict], pop: _Population, start_us: int
-) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
-    """The day's chunks as one frame in `PACK`'s schema, in time order; also the merged
-    columns, for the step to observe what it emitted."""
+def _day_columns(chunks: list[dict]) -> dict[str, np.ndarray]:
+    """The day's chunks merged into one set of columns, in time order."""
     cols = {}
     for name in ("user", "etype", "tod", *_CHUNK_FILL):
         fill = _CHUNK_FILL.get(name)
@@ -102,7 +99,13 @@ def _day_frame(
             [c[name] if name in c else np.full(c["user"].size, fill) for c in chunks]
         )
     order = np.lexsort((np.arange(cols["tod"].size), cols["tod"]))
-    cols = {k: v[order] for k, v in cols.items()}
+    return {k: v[order] for k, v in cols.items()}
+
+
+def _day_frame(
+    day: int, cols: dict[str, np.ndarray], pop: _Population, start_us: int
+) -> pl.DataFrame:
+    """The day's columns (`_day_columns`) as one frame in `PACK`'s schema."""
     user = cols["user"]
     signup = cols["etype"] == SIGNUP
     static = {
@@ -145,4 +148,4 @@ def _day_frame(
             },
         }
     )
-    return frame.cast(PACK.event_schema()), cols
+    return frame.cast(PACK.event_schema())

@@ -46,9 +46,9 @@ def iter_days(config: WorldConfig, days: range | None = None) -> Iterator[tuple[
         return
     world = _World(config)
     for day in range(days.stop):
-        frame = world.step(day)
+        cols = world.step(day)
         if day >= days.start:
-            yield day, frame
+            yield day, world.frame(day, cols)
 
 
 def simulate(config: WorldConfig, days: range | None = None) -> pl.DataFrame:

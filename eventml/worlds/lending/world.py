@@ -28,7 +28,7 @@ from eventml.worlds.lending.config import (
     WorldConfig,
     _rng,
 )
-from eventml.worlds.lending.events import _chunk, _day_frame
+from eventml.worlds.lending.events import _chunk, _day_columns, _day_frame
 from eventml.worlds.lending.loans import _Loans
 from eventml.worlds.lending.population import _population
 
@@ -58,7 +58,9 @@ class _World(_Loans):
             datetime.fromisoformat(config.start).replace(tzinfo=UTC).timestamp() * 1e6
         )
 
-    def step(self, day: int) -> pl.DataFrame:
+    def step(self, day: int) -> dict[str, np.ndarray]:
+        """Advance the world through `day`; the day's events as columns (`frame` makes them a
+        frame: only the days asked for are, the others only move the state)."""
         cfg, pop = self.cfg, self.pop
         rng = _rng(cfg, day, 0)
         # Confirmed fraud shuts the account at the nightly batch: nothing of it is emitted after.
@@ -84,7 +86,9 @@ class _World(_Loans):
             {k: v[~self.closed[c["user"]]] for k, v in c.items()} for c in self.outbox.pop(day, [])
         ]
         chunks.append(_chunk(confirmed, FRAUD_CONFIRMED, rng.integers(0, NIGHT_US, confirmed.size)))
-        return self._frame(day, chunks)
+        cols = _day_columns(chunks)
+        self._observe(cols)
+        return cols
 
     def _act(self, day: int, active: np.ndarray, rng: np.random.Generator) -> list[dict]:
         """Signups, sessions, profile and device changes: what people do besides checkouts."""
@@ -150,10 +154,8 @@ class _World(_Loans):
             user, etype, tod, channel=self._channel(user, rng), device=user * 1000 + device, **cols
         )
 
-    def _frame(self, day: int, chunks: list[dict]) -> pl.DataFrame:
-        frame, cols = _day_frame(day, chunks, self.pop, self.start_us)
-        self._observe(cols)
-        return frame
+    def frame(self, day: int, cols: dict[str, np.ndarray]) -> pl.DataFrame:
+        return _day_frame(day, cols, self.pop, self.start_us)
 
     def _observe(self, cols: dict[str, np.ndarray]) -> None:
         """Refresh what the incumbent policy knows from what was emitted today."""
