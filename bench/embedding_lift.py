@@ -229,7 +229,7 @@ def cross_fitted(first: pl.DataFrame, second: pl.DataFrame, pack: DatasetPack) -
     for task in tasks:
         for metric in METRICS:
             row[f"{task} {metric} features"] = round(baseline[task][metric], 4)
-            row[f"{task} {metric} +embeddings"] = round(scorer[task][metric], 4)
+            row[f"{task} {metric} +crossfit probabilities"] = round(scorer[task][metric], 4)
             row[f"{task} {metric} lift"] = round(scorer[task][metric] - baseline[task][metric], 4)
     return row
 
