@@ -39,7 +39,7 @@ from eventml.features.sharded import (  # noqa: E402
 )
 from eventml.home import StateHome  # noqa: E402
 from eventml.labels import build_decisions  # noqa: E402
-from eventml.splits import split_decisions, with_stacking_stages  # noqa: E402
+from eventml.splits import learned_by, split_decisions, with_person_folds  # noqa: E402
 from eventml.worlds.lending import PACK, WorldConfig  # noqa: E402
 from resources.delta import StagedDays, commit_days  # noqa: E402
 
@@ -119,7 +119,7 @@ def prepare(directory: Path, args) -> None:
     events.with_columns(pl.col("ts").dt.date().alias("day")).write_delta(
         str(directory / "raw_events"), delta_write_options={"partition_by": ["day"]}
     )
-    splits = with_stacking_stages(split_decisions(build_decisions(events, PACK), PACK))
+    splits = with_person_folds(split_decisions(build_decisions(events, PACK), PACK))
     splits.write_parquet(directory / "splits.parquet")
 
 
@@ -160,14 +160,15 @@ def encoder_step(directory: Path, compute, args) -> dict:
     events = EventTable(str(directory / "raw_events"), 0)
     splits = pl.read_parquet(directory / "splits.parquet")
     config = SequenceModelConfig(epochs=args.epochs)
-    model, result = train_sequence_model(
+    model, results = train_sequence_model(
         events, splits, PACK, config, log=lambda line: None, trainer=compute.encoder_trainer()
     )
     if compute.backend == "in_process":
         model.save(directory / "sequence_model")
-    last = result.history[-1]
-    return {"sequences_per_s": round(last["sequences_per_s"]),
-            "valid_mean_auc": round(last.get("valid_mean_auc", float("nan")), 4)}  # fmt: skip
+    last = [result.history[-1] for result in results]  # one encoder per fold
+    return {"sequences_per_s": "/".join(str(round(row["sequences_per_s"])) for row in last),
+            "valid_mean_auc": "/".join(f"{row.get('valid_mean_auc', float('nan')):.4f}"
+                                       for row in last)}  # fmt: skip
 
 
 def scorers_step(directory: Path, compute, args) -> dict:
@@ -179,7 +180,7 @@ def scorers_step(directory: Path, compute, args) -> dict:
     splits = pl.scan_parquet(directory / "splits.parquet")
     features = pl.scan_parquet(directory / "features.parquet")
     names, tasks = PACK.feature_set().names, [label.name for label in PACK.labels]
-    rows = (pl.col("split") == "train") & (pl.col("stage") == "scorer")
+    rows = pl.col("split") == "train"
     valid = pl.col("split") == "valid"
     table = model_table(splits.filter(rows | valid).collect(), features)  # as the assets read it
     train_rows = table.filter(rows).height
@@ -200,7 +201,7 @@ def scorers_step(directory: Path, compute, args) -> dict:
 
 def embeddings_step(directory: Path, compute, args) -> dict:
     model = SequenceModel.load(directory / "sequence_model")
-    decisions = pl.read_parquet(directory / "splits.parquet")
+    decisions = pl.read_parquet(directory / "splits.parquet").with_columns(learned_by())
     started = time.perf_counter()
     table = compute.embeddings(model, str(directory / "raw_events"), 0, decisions)
     return {"decisions": table.height,

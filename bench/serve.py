@@ -44,9 +44,9 @@ from eventml.encoder import roc_auc  # noqa: E402
 from eventml.features import compute_features  # noqa: E402
 from eventml.home import StateHome  # noqa: E402
 from eventml.labels import build_decisions  # noqa: E402
-from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table  # noqa: E402
+from eventml.risk_model import DecisionPolicy, RiskModel, model_table  # noqa: E402
 from eventml.scorer import Scorer, ScorerConfig  # noqa: E402
-from eventml.splits import split_decisions  # noqa: E402
+from eventml.splits import learned_by, split_decisions, with_person_folds  # noqa: E402
 from eventml.threads import cores_given  # noqa: E402
 from eventml.traffic import score_requests  # noqa: E402
 from eventml.worlds.lending import PACK as LENDING_PACK  # noqa: E402
@@ -77,7 +77,9 @@ def world(cache: Path, n_users: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.Dat
     if not all(f.exists() for f in files):
         cache.mkdir(parents=True, exist_ok=True)
         events = simulate(WorldConfig(n_users=n_users))
-        splits = split_decisions(build_decisions(events, LENDING_PACK), LENDING_PACK)
+        splits = with_person_folds(
+            split_decisions(build_decisions(events, LENDING_PACK), LENDING_PACK)
+        )
         features = compute_features(events, splits, LENDING_PACK.feature_set())
         for frame, f in zip((events, splits, features), files):
             frame.write_parquet(f)
@@ -94,18 +96,19 @@ def trained(cache: Path, name: str, events, splits, features) -> tuple[RiskModel
     )
     train_s = time.perf_counter() - t0
     fs = LENDING_PACK.feature_set()
-    table = model_table(splits, features, embedding_table(sequence_model, events, splits))
+    outputs = embedding_table(sequence_model, events, splits.with_columns(learned_by()))
+    table = model_table(splits, features, outputs)
     tasks = [label.name for label in LENDING_PACK.labels]
     scorer = Scorer.fit(
         table.filter(pl.col("split") == "train"), table.filter(pl.col("split") == "valid"),
-        fs.names + embedding_columns(config.emb_dim), tasks, ScorerConfig(), log=lambda *_: None,
+        fs.names + sequence_model.probability_names, tasks, ScorerConfig(), log=lambda *_: None,
     )  # fmt: skip
     model = RiskModel(sequence_model, scorer, fs, DecisionPolicy(LENDING_PACK.policy))
     test = table.filter(pl.col("split") == "test")
     probs = scorer.predict(test)
     quality = {
         "encoder": {k: getattr(config, k) for k in ("d_model", "n_layers", "n_heads", "max_len")},
-        "parameters": sequence_model.encoder.num_params(),
+        "parameters": sequence_model.num_params(),
         "encoder_train_s": round(train_s, 1),
         **{
             f"test_auc_{t}": round(roc_auc(test[t].to_numpy()[m], probs[t][m]), 4)

@@ -1,8 +1,10 @@
-"""The sequence model: the encoder together with the coding that turns events into its inputs.
+"""The sequence model: an encoder per fold of people, with the coding that turns events into
+their inputs.
 
 `eventml.encoder` is torch-only (it trains on a GPU box without Polars); this module binds it to
-the event table: it trains on what `eventml.encoder_data` says it learns from, codes every
-decision's history for inference, and saves a trained model next to its `SequenceSpec` so
+the event table: it trains each fold's encoder on what `eventml.encoder_data` says it learns
+from, codes every decision's history for inference, cross-fits the encoders' outputs for the
+scorers (`embedding_table`), and saves the trained encoders next to their `SequenceSpec` so
 serving codes events exactly as training did.
 """
 
@@ -22,9 +24,7 @@ from eventml.encoder import (
     EncoderConfig,
     TrainConfig,
     TrainResult,
-    embed,
     embed_and_predict,
-    predict,
     save,
     train,
 )
@@ -77,16 +77,28 @@ class SequenceModelConfig:
 
 @dataclass
 class SequenceModel:
-    encoder: Encoder
+    """One encoder per fold of people (`eventml.splits.with_person_folds`), all of one shape
+    and coding, each taught decision labels by its fold's people only. Live decisions take the
+    mean of every fold's probabilities; `embedding_table` gives a train row the other folds'
+    mean, so the scorers learn from outputs that never learned that person's outcomes."""
+
+    encoders: tuple[Encoder, ...]
     sequence_spec: SequenceSpec
 
     @property
+    def config(self) -> EncoderConfig:
+        return self.encoders[0].config
+
+    @property
     def max_len(self) -> int:
-        return self.encoder.config.max_len
+        return self.config.max_len
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return tuple(self.encoder.config.tasks)
+        return tuple(self.config.tasks)
+
+    def num_params(self) -> int:
+        return sum(encoder.num_params() for encoder in self.encoders)
 
     def arrays(
         self, events: pl.DataFrame, decisions: pl.DataFrame, labels: tuple[str, ...] = ()
@@ -95,23 +107,41 @@ class SequenceModel:
             events, decisions, self.sequence_spec, self.max_len, label_columns=labels
         )
 
-    def embed(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        return embed(self.encoder, arrays)
-
-    def predict(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return predict(self.encoder, arrays)
+    @property
+    def probability_names(self) -> list[str]:
+        """`encoder_<task>`: the encoders' probability per task, what the risk scorer reads."""
+        return [f"encoder_{task}" for task in self.tasks]
 
     @property
     def output_names(self) -> list[str]:
-        """The columns `output_columns` gives: `emb_0` … `emb_{d-1}`, then `encoder_<task>`."""
-        emb = [f"emb_{i}" for i in range(self.encoder.config.emb_dim)]
-        return emb + [f"encoder_{task}" for task in self.tasks]
+        """The columns `output_columns` gives: the embedding, every fold's side by side
+        (`emb_0` … `emb_{folds * d - 1}`: the folds' spaces differ, so none is averaged), then
+        `probability_names`."""
+        width = len(self.encoders) * self.config.emb_dim
+        return [f"emb_{i}" for i in range(width)] + self.probability_names
 
-    def output_columns(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """What the scorers can read from the encoder, by column, from one forward pass: the
-        embedding (float32) and its own probability per task (float64)."""
-        emb, probs = embed_and_predict(self.encoder, arrays)
-        values = [*emb.T, *(probs[task].astype(np.float64) for task in self.tasks)]
+    def output_columns(
+        self, arrays: dict[str, np.ndarray], learned_by: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """What the scorers can read from the encoders, by column, from one forward pass of
+        each: the embedding (float32) and the probability per task (float64), the mean over the
+        folds whose encoders never learned from the row's person: every fold but
+        `learned_by[row]` (-1, or no `learned_by`: every fold, as for live decisions)."""
+        outputs = [embed_and_predict(encoder, arrays) for encoder in self.encoders]
+        folds = np.arange(len(self.encoders))
+        rows = len(outputs[0][0])
+        learned = np.full(rows, -1) if learned_by is None else learned_by
+        counted = folds[None, :] != learned[:, None]  # (rows, folds)
+        if not counted.any(axis=1).all():
+            raise ValueError(
+                f"rows learned by fold {learned_by.max()} have no other fold's encoder to take "
+                f"their probabilities from: this model has {len(self.encoders)} encoder(s); "
+                "give `learned_by` only with the splits the model was trained on"
+            )
+        values = [*np.concatenate([emb for emb, _ in outputs], axis=1).T]
+        for task in self.tasks:
+            p = np.stack([probs[task].astype(np.float64) for _, probs in outputs], axis=1)
+            values.append(np.sum(p, axis=1, where=counted) / counted.sum(axis=1))
         return dict(zip(self.output_names, values, strict=True))
 
     def arrays_for_one(self, history: pl.DataFrame, decision_ts) -> dict[str, np.ndarray]:
@@ -119,24 +149,25 @@ class SequenceModel:
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
-        save(self.encoder, directory / "encoder")
+        for fold, encoder in enumerate(self.encoders):
+            save(encoder, directory / "encoders" / str(fold))
         (directory / "sequence_spec.json").write_text(self.sequence_spec.to_json())
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> SequenceModel:
         directory = Path(directory)
-        encoder = Encoder.load(directory / "encoder")
-        encoder.eval()
+        folds = sorted((directory / "encoders").iterdir(), key=lambda path: int(path.name))
+        encoders = tuple(Encoder.load(path).eval() for path in folds)
         spec = SequenceSpec.from_json((directory / "sequence_spec.json").read_text())
         coded = tuple(c.cardinality for c in spec.categorical)
-        if coded != tuple(encoder.config.cat_cardinalities):
+        if coded != tuple(encoders[0].config.cat_cardinalities):
             raise ValueError(
                 f"{directory}: the sequence spec codes categoricals into {coded} ids but the "
-                f"encoder was built for {tuple(encoder.config.cat_cardinalities)}; the spec and "
-                "the encoder come from different trainings (or a different eventml version)"
+                f"encoders were built for {tuple(encoders[0].config.cat_cardinalities)}; the "
+                "spec and the encoders come from different trainings (or eventml versions)"
             )
-        return cls(encoder=encoder, sequence_spec=spec)
+        return cls(encoders=encoders, sequence_spec=spec)
 
 
 def train_in_process(
@@ -153,47 +184,57 @@ def train_sequence_model(
     config: SequenceModelConfig = SequenceModelConfig(),
     log=print,
     trainer: Trainer = train_in_process,
-) -> tuple[SequenceModel, TrainResult]:
-    """Train on `eventml.encoder_data.learning_rows`; early-stop on `valid`. `events` are the
-    events themselves, or the table they are read from (a cluster's workers read only their
-    entities' events). `trainer` builds the sequences and runs the training loop: in this
-    process (`train_in_process`), or on a cluster's workers (`eventml.cluster`)."""
+) -> tuple[SequenceModel, list[TrainResult]]:
+    """One encoder per fold of the splits' people (`fold`; one encoder on every label without
+    it), each on `eventml.encoder_data.learning_rows` of its fold, early-stopped on `valid`; a
+    result per fold. `events` are the events themselves, or
+    the table they are read from (a cluster's workers read only their entities' events).
+    `trainer` builds the sequences and runs the training loop: in this process
+    (`train_in_process`), or on a cluster's workers (`eventml.cluster`)."""
     tasks = tuple(label.name for label in spec.labels)
     seq_spec = SequenceSpec.fit(spec, scan_of(events), high_cardinality=config.high_cardinality)
-    data = EncoderData.of(events, splits, spec, seq_spec, config.outlook_days, config.max_len)
-    log(data.summary())
-    # The initial weights come from torch's global generator: seeded here, the same data and
-    # config give the same model in every process (unseeded, two runs differed by 0.2 in
-    # validation AUC and 0.04 in the embedding lift).
-    torch.manual_seed(config.seed)
-    # The model's shape and the training loop's settings are this config's fields of the same
-    # names; only what the data decides (input sizes, tasks, outlook targets) is added here.
-    encoder = Encoder(
-        EncoderConfig(
-            **seq_spec.encoder_dims(),
-            **_fields_of(config, EncoderConfig),
-            tasks=tasks,
-            task_weights=(1.0,) * len(tasks),  # every label of the pack counts alike
-            outlook=data.outlook,
+    folds = [None]
+    if "fold" in splits.columns:
+        folds = splits["fold"].unique().sort().to_list()
+    encoders, results = [], []
+    for fold in folds:
+        data = EncoderData.of(
+            events, splits, spec, seq_spec, config.outlook_days, config.max_len, fold=fold
         )
-    )
-    result = trainer(
-        encoder, data, TrainConfig(**_fields_of(config, TrainConfig), monitor="auc"), log=log
-    )
-    encoder.eval()
-    return SequenceModel(encoder=encoder, sequence_spec=seq_spec), result
+        log(("" if fold is None else f"fold {fold}: ") + data.summary())
+        # The initial weights come from torch's global generator: seeded here, the same data
+        # and config give the same model in every process (unseeded, two runs differed by 0.2
+        # in validation AUC and 0.04 in the embedding lift).
+        torch.manual_seed(config.seed)
+        # The model's shape and the training loop's settings are this config's fields of the
+        # same names; only what the data decides (input sizes, tasks, outlook targets) is added.
+        encoder = Encoder(
+            EncoderConfig(
+                **seq_spec.encoder_dims(),
+                **_fields_of(config, EncoderConfig),
+                tasks=tasks,
+                task_weights=(1.0,) * len(tasks),  # every label of the pack counts alike
+                outlook=data.outlook,
+            )
+        )
+        train_config = TrainConfig(**_fields_of(config, TrainConfig), monitor="auc")
+        results.append(trainer(encoder, data, train_config, log=log))
+        encoders.append(encoder.eval())
+    return SequenceModel(encoders=tuple(encoders), sequence_spec=seq_spec), results
 
 
 def embedding_table(
     model: SequenceModel, events: pl.DataFrame, decisions: pl.DataFrame
 ) -> pl.DataFrame:
-    """decision_id, the embedding (emb_0 … emb_{d-1}) and the encoder's own probability per task
-    (`encoder_<task>`), for every decision, in the decisions' order.
+    """decision_id and `output_columns` for every decision, in the decisions' order. Where
+    `decisions` has `learned_by` (`eventml.splits.learned_by`: the fold whose encoder learned
+    from the person), the probabilities are the other folds' mean.
 
     Coded a part of whole entities at a time: every output depends on its entity's own events
     only, and the sequence arrays of every decision at once would not fit (2.3M decisions took
     over 24 GB; bench/scale.py)."""
-    decisions = decisions.select("decision_id", "entity_id", "ts")
+    keep = [c for c in ("decision_id", "entity_id", "ts", "learned_by") if c in decisions.columns]
+    decisions = decisions.select(keep)
     parts = entity_shards(decisions, -(-decisions.height // DECISIONS_PER_PASS))
     if len(parts) == 1:
         return _outputs(model, events, decisions)
@@ -207,7 +248,10 @@ def embedding_table(
 
 
 def _outputs(model: SequenceModel, events: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
-    columns = model.output_columns(model.arrays(events, decisions))
+    learned_by = None
+    if "learned_by" in decisions.columns:
+        learned_by = decisions["learned_by"].fill_null(-1).to_numpy()
+    columns = model.output_columns(model.arrays(events, decisions), learned_by)
     return pl.DataFrame({"decision_id": decisions["decision_id"], **columns})
 
 

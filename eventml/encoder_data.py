@@ -61,23 +61,27 @@ def outlook_targets(
 
 
 def learning_rows(
-    events: pl.DataFrame, splits: pl.DataFrame, spec: DatasetSpec, outlook_days: int = 30
+    events: pl.DataFrame,
+    splits: pl.DataFrame,
+    spec: DatasetSpec,
+    outlook_days: int = 30,
+    fold: int | None = None,
 ) -> tuple[pl.DataFrame, tuple[str, ...]]:
-    """The rows the encoder learns from, in a canonical order, and the names of their outlook
-    targets: every `train` and `gap` history (the self-supervised task reads them all), with
-    decision labels (where matured and applicable) only on the train rows of stage "encoder"
-    (see `eventml.splits.with_stacking_stages`: people the scorers never learn from) and outlook
+    """The rows the encoder of `fold` learns from, in a canonical order, and the names of their
+    outlook targets: every `train` and `gap` history (the self-supervised task reads them all),
+    with decision labels (where matured and applicable) only on the train rows of the fold's
+    people (see `eventml.splits.with_person_folds`; every train row without folds) and outlook
     targets (see `outlook_targets`) only where the outlook ends before the first test decision.
 
-    With stages, no outlook target comes from a person who has a row of stage "scorer" or of
-    `valid`: a gap row's outlook and a scorer or validation row's label are often the very same
-    adverse event, and an encoder that fitted it recognises the person (their device, their
-    habits) in the scorer's rows, which would teach the scorer to trust an embedding that knows
-    nothing of new people; validation would flatter it the same way. Validation still is
-    flattered on the encoder's own people (train and valid are adjacent, so their train and
-    valid labels can be one event); early-stopping on the other people only was measured
-    and changed nothing (README, issue 5)."""
-    learn = _rows(splits, spec, outlook_days, events["ts"].max())
+    No outlook target comes from a person whose train labels another fold's encoder learns, or
+    who has a `valid` row: a gap row's outlook and a train or validation row's label are often
+    the very same adverse event, and an encoder that fitted it recognises the person (their
+    device, their habits) in those rows. The other folds' train rows then take this encoder's
+    outputs (`eventml.splits.learned_by`), which know nothing of those people's outcomes, and
+    validation is not flattered by them. Validation still is flattered on the fold's own
+    people (train and valid are adjacent, so their train and valid labels can be one event);
+    early-stopping on the other people only was measured and changed nothing (README, issue 5)."""
+    learn = _rows(splits, spec, outlook_days, events["ts"].max(), fold)
     if outlook_days <= 0:
         return learn.drop(OUTLOOK_KNOWN), ()
     outlook = outlook_targets(events, learn, spec.event_types, outlook_days, pl.col(OUTLOOK_KNOWN))
@@ -85,20 +89,24 @@ def learning_rows(
 
 
 def _rows(
-    splits: pl.DataFrame, spec: DatasetSpec, outlook_days: int, events_end: datetime | None
+    splits: pl.DataFrame,
+    spec: DatasetSpec,
+    outlook_days: int,
+    events_end: datetime | None,
+    fold: int | None,
 ) -> pl.DataFrame:
     """`learning_rows` without the outlook targets: which rows, their decision labels, and
     whether their outlook is known (`OUTLOOK_KNOWN`), from the splits and the events' last
     instant alone."""
     tasks = [label.name for label in spec.labels]
-    staged = "stage" in splits.columns
     learn = splits.filter(pl.col("split").is_in(["train", "gap"]))
-    if staged:
-        seen = splits.filter((pl.col("stage") == "scorer") | (pl.col("split") == "valid"))
-        unseen = ~pl.col("entity_id").is_in(seen["entity_id"].unique().implode())
-        own_labels = pl.col("stage") == "encoder"
+    train = pl.col("split") == "train"
+    if fold is None:
+        unseen, own_labels = pl.lit(True), train
     else:
-        unseen, own_labels = pl.lit(True), pl.col("split") == "train"
+        seen = splits.filter((train & (pl.col("fold") != fold)) | (pl.col("split") == "valid"))
+        unseen = ~pl.col("entity_id").is_in(seen["entity_id"].unique().implode())
+        own_labels = train & (pl.col("fold") == fold)
     learn = learn.with_columns(
         pl.when(own_labels).then(pl.col(t)).otherwise(None).alias(t) for t in tasks
     ).sort("ts", "decision_id")  # a canonical order: same data, same model
@@ -134,10 +142,13 @@ class EncoderData:
         sequence_spec: SequenceSpec,
         outlook_days: int,
         max_len: int,
+        fold: int | None = None,
     ) -> EncoderData:
+        """What the encoder of `fold` learns from (`learning_rows`; without a fold, every
+        train label) and early-stops on (every `valid` row)."""
         keys = ["decision_id", "entity_id", "ts", *(label.name for label in spec.labels)]
         events_end = scan_of(events).select(pl.col("ts").max()).collect().item()
-        learn = _rows(splits, spec, outlook_days, events_end)
+        learn = _rows(splits, spec, outlook_days, events_end, fold)
         valid = splits.filter(pl.col("split") == "valid").sort("ts", "decision_id")
         return cls(
             learn=learn.select(*keys, OUTLOOK_KNOWN),

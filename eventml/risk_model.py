@@ -1,7 +1,7 @@
 """The risk model: what is registered, promoted and served as one unit.
 
-A sequence model (encoder + event coding), an XGBoost scorer on point-in-time features plus the
-encoder's embedding, the feature set both were trained with, and the thresholds that turn
+A sequence model (an encoder per fold of people + event coding), an XGBoost scorer on
+point-in-time features plus the encoders' probability per task, the feature set both were trained with, and the thresholds that turn
 probabilities into a decision. `score_tables` scores decisions from the offline tables; `score`
 scores live decisions from their entities' events with the functions training uses, and
 `score_one` one decision through the request path, which agrees with them to the bit. The Bento
@@ -23,10 +23,6 @@ from eventml.features import FeatureSet, compute_features, features_for_one
 from eventml.scorer import Scorer, to_matrix
 
 EMBEDDING_REASON = "recent activity pattern"
-
-
-def embedding_columns(dim: int) -> list[str]:
-    return [f"emb_{i}" for i in range(dim)]
 
 
 @dataclass(frozen=True)
@@ -55,10 +51,8 @@ class RiskModel:
     @property
     def reason_of(self) -> dict[str, str]:
         """Every scorer input's reason: the feature set's texts, and one shared text for
-        everything read from the encoder (its embedding and its own probabilities)."""
+        everything read from the encoders (their probabilities and embeddings)."""
         reasons = dict(self.feature_set.reasons())
-        # The risk scorer reads the embedding; one trained on any encoder column (its own
-        # probabilities too) is served and explained the same way.
         from_encoder = set(self.sequence_model.output_names)
         reasons.update(
             {c: EMBEDDING_REASON for c in self.scorer.feature_names if c in from_encoder}

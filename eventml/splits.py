@@ -15,8 +15,8 @@ latest `valid_fraction` of those before the gap form the valid set.
 
 Rows are assigned to splits by time only; which rows a model may use for a label is
 `training_rows`: the split's rows whose label has matured and applies. Unmatured rows never
-reach training. Within train, `with_stacking_stages` assigns people (not times) to the encoder
-or the scorers.
+reach training. Across splits, `with_person_folds` deals people (not times) into folds, one
+sequence encoder per fold.
 """
 
 from __future__ import annotations
@@ -119,30 +119,38 @@ def split_decisions(
     return decisions.with_columns(split.cast(SPLIT_TYPE).alias("split"))
 
 
-def with_stacking_stages(splits: pl.DataFrame, encoder_share: float = 0.5) -> pl.DataFrame:
-    """Add `stage`: which model may learn from a train row's labels. The train rows of the people
-    whose stable hash falls in the first `encoder_share` are "encoder", the other people's train
-    rows "scorer", every other row "none".
+def with_person_folds(splits: pl.DataFrame, folds: int = 2, salt: str = "") -> pl.DataFrame:
+    """Add `fold` (0 … folds-1) to every row: the person's fold, from BLAKE2b of their id (and
+    `salt`, which deals the same people another way), so a person lands in the same fold on every
+    run. Each fold has its own sequence encoder, which learns decision labels from its people's
+    train rows only; every train row then takes the outputs of the encoders that never learned
+    its person's labels (`learned_by`), so the scorers learn from every train row with encoder
+    outputs that know nothing of that person's outcomes, as new people are met.
 
-    The scorer takes the encoder's embedding as input, so it must learn from rows whose outcome
-    the encoder never saw. By person, not by time: a person's decisions weeks apart often share
-    one outcome (one adverse event falls in both label windows), and the encoder recognises a
-    person (their device, their habits), so an encoder that fitted some of a person's labels
-    "knows" the outcome of their other decisions. Staged by time (the earlier train half for the
-    encoder), the scorers learned to trust that knowledge and met new decisions without it: the
-    lift moved from -0.007 to -0.050 across encoder seeds (see the README, issue 5). People are
-    assigned by BLAKE2b of their id, so the same person lands in the same stage on every run."""
+    By person, not by time: a person's decisions weeks apart often share one outcome (one adverse
+    event falls in both label windows), and the encoder recognises a person (their device, their
+    habits), so an encoder that fitted some of a person's labels "knows" the outcome of their
+    other decisions. Scorers that learned from such rows trusted that knowledge and met new
+    decisions without it (docs/embedding-lift.md)."""
+    if folds < 2:
+        raise ValueError(f"folds must be at least 2 (one encoder per fold), got {folds}")
     people = splits["entity_id"].unique()
-    cut = int(encoder_share * 10_000)
-    encoder_people = people.filter(
-        pl.Series([stable_hash(str(e)) % 10_000 < cut for e in people], dtype=pl.Boolean)
+    fold_of = pl.DataFrame(
+        {
+            "entity_id": people,
+            "fold": pl.Series(
+                [stable_hash(salt + str(e)) % 10_000 * folds // 10_000 for e in people],
+                dtype=pl.Int8,
+            ),
+        }
     )
-    stage = (
-        pl.when(pl.col("split") != "train").then(pl.lit("none"))
-        .when(pl.col("entity_id").is_in(encoder_people.implode())).then(pl.lit("encoder"))
-        .otherwise(pl.lit("scorer"))
-    )  # fmt: skip
-    return splits.with_columns(stage.alias("stage"))
+    return splits.join(fold_of, on="entity_id", how="left", maintain_order="left")
+
+
+def learned_by() -> pl.Expr:
+    """The fold whose encoder learned a row's label: the person's fold on train rows, null on
+    every other row, which every encoder may score, as it scores live decisions."""
+    return pl.when(pl.col("split") == "train").then(pl.col("fold")).alias("learned_by")
 
 
 def training_rows(splits: pl.DataFrame, label: str, split: str = "train") -> pl.DataFrame:

@@ -13,7 +13,7 @@ from eventml.splits import (
     check_splits,
     split_decisions,
     split_summary,
-    with_stacking_stages,
+    with_person_folds,
 )
 from ml_assets.metadata import check_result, table_md
 from ml_assets.partitions import daily, run_days
@@ -193,8 +193,8 @@ def training_splits(
     event_source: EventSource,
 ):
     """Out-of-time train / valid / gap / test by decision time; the gap is at least the longest
-    label horizon, so no training label matures inside the test window. Train rows also get a
-    `stage`: half of the people teach the encoder, the other half the scorers."""
+    label horizon, so no training label matures inside the test window. Every row also gets its
+    person's `fold`: one sequence encoder per fold learns from that fold's people only."""
     spec = event_source.spec()
     config = SplitConfig(
         valid_fraction=config.valid_fraction,
@@ -203,7 +203,7 @@ def training_splits(
             label.name: (config.min_label_rate, config.max_label_rate) for label in spec.labels
         },
     )
-    splits = with_stacking_stages(split_decisions(decisions, spec, config))
+    splits = with_person_folds(split_decisions(decisions, spec, config))
     yield dg.Output(
         splits,
         metadata={"dagster/row_count": splits.height, "splits": split_summary(splits, spec)},

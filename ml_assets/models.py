@@ -1,5 +1,6 @@
-"""Group `models`: the sequence encoder, its embeddings, and the scorers (features only, and
-features + embeddings). Each training asset logs one MLflow run with its lineage."""
+"""Group `models`: the sequence encoders (one per fold of people), their outputs, and the scorers
+(features only, and features + the encoders' cross-fitted probabilities). Each training asset
+logs one MLflow run with its lineage."""
 
 import tempfile
 
@@ -15,8 +16,9 @@ from eventml.embedding import (
 )
 from eventml.encoder_data import EventTable
 from eventml.evaluate import learning_curve_plot
-from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table
+from eventml.risk_model import DecisionPolicy, RiskModel, model_table
 from eventml.scorer import Scorer, ScorerConfig
+from eventml.splits import learned_by
 from ml_assets.metadata import lineage, png_md
 from ml_assets.settings import settings_of
 from resources.compute import CPU_POOL, Compute
@@ -54,11 +56,11 @@ def sequence_encoder(
     tables: DeltaTables,
     compute: Compute,
 ) -> SequenceModel:
-    """Multi-task Transformer over each decision's prior events: default and fraud on the train
-    rows of the encoder's people (the scorers learn from the others), 30-day outlook targets
-    (which events each person has in the month after a decision) on train and gap histories up
-    to the test window, none from anyone the scorers or validation see, and a masked-event task
-    on every history."""
+    """Multi-task Transformers over each decision's prior events, one per fold of people
+    (`training_splits`' `fold`): default and fraud on the train rows of the fold's people,
+    30-day outlook targets (which events each person has in the month after a decision) on
+    train and gap histories up to the test window, none from a person whose labels another fold
+    learns or who has a valid row, and a masked-event task on every history."""
     settings = config.make()
     with mlflow_tracking.start_run(
         "sequence_encoder", lineage(context, tables, ["raw_events", "training_splits"])
@@ -67,7 +69,7 @@ def sequence_encoder(
         spec = event_source.spec()
         # One version of the events for this process and every worker that builds sequences.
         events = EventTable(tables.uri("raw_events"), tables.version("raw_events"))
-        model, result = train_sequence_model(
+        model, results = train_sequence_model(
             events,
             training_splits,
             spec,
@@ -75,26 +77,36 @@ def sequence_encoder(
             log=context.log.info,
             trainer=compute.encoder_trainer(),
         )
-        for row in result.history:
-            mlflow.log_metrics(
-                {
-                    k: float(v)
-                    for k, v in row.items()
-                    if isinstance(v, int | float) and k != "epoch"
-                },
-                step=row["epoch"],
-            )
+        for fold, result in enumerate(results):
+            for row in result.history:
+                mlflow.log_metrics(
+                    {
+                        f"fold{fold}.{k}": float(v)
+                        for k, v in row.items()
+                        if isinstance(v, int | float) and k != "epoch"
+                    },
+                    step=row["epoch"],
+                )
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifacts(str(model.save(tmp)), "sequence_model")
-    best = result.history[result.best_epoch]
+    best = {}
+    for fold, result in enumerate(results):
+        row = result.history[result.best_epoch]
+        best[f"fold{fold}.best_epoch"] = result.best_epoch
+        best |= {f"fold{fold}.{k}": float(v) for k, v in row.items() if k.startswith("valid_auc_")}
     context.add_output_metadata(
         {
             "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_link(run.info.run_id)),
-            "best_epoch": result.best_epoch,
-            **{k: float(v) for k, v in best.items() if k.startswith("valid_auc_")},
-            "parameters": model.encoder.num_params(),
-            "outlook_targets": ", ".join(model.encoder.config.outlook) or "none",
-            "learning_curve": png_md(learning_curve_plot(result.history)),
+            "folds": len(results),
+            **best,
+            "parameters": model.num_params(),
+            "outlook_targets": ", ".join(model.config.outlook) or "none",
+            **{
+                f"fold{fold}.learning_curve": png_md(
+                    learning_curve_plot(result.history, f"sequence encoder, fold {fold}")
+                )
+                for fold, result in enumerate(results)
+            },
             "compute": dg.MetadataValue.json(compute.describe()),
         }
     )
@@ -105,26 +117,29 @@ def sequence_encoder(
 def decision_embeddings(
     context: dg.AssetExecutionContext,
     sequence_encoder: SequenceModel,
-    decisions: pl.DataFrame,
+    training_splits: pl.DataFrame,
     tables: DeltaTables,
     compute: Compute,
 ) -> pl.DataFrame:
-    """The encoder's embedding of every decision, and its own per-task probabilities."""
+    """The encoders' embedding of every decision and their probability per task, cross-fitted:
+    a train row takes the encoders that never learned its person's labels, every other row
+    (like a live decision) every fold's mean."""
     # One version of the events for this process and every worker.
     events_uri, version = tables.uri("raw_events"), tables.version("raw_events")
+    decisions = training_splits.with_columns(learned_by())
     table = compute.embeddings(sequence_encoder, events_uri, version, decisions)
     context.add_output_metadata(
         {
             "dagster/row_count": table.height,
-            "dimensions": sequence_encoder.encoder.config.emb_dim,
+            "dimensions": sequence_encoder.config.emb_dim * len(sequence_encoder.encoders),
             "compute": dg.MetadataValue.json(compute.describe()),
         }
     )
     return table
 
 
-# Both scorers learn from the same rows: train decisions whose labels the encoder never saw.
-SCORER_ROWS = (pl.col("split") == "train") & (pl.col("stage") == "scorer")
+# Both scorers learn from every train row: the encoders' probabilities on them are cross-fitted.
+SCORER_ROWS = pl.col("split") == "train"
 
 
 def _fit(
@@ -220,11 +235,12 @@ def risk_scorer(
     tables: DeltaTables,
     compute: Compute,
 ) -> RiskModel:
-    """XGBoost on features + embeddings, bundled with its encoder and feature set as the risk
-    model; registered in MLflow as the newest `challenger`."""
+    """XGBoost on features + the encoders' cross-fitted probability per task, bundled with its
+    encoders and feature set as the risk model; registered in MLflow as the newest
+    `challenger`."""
     spec = event_source.spec()
     feature_set = spec.feature_set()
-    names = feature_set.names + embedding_columns(sequence_encoder.encoder.config.emb_dim)
+    names = feature_set.names + sequence_encoder.probability_names
     inputs = [decision_features, decision_embeddings]
     scorer = _fit(context, training_splits, inputs, names, spec, config, compute)
     model = RiskModel(

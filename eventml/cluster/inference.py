@@ -56,9 +56,8 @@ def embedding_table_by_parts(
     on the cluster this process is connected to; rows in the decisions' order."""
     with tempfile.TemporaryDirectory() as tmp:
         files = files_of(model.save(tmp))
-    ordered = decisions.select("decision_id", "entity_id", "ts").sort(
-        shard_of_entity(parts), "entity_id", "ts"
-    )
+    keep = [c for c in ("decision_id", "entity_id", "ts", "learned_by") if c in decisions.columns]
+    ordered = decisions.select(keep).sort(shard_of_entity(parts), "entity_id", "ts")
     kwargs = {"model_files": files, "events_uri": events_uri, "version": version}
     # A part is a batch: its entities' events are read once.
     table = _by_actors(EmbedPart, kwargs, _blocks(ordered, parts), workers, cpus_per_worker)

@@ -57,7 +57,7 @@ def iter_batches(
         # on average (w+1)/2w of K for windows of w batches, and mixing matters more.
         windows = order.split(8 * batch_size)
         order = torch.cat([w[torch.argsort(lengths[w], stable=True)] for w in windows])
-    batches = list(order.split(batch_size))
+    batches = [rows for rows in order.split(batch_size) if len(rows)]  # no rows, no batch
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
     if bucket and shuffle:

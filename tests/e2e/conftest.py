@@ -15,10 +15,10 @@ import pytest
 
 from eventml.embedding import SequenceModelConfig, embedding_table, train_sequence_model
 from eventml.labels import build_decisions
-from eventml.risk_model import DecisionPolicy, RiskModel, embedding_columns, model_table
+from eventml.risk_model import DecisionPolicy, RiskModel, model_table
 from eventml.scorer import Scorer, ScorerConfig
 from eventml.sources import DAY
-from eventml.splits import split_decisions
+from eventml.splits import learned_by, split_decisions, with_person_folds
 from eventml.worlds.lending import simulate
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.serving import risk_service_bento
@@ -38,8 +38,9 @@ def train_tiny(tables: DeltaTables, spec) -> RiskModel:
         events, splits, spec, TINY_ENCODER, log=lambda *_: None
     )
     feature_set = spec.feature_set()
-    table = model_table(splits, features, embedding_table(sequence_model, events, splits))
-    names = feature_set.names + embedding_columns(TINY_ENCODER.emb_dim)
+    outputs = embedding_table(sequence_model, events, splits.with_columns(learned_by()))
+    table = model_table(splits, features, outputs)
+    names = feature_set.names + sequence_model.probability_names
     scorer = Scorer.fit(
         table.filter(pl.col("split") == "train"), table.filter(pl.col("split") == "valid"), names,
         [label.name for label in spec.labels], ScorerConfig(n_estimators=30), log=lambda *_: None,
@@ -82,7 +83,7 @@ def deployed(tmp_path_factory):
         # The world's tables written directly (the ingest and features groups have their own
         # tests, and running them over a year costs minutes); the serving assets run in Dagster.
         events = simulate(source.world())
-        splits = split_decisions(build_decisions(events, spec), spec)
+        splits = with_person_folds(split_decisions(build_decisions(events, spec), spec))
         features = spec.compute_features(events, splits)
         events.with_columns(pl.col("ts").dt.date().alias(DAY)).write_delta(tables.uri("raw_events"))
         splits.with_columns(pl.col(pl.Enum, pl.Categorical).cast(pl.String)).write_delta(

@@ -1,5 +1,6 @@
-"""The sequence model bound to the event table: what it may learn from, and the same data and
-config train the same model."""
+"""The sequence model bound to the event table: one encoder per fold of people, what each may
+learn from, the cross-fitted outputs the scorers read, and the same data and config train the
+same model."""
 
 from dataclasses import replace
 from datetime import timedelta
@@ -9,11 +10,17 @@ import polars as pl
 import pytest
 import torch
 
-from eventml.embedding import SequenceModel, SequenceModelConfig, train_sequence_model
+from eventml.embedding import (
+    SequenceModel,
+    SequenceModelConfig,
+    embedding_table,
+    train_sequence_model,
+)
+from eventml.encoder import predict
 from eventml.encoder_data import EncoderData, EventTable, learning_rows
 from eventml.labels import build_decisions
 from eventml.sequences import SequenceSpec
-from eventml.splits import split_decisions, with_stacking_stages
+from eventml.splits import learned_by, split_decisions, with_person_folds
 from eventml.worlds.lending import PACK as LENDING_PACK
 from eventml.worlds.lending import WorldConfig, simulate
 
@@ -21,16 +28,32 @@ from eventml.worlds.lending import WorldConfig, simulate
 @pytest.fixture(scope="module")
 def world():
     events = simulate(WorldConfig(n_users=150, n_days=260, seed=3))
-    splits = with_stacking_stages(
-        split_decisions(build_decisions(events, LENDING_PACK), LENDING_PACK)
-    )
+    splits = with_person_folds(split_decisions(build_decisions(events, LENDING_PACK), LENDING_PACK))
     return events, splits
 
 
+TINY = SequenceModelConfig(epochs=1, d_model=16, n_layers=1, max_len=16, emb_dim=4)
+
+
+def state(model: SequenceModel) -> dict[str, torch.Tensor]:
+    """Every fold's weights, by fold and name."""
+    return {
+        f"{fold}.{name}": tensor
+        for fold, encoder in enumerate(model.encoders)
+        for name, tensor in encoder.state_dict().items()
+    }
+
+
 def weights(events, splits, seed: int) -> dict[str, torch.Tensor]:
-    config = SequenceModelConfig(epochs=1, d_model=16, n_layers=1, max_len=16, emb_dim=4, seed=seed)
+    config = replace(TINY, seed=seed)
     model, _ = train_sequence_model(events, splits, LENDING_PACK, config, log=lambda line: None)
-    return model.encoder.state_dict()
+    return state(model)
+
+
+@pytest.fixture(scope="module")
+def model(world) -> SequenceModel:
+    events, splits = world
+    return train_sequence_model(events, splits, LENDING_PACK, TINY, log=lambda line: None)[0]
 
 
 def test_the_same_data_and_seed_train_the_same_model_whatever_ran_before(world):
@@ -46,20 +69,30 @@ def test_the_seed_is_what_changes_the_model(world):
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_no_outlook_comes_from_the_test_window_or_a_person_the_scorers_or_validation_see(world):
+def test_each_folds_encoder_learns_labels_from_its_own_people_and_no_outlook_the_others_see(world):
     events, splits = world
-    learn, outlook = learning_rows(events, splits, LENDING_PACK, outlook_days=30)
-    assert outlook == tuple(f"{t}_30d" for t in LENDING_PACK.event_types)
+    assert set(splits["fold"]) == {0, 1}
     first_test = splits.filter(pl.col("split") == "test")["ts"].min()
-    seen = splits.filter((pl.col("stage") == "scorer") | (pl.col("split") == "valid"))["entity_id"]
-    known = learn.filter(pl.all_horizontal(pl.col(outlook).is_not_null()))
-    assert 0 < known.height < learn.height
-    assert (known["ts"] + timedelta(days=30) < first_test).all()
-    assert known["split"].is_in(["train", "gap"]).all()
-    assert not known["entity_id"].is_in(seen.implode()).any()
-    # Decision labels: only on the encoder's stage.
-    labelled = learn.filter(pl.col("default_90d").is_not_null() | pl.col("fraud_60d").is_not_null())
-    assert labelled.height and (labelled["stage"] == "encoder").all()
+    for fold in (0, 1):
+        learn, outlook = learning_rows(events, splits, LENDING_PACK, outlook_days=30, fold=fold)
+        assert outlook == tuple(f"{t}_30d" for t in LENDING_PACK.event_types)
+        # The self-supervised task reads every train and gap history.
+        assert learn.height == splits.filter(pl.col("split").is_in(["train", "gap"])).height
+        # Decision labels: only on the fold's people's train rows.
+        labelled = learn.filter(pl.any_horizontal(pl.col("default_90d", "fraud_60d").is_not_null()))
+        assert (
+            labelled.height and ((labelled["split"] == "train") & (labelled["fold"] == fold)).all()
+        )
+        # No outcome of the test window, and none of a person whose train labels the other
+        # fold learns or who has a validation row, is an outlook target.
+        seen = splits.filter(
+            ((pl.col("split") == "train") & (pl.col("fold") != fold)) | (pl.col("split") == "valid")
+        )["entity_id"]
+        known = learn.filter(pl.all_horizontal(pl.col(outlook).is_not_null()))
+        assert 0 < known.height < learn.height
+        assert (known["ts"] + timedelta(days=30) < first_test).all()
+        assert known["split"].is_in(["train", "gap"]).all()
+        assert not known["entity_id"].is_in(seen.implode()).any()
 
     # Each target says whether the person had such an event in the 30 days after the decision.
     for row in known.sample(40, seed=0).iter_rows(named=True):
@@ -79,12 +112,36 @@ def test_without_an_outlook_the_encoder_reads_only_the_decision_labels(world):
     assert not any(c.endswith("_30d") for c in learn.columns)
 
 
-def test_a_saved_model_refuses_a_spec_that_codes_ids_differently_from_its_encoder(world, tmp_path):
+def test_a_train_row_takes_the_encoder_that_never_learned_its_persons_labels(world, model):
     events, splits = world
-    config = SequenceModelConfig(epochs=1, d_model=16, n_layers=1, max_len=16, emb_dim=4)
-    model, _ = train_sequence_model(events, splits, LENDING_PACK, config, log=lambda line: None)
+    rows = splits.with_columns(learned_by())
+    train = (rows["split"] == "train").to_numpy()
+    assert rows["learned_by"].is_null().to_numpy().tolist() == (~train).tolist()
+    table = embedding_table(model, events, rows)
+    alone = [predict(encoder, model.arrays(events, rows)) for encoder in model.encoders]
+    for task in model.tasks:
+        got = table[f"encoder_{task}"].to_numpy()
+        mean = (alone[0][task].astype(np.float64) + alone[1][task]) / 2
+        for fold in (0, 1):
+            mine = train & (rows["fold"] == fold).to_numpy()
+            assert mine.any()
+            np.testing.assert_array_equal(got[mine], alone[1 - fold][task][mine].astype(np.float64))
+        np.testing.assert_array_equal(got[~train], mean[~train])
+        # A live decision (no `learned_by`) takes every fold's mean, whoever the person is.
+        live = model.output_columns(model.arrays(events, rows))[f"encoder_{task}"]
+        np.testing.assert_array_equal(live, mean)
+    # The embedding is every fold's side by side, the same for every row.
+    assert [c for c in table.columns if c.startswith("emb_")] == [f"emb_{i}" for i in range(8)]
+
+
+def test_a_saved_model_refuses_a_spec_that_codes_ids_differently_from_its_encoder(
+    world, model, tmp_path
+):
+    events, splits = world
     model.save(tmp_path)
-    assert SequenceModel.load(tmp_path).sequence_spec == model.sequence_spec
+    loaded = SequenceModel.load(tmp_path)
+    assert loaded.sequence_spec == model.sequence_spec
+    assert all(torch.equal(v, state(model)[k]) for k, v in state(loaded).items())
     hashed = SequenceSpec.fit(LENDING_PACK, events, high_cardinality="hash")  # 1,025 device ids
     (tmp_path / "sequence_spec.json").write_text(hashed.to_json())
     with pytest.raises(ValueError, match="different trainings"):
@@ -100,12 +157,11 @@ def test_the_encoder_learns_every_label_of_the_spec_however_many(world, n_labels
                   horizon_days=30)  # fmt: skip
     labels = (*LENDING_PACK.labels, third)[:n_labels]
     spec = LENDING_PACK.model_copy(update={"labels": labels})
-    splits = with_stacking_stages(split_decisions(build_decisions(events, spec), spec))
-    config = SequenceModelConfig(epochs=1, d_model=16, n_layers=1, max_len=16, emb_dim=4)
-    model, _ = train_sequence_model(events, splits, spec, config, log=lambda line: None)
+    splits = with_person_folds(split_decisions(build_decisions(events, spec), spec))
+    model, _ = train_sequence_model(events, splits, spec, TINY, log=lambda line: None)
     assert model.tasks == tuple(label.name for label in labels)
     columns = model.output_columns(model.arrays(events, splits.head(5)))
-    probabilities = list(columns.values())[config.emb_dim :]
+    probabilities = [columns[name] for name in model.probability_names]
     assert len(probabilities) == n_labels
     assert all(((p >= 0) & (p <= 1)).all() for p in probabilities)
 
@@ -115,7 +171,7 @@ def test_sequences_built_by_parts_of_whole_entities_are_the_whole_builds_rows(wo
     table = str(tmp_path / "raw_events")
     events.with_columns(pl.col("ts").dt.date().alias("day")).write_delta(table)
     coding = SequenceSpec.fit(LENDING_PACK, events)
-    data = EncoderData.of(events, splits, LENDING_PACK, coding, outlook_days=30, max_len=16)
+    data = EncoderData.of(events, splits, LENDING_PACK, coding, outlook_days=30, max_len=16, fold=0)
     whole = dict(zip(("learn", "valid"), data.arrays(), strict=True))
     assert whole["learn"]["outlook"].shape[1] == len(LENDING_PACK.event_types)
     # Held events are cut with the rows; a table is read by each part for its own entities.
@@ -138,11 +194,10 @@ def test_the_same_model_from_the_events_or_from_their_table(world, tmp_path):
     events, splits = world
     table = str(tmp_path / "raw_events")
     events.with_columns(pl.col("ts").dt.date().alias("day")).write_delta(table)
-    config = SequenceModelConfig(epochs=1, d_model=16, n_layers=1, max_len=16, emb_dim=4)
-    held, _ = train_sequence_model(events, splits, LENDING_PACK, config, log=lambda line: None)
+    held, _ = train_sequence_model(events, splits, LENDING_PACK, TINY, log=lambda line: None)
     read, _ = train_sequence_model(
-        EventTable(table, 0), splits, LENDING_PACK, config, log=lambda line: None
+        EventTable(table, 0), splits, LENDING_PACK, TINY, log=lambda line: None
     )
     assert read.sequence_spec == held.sequence_spec
-    mine, theirs = held.encoder.state_dict(), read.encoder.state_dict()
-    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    mine, theirs = state(held), state(read)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -15,7 +15,7 @@ from eventml.splits import (
     split_decisions,
     split_summary,
     training_rows,
-    with_stacking_stages,
+    with_person_folds,
 )
 from eventml.worlds.lending import PACK as LENDING_PACK
 
@@ -131,27 +131,25 @@ def test_a_gap_shorter_than_the_longest_horizon_is_refused(decisions):
         split_decisions(decisions, LENDING_PACK, SplitConfig(gap_days=30))
 
 
-def test_the_encoder_and_the_scorers_learn_labels_from_different_people(decisions):
-    staged = with_stacking_stages(split_decisions(decisions, LENDING_PACK))
-    train = staged.filter(pl.col("split") == "train")
-    assert set(train["stage"]) == {"encoder", "scorer"}
-    assert (staged.filter(pl.col("split") != "train")["stage"] == "none").all()
-    per_person = train.group_by("entity_id").agg(pl.col("stage").n_unique().alias("stages"))
-    assert (per_person["stages"] == 1).all()  # nobody's labels teach both
-    # A person's stage is theirs alone: the same on a shuffled subset of the rows.
-    subset = staged.sample(fraction=0.5, shuffle=True, seed=1)
-    again = with_stacking_stages(subset.drop("stage")).join(
-        subset.select("decision_id", pl.col("stage").alias("before")), on="decision_id"
+def test_people_are_dealt_into_folds_that_are_theirs_alone(decisions):
+    folded = with_person_folds(split_decisions(decisions, LENDING_PACK))
+    assert set(folded["fold"]) == {0, 1}
+    per_person = folded.group_by("entity_id").agg(pl.col("fold").n_unique().alias("folds"))
+    assert (per_person["folds"] == 1).all()  # nobody's rows teach two encoders
+    # A person's fold is theirs alone: the same on a shuffled subset of the rows.
+    subset = folded.sample(fraction=0.5, shuffle=True, seed=1)
+    again = with_person_folds(subset.drop("fold")).join(
+        subset.select("decision_id", pl.col("fold").alias("before")), on="decision_id"
     )
-    assert (again["stage"] == again["before"]).all()
+    assert (again["fold"] == again["before"]).all()
     # And the same in every process and release: BLAKE2b of the id, not Python's salted hash().
-    stages = dict(train.unique("entity_id").select("entity_id", "stage").iter_rows())
-    assert [stages[u] for u in ("u0", "u1", "u2", "u5")] == [
-        "encoder",
-        "encoder",
-        "scorer",
-        "scorer",
-    ]
+    folds = dict(folded.unique("entity_id").select("entity_id", "fold").iter_rows())
+    assert [folds[u] for u in ("u0", "u1", "u2", "u5")] == [0, 0, 1, 1]
+    # A salt deals the same people another way; fewer than two folds cross-fit nothing.
+    salted = with_person_folds(folded.drop("fold"), salt="another dealing")
+    assert 0 < (salted["fold"] != folded["fold"]).mean() < 1
+    with pytest.raises(ValueError, match="folds must be at least 2"):
+        with_person_folds(folded.drop("fold"), folds=1)
 
 
 def test_summary_reports_rows_and_label_rates(decisions):
