@@ -1,6 +1,6 @@
 """Where the embedding lift goes: the out-of-time ROC AUC and PR AUC of features only vs
-features + the encoders' cross-fitted probabilities (the shipped risk scorer), beside each
-encoder alone and the world's oracle, on either built-in world, over encoder seeds and
+features + the encoders' cross-fitted probabilities (the shipped risk scorer), beside the
+encoders alone (each person's other fold) and the world's oracle, on either built-in world, over encoder seeds and
 partitions of the people into folds.
 
     .venv/bin/python bench/embedding_lift.py                  # lending, 3 seeds x 2 partitions
@@ -12,10 +12,10 @@ The world is simulated here (its `WorldConfig` defaults; by default the days bef
 and its features computed in process, so nothing needs `make demo` first.
 
 The recipe is the shipped one, through the functions the assets call: people are dealt into two
-folds (`eventml.splits.with_person_folds`), one encoder per fold learns from its people only
-(`eventml.encoder_data.learning_rows`), a person's rows before the test window take the other
-fold's probabilities and test rows both folds' mean (`eventml.embedding.embedding_table`), and
-both scorers learn from every train row. Partition 0 is the shipped dealing; partition 1 deals
+folds (`eventml.splits.with_person_folds`), one encoder per fold learns decision labels from its
+people's train rows only (`eventml.encoder_data.learning_rows`), and every decision of a person
+takes the other fold's probabilities (`eventml.embedding.SequenceModel.output_columns`); both
+scorers learn from every train row. Partition 0 is the shipped dealing; partition 1 deals
 the same people another way (a salted hash): which people teach which encoder moved the lift
 as much as the encoder's seed did, so one run is an anecdote; the summary gives every run's
 lift, the mean and the spread. Then how much of the oracle's edge is outcomes the simulator had
@@ -39,7 +39,7 @@ from eventml.labels import build_decisions
 from eventml.pack import DatasetPack
 from eventml.risk_model import model_table
 from eventml.scorer import Scorer, ScorerConfig
-from eventml.splits import learned_by, split_decisions, with_person_folds
+from eventml.splits import split_decisions, with_person_folds
 from eventml.worlds import WORLDS, world
 
 METRICS = {"auc": roc_auc_score, "pr_auc": average_precision_score}
@@ -91,7 +91,7 @@ def run(seed, partition, events, splits, features, pack, args) -> tuple[dict, pl
     quiet = lambda line: print(line, flush=True) if line.startswith("fold") else None  # noqa: E731
     model, results = train_sequence_model(events, folded, pack, config, log=quiet)
     seconds = time.perf_counter() - start
-    outputs = embedding_table(model, events, folded.with_columns(learned_by()))
+    outputs = embedding_table(model, events, folded)
     table = model_table(folded, features, outputs)
     names = pack.feature_set().names
     baseline = out_of_time(table, names, pack)

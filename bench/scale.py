@@ -39,7 +39,7 @@ from eventml.features.sharded import (  # noqa: E402
 )
 from eventml.home import StateHome  # noqa: E402
 from eventml.labels import build_decisions  # noqa: E402
-from eventml.splits import learned_by, split_decisions, with_person_folds  # noqa: E402
+from eventml.splits import split_decisions, with_person_folds  # noqa: E402
 from eventml.worlds.lending import PACK, WorldConfig  # noqa: E402
 from resources.delta import StagedDays, commit_days  # noqa: E402
 
@@ -114,6 +114,9 @@ def prepare(directory: Path, args) -> None:
     `day` column, and its decisions with their splits."""
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / "splits.parquet").exists():
+        splits = pl.read_parquet(directory / "splits.parquet")
+        if "fold" not in splits.columns:  # prepared before cross-fitting
+            with_person_folds(splits).write_parquet(directory / "splits.parquet")
         return
     events = world_events(WorldConfig(n_users=args.users))
     events.with_columns(pl.col("ts").dt.date().alias("day")).write_delta(
@@ -201,7 +204,7 @@ def scorers_step(directory: Path, compute, args) -> dict:
 
 def embeddings_step(directory: Path, compute, args) -> dict:
     model = SequenceModel.load(directory / "sequence_model")
-    decisions = pl.read_parquet(directory / "splits.parquet").with_columns(learned_by())
+    decisions = pl.read_parquet(directory / "splits.parquet")
     started = time.perf_counter()
     table = compute.embeddings(model, str(directory / "raw_events"), 0, decisions)
     return {"decisions": table.height,

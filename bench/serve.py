@@ -46,7 +46,7 @@ from eventml.home import StateHome  # noqa: E402
 from eventml.labels import build_decisions  # noqa: E402
 from eventml.risk_model import DecisionPolicy, RiskModel, model_table  # noqa: E402
 from eventml.scorer import Scorer, ScorerConfig  # noqa: E402
-from eventml.splits import learned_by, split_decisions, with_person_folds  # noqa: E402
+from eventml.splits import split_decisions, with_person_folds  # noqa: E402
 from eventml.threads import cores_given  # noqa: E402
 from eventml.traffic import score_requests  # noqa: E402
 from eventml.worlds.lending import PACK as LENDING_PACK  # noqa: E402
@@ -73,7 +73,8 @@ def source_digest() -> str:
 
 def world(cache: Path, n_users: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Events, decisions with splits, and batch features of the world, cached as Parquet."""
-    files = [cache / f"{n}_{n_users}.parquet" for n in ("events", "splits", "features")]
+    # "folded": splits with their people's folds (caches from before cross-fitting have none).
+    files = [cache / f"{n}_{n_users}.parquet" for n in ("events", "folded_splits", "features")]
     if not all(f.exists() for f in files):
         cache.mkdir(parents=True, exist_ok=True)
         events = simulate(WorldConfig(n_users=n_users))
@@ -88,7 +89,8 @@ def world(cache: Path, n_users: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.Dat
 
 def trained(cache: Path, name: str, events, splits, features) -> tuple[RiskModel, dict]:
     folder = cache / name
-    if (folder / "quality.json").exists():
+    current = (folder / "model" / "sequence_model" / "encoders").is_dir()  # cross-fitted
+    if current and (folder / "quality.json").exists():
         return RiskModel.load(folder / "model"), json.loads((folder / "quality.json").read_text())
     config, t0 = CONFIGS[name], time.perf_counter()
     sequence_model, _ = train_sequence_model(
@@ -96,7 +98,7 @@ def trained(cache: Path, name: str, events, splits, features) -> tuple[RiskModel
     )
     train_s = time.perf_counter() - t0
     fs = LENDING_PACK.feature_set()
-    outputs = embedding_table(sequence_model, events, splits.with_columns(learned_by()))
+    outputs = embedding_table(sequence_model, events, splits)
     table = model_table(splits, features, outputs)
     tasks = [label.name for label in LENDING_PACK.labels]
     scorer = Scorer.fit(

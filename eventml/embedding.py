@@ -32,6 +32,7 @@ from eventml.encoder_data import EncoderData, EventTable, scan_of
 from eventml.features.sharded import entity_shards
 from eventml.schema import DatasetSpec
 from eventml.sequences import SequenceSpec, build_one, build_sequences
+from eventml.splits import fold_of
 
 # Decisions whose sequence arrays are built at once by `embedding_table`: about half a GB.
 DECISIONS_PER_PASS = 50_000
@@ -78,9 +79,9 @@ class SequenceModelConfig:
 @dataclass
 class SequenceModel:
     """One encoder per fold of people (`eventml.splits.with_person_folds`), all of one shape
-    and coding, each taught decision labels by its fold's people only. Live decisions take the
-    mean of every fold's probabilities; `embedding_table` gives a train row the other folds'
-    mean, so the scorers learn from outputs that never learned that person's outcomes."""
+    and coding, each taught decision labels by its fold's people only. Every decision of a
+    person, in training and live, is scored by the other folds' encoders, which never learned
+    that person's outcomes (`output_columns`)."""
 
     encoders: tuple[Encoder, ...]
     sequence_spec: SequenceSpec
@@ -114,35 +115,57 @@ class SequenceModel:
 
     @property
     def output_names(self) -> list[str]:
-        """The columns `output_columns` gives: the embedding, every fold's side by side
-        (`emb_0` … `emb_{folds * d - 1}`: the folds' spaces differ, so none is averaged), then
-        `probability_names`."""
+        """The columns `output_columns(..., embeddings=True)` gives: the embedding, every
+        fold's side by side (`emb_0` … `emb_{folds * d - 1}`: the folds' spaces differ, so none
+        is averaged), then `probability_names`."""
         width = len(self.encoders) * self.config.emb_dim
         return [f"emb_{i}" for i in range(width)] + self.probability_names
 
+    def folds_of(self, entity_ids) -> np.ndarray:
+        """Each person's fold, as `eventml.splits.with_person_folds` dealt them in training."""
+        return fold_of(entity_ids, len(self.encoders))
+
     def output_columns(
-        self, arrays: dict[str, np.ndarray], learned_by: np.ndarray | None = None
+        self, arrays: dict[str, np.ndarray], folds: np.ndarray, embeddings: bool = False
     ) -> dict[str, np.ndarray]:
-        """What the scorers can read from the encoders, by column, from one forward pass of
-        each: the embedding (float32) and the probability per task (float64), the mean over the
-        folds whose encoders never learned from the row's person: every fold but
-        `learned_by[row]` (-1, or no `learned_by`: every fold, as for live decisions)."""
-        outputs = [embed_and_predict(encoder, arrays) for encoder in self.encoders]
-        folds = np.arange(len(self.encoders))
-        rows = len(outputs[0][0])
-        learned = np.full(rows, -1) if learned_by is None else learned_by
-        counted = folds[None, :] != learned[:, None]  # (rows, folds)
-        if not counted.any(axis=1).all():
+        """What the scorers read from the encoders, by column: the probability per task
+        (float64), the mean over the encoders of every fold but the row's person's (`folds`),
+        which never learned that person's labels, so a person is scored by the same encoders in
+        training and live; with `embeddings`, first the embedding (float32, every fold's side by
+        side). Without embeddings, each encoder runs on the rows it scores only: one encoder a
+        row with two folds."""
+        rows, count = len(folds), len(self.encoders)
+        if rows and not ((folds >= 0) & (folds < count)).all():
             raise ValueError(
-                f"rows learned by fold {learned_by.max()} have no other fold's encoder to take "
-                f"their probabilities from: this model has {len(self.encoders)} encoder(s); "
-                "give `learned_by` only with the splits the model was trained on"
+                f"folds {sorted(set(folds.tolist()))} for a model with encoders for folds "
+                f"0-{count - 1}: give the folds the model was trained with"
             )
-        values = [*np.concatenate([emb for emb, _ in outputs], axis=1).T]
-        for task in self.tasks:
-            p = np.stack([probs[task].astype(np.float64) for _, probs in outputs], axis=1)
-            values.append(np.sum(p, axis=1, where=counted) / counted.sum(axis=1))
-        return dict(zip(self.output_names, values, strict=True))
+        sums = {task: np.zeros(rows) for task in self.tasks}
+        scored_by = np.zeros(rows)
+        embedded = []
+        for fold, encoder in enumerate(self.encoders):
+            # A model saved before cross-fitting has one encoder, which scores every row.
+            scores = folds != fold if count > 1 else np.ones(rows, dtype=bool)
+            if embeddings:
+                emb, probs = embed_and_predict(encoder, arrays)
+                embedded.append(emb)
+                probs = {task: p[scores] for task, p in probs.items()}
+            elif scores.any():
+                probs = embed_and_predict(encoder, {k: v[scores] for k, v in arrays.items()})[1]
+            else:
+                continue
+            for task in self.tasks:
+                sums[task][scores] += probs[task].astype(np.float64)
+            scored_by[scores] += 1
+        columns = {}
+        if embeddings:
+            width = count * self.config.emb_dim
+            emb = np.concatenate(embedded, axis=1) if rows else np.zeros((0, width), np.float32)
+            columns = dict(zip(self.output_names[:width], emb.T, strict=True))
+        return columns | {
+            name: sums[task] / scored_by
+            for name, task in zip(self.probability_names, self.tasks, strict=True)
+        }
 
     def arrays_for_one(self, history: pl.DataFrame, decision_ts) -> dict[str, np.ndarray]:
         return build_one(history, decision_ts, self.sequence_spec, self.max_len)
@@ -157,7 +180,10 @@ class SequenceModel:
     @classmethod
     def load(cls, directory: str | Path) -> SequenceModel:
         directory = Path(directory)
-        folds = sorted((directory / "encoders").iterdir(), key=lambda path: int(path.name))
+        if (directory / "encoders").is_dir():
+            folds = sorted((directory / "encoders").iterdir(), key=lambda path: int(path.name))
+        else:  # saved before cross-fitting: one encoder, whose scorer reads its embedding
+            folds = [directory / "encoder"]
         encoders = tuple(Encoder.load(path).eval() for path in folds)
         spec = SequenceSpec.from_json((directory / "sequence_spec.json").read_text())
         coded = tuple(c.cardinality for c in spec.categorical)
@@ -185,23 +211,29 @@ def train_sequence_model(
     log=print,
     trainer: Trainer = train_in_process,
 ) -> tuple[SequenceModel, list[TrainResult]]:
-    """One encoder per fold of the splits' people (`fold`; one encoder on every label without
-    it), each on `eventml.encoder_data.learning_rows` of its fold, early-stopped on `valid`; a
-    result per fold. `events` are the events themselves, or
+    """One encoder per fold of the splits' people (`fold`), each on
+    `eventml.encoder_data.learning_rows` of its fold, early-stopped on `valid`; a result per
+    fold. `events` are the events themselves, or
     the table they are read from (a cluster's workers read only their entities' events).
     `trainer` builds the sequences and runs the training loop: in this process
     (`train_in_process`), or on a cluster's workers (`eventml.cluster`)."""
     tasks = tuple(label.name for label in spec.labels)
     seq_spec = SequenceSpec.fit(spec, scan_of(events), high_cardinality=config.high_cardinality)
-    folds = [None]
-    if "fold" in splits.columns:
-        folds = splits["fold"].unique().sort().to_list()
+    if "fold" not in splits.columns:
+        raise ValueError(
+            "the splits have no `fold` column: deal their people into folds with "
+            "`eventml.splits.with_person_folds` (an encoder per fold, so that no scorer learns "
+            "from the outputs of an encoder that learned the same person's labels)"
+        )
+    folds = splits["fold"].unique().sort().to_list()
+    if folds != list(range(len(folds))):
+        raise ValueError(f"the splits' folds are {folds}, not 0 … n-1: deal them again")
     encoders, results = [], []
     for fold in folds:
         data = EncoderData.of(
             events, splits, spec, seq_spec, config.outlook_days, config.max_len, fold=fold
         )
-        log(("" if fold is None else f"fold {fold}: ") + data.summary())
+        log(f"fold {fold}: {data.summary()}")
         # The initial weights come from torch's global generator: seeded here, the same data
         # and config give the same model in every process (unseeded, two runs differed by 0.2
         # in validation AUC and 0.04 in the embedding lift).
@@ -226,14 +258,14 @@ def train_sequence_model(
 def embedding_table(
     model: SequenceModel, events: pl.DataFrame, decisions: pl.DataFrame
 ) -> pl.DataFrame:
-    """decision_id and `output_columns` for every decision, in the decisions' order. Where
-    `decisions` has `learned_by` (`eventml.splits.learned_by`: the fold whose encoder learned
-    from the person), the probabilities are the other folds' mean.
+    """decision_id and `output_columns` (embeddings included) for every decision, in the
+    decisions' order, each person in their `fold` where `decisions` has one (the splits the
+    model was trained on), else in the fold their id deals them (`SequenceModel.folds_of`).
 
     Coded a part of whole entities at a time: every output depends on its entity's own events
     only, and the sequence arrays of every decision at once would not fit (2.3M decisions took
     over 24 GB; bench/scale.py)."""
-    keep = [c for c in ("decision_id", "entity_id", "ts", "learned_by") if c in decisions.columns]
+    keep = [c for c in ("decision_id", "entity_id", "ts", "fold") if c in decisions.columns]
     decisions = decisions.select(keep)
     parts = entity_shards(decisions, -(-decisions.height // DECISIONS_PER_PASS))
     if len(parts) == 1:
@@ -248,10 +280,12 @@ def embedding_table(
 
 
 def _outputs(model: SequenceModel, events: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
-    learned_by = None
-    if "learned_by" in decisions.columns:
-        learned_by = decisions["learned_by"].fill_null(-1).to_numpy()
-    columns = model.output_columns(model.arrays(events, decisions), learned_by)
+    folds = (
+        decisions["fold"].to_numpy()
+        if "fold" in decisions.columns
+        else model.folds_of(decisions["entity_id"])
+    )
+    columns = model.output_columns(model.arrays(events, decisions), folds, embeddings=True)
     return pl.DataFrame({"decision_id": decisions["decision_id"], **columns})
 
 

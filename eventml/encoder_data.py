@@ -64,20 +64,20 @@ def learning_rows(
     events: pl.DataFrame,
     splits: pl.DataFrame,
     spec: DatasetSpec,
+    fold: int,
     outlook_days: int = 30,
-    fold: int | None = None,
 ) -> tuple[pl.DataFrame, tuple[str, ...]]:
     """The rows the encoder of `fold` learns from, in a canonical order, and the names of their
     outlook targets: every `train` and `gap` history (the self-supervised task reads them all),
     with decision labels (where matured and applicable) only on the train rows of the fold's
-    people (see `eventml.splits.with_person_folds`; every train row without folds) and outlook
-    targets (see `outlook_targets`) only where the outlook ends before the first test decision.
+    people (see `eventml.splits.with_person_folds`) and outlook targets (see `outlook_targets`)
+    only where the outlook ends before the first test decision.
 
     No outlook target comes from a person whose train labels another fold's encoder learns, or
     who has a `valid` row: a gap row's outlook and a train or validation row's label are often
     the very same adverse event, and an encoder that fitted it recognises the person (their
-    device, their habits) in those rows. The other folds' train rows then take this encoder's
-    outputs (`eventml.splits.learned_by`), which know nothing of those people's outcomes, and
+    device, their habits) in those rows. The other folds' people then take this encoder's
+    outputs (`eventml.embedding.SequenceModel.output_columns`), which know nothing of their outcomes, and
     validation is not flattered by them. Validation still is flattered on the fold's own
     people (train and valid are adjacent, so their train and valid labels can be one event);
     early-stopping on the other people only was measured and changed nothing (README, issue 5)."""
@@ -93,7 +93,7 @@ def _rows(
     spec: DatasetSpec,
     outlook_days: int,
     events_end: datetime | None,
-    fold: int | None,
+    fold: int,
 ) -> pl.DataFrame:
     """`learning_rows` without the outlook targets: which rows, their decision labels, and
     whether their outlook is known (`OUTLOOK_KNOWN`), from the splits and the events' last
@@ -101,12 +101,9 @@ def _rows(
     tasks = [label.name for label in spec.labels]
     learn = splits.filter(pl.col("split").is_in(["train", "gap"]))
     train = pl.col("split") == "train"
-    if fold is None:
-        unseen, own_labels = pl.lit(True), train
-    else:
-        seen = splits.filter((train & (pl.col("fold") != fold)) | (pl.col("split") == "valid"))
-        unseen = ~pl.col("entity_id").is_in(seen["entity_id"].unique().implode())
-        own_labels = train & (pl.col("fold") == fold)
+    seen = splits.filter((train & (pl.col("fold") != fold)) | (pl.col("split") == "valid"))
+    unseen = ~pl.col("entity_id").is_in(seen["entity_id"].unique().implode())
+    own_labels = train & (pl.col("fold") == fold)
     learn = learn.with_columns(
         pl.when(own_labels).then(pl.col(t)).otherwise(None).alias(t) for t in tasks
     ).sort("ts", "decision_id")  # a canonical order: same data, same model
@@ -142,10 +139,10 @@ class EncoderData:
         sequence_spec: SequenceSpec,
         outlook_days: int,
         max_len: int,
-        fold: int | None = None,
+        fold: int,
     ) -> EncoderData:
-        """What the encoder of `fold` learns from (`learning_rows`; without a fold, every
-        train label) and early-stops on (every `valid` row)."""
+        """What the encoder of `fold` learns from (`learning_rows`) and early-stops on (every
+        `valid` row)."""
         keys = ["decision_id", "entity_id", "ts", *(label.name for label in spec.labels)]
         events_end = scan_of(events).select(pl.col("ts").max()).collect().item()
         learn = _rows(splits, spec, outlook_days, events_end, fold)

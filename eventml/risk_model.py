@@ -1,8 +1,8 @@
 """The risk model: what is registered, promoted and served as one unit.
 
 A sequence model (an encoder per fold of people + event coding), an XGBoost scorer on
-point-in-time features plus the encoders' probability per task, the feature set both were trained with, and the thresholds that turn
-probabilities into a decision. `score_tables` scores decisions from the offline tables; `score`
+point-in-time features plus the encoders' probability per task, the feature set both were
+trained with, and the thresholds that turn probabilities into a decision. `score_tables` scores decisions from the offline tables; `score`
 scores live decisions from their entities' events with the functions training uses, and
 `score_one` one decision through the request path, which agrees with them to the bit. The Bento
 runs the last two; the parity check compares them with the first.
@@ -98,7 +98,14 @@ class RiskModel:
         events strictly before each: the batch functions training uses (`compute_features`,
         the sequence arrays, one encoder pass, one scorer pass) for many decisions at once."""
         features = compute_features(events, decisions, self.feature_set, activity)
-        encoded = self.sequence_model.output_columns(self.sequence_model.arrays(events, decisions))
+        model = self.sequence_model
+        # Each person's fold: given where the caller keyed the decisions by something else.
+        folds = (
+            decisions["fold"].to_numpy()
+            if "fold" in decisions.columns
+            else model.folds_of(decisions["entity_id"])
+        )
+        encoded = model.output_columns(model.arrays(events, decisions), folds)
         table = decisions.select("decision_id").join(
             features, on="decision_id", how="left", maintain_order="left"
         )
@@ -117,8 +124,9 @@ class RiskModel:
         fixed cost. Later rows in `history` are ignored; keyed features read `activity`."""
         features = features_for_one(history, decision, self.feature_set, activity)
         arrays = self.sequence_model.arrays_for_one(history, decision["ts"])
+        folds = self.sequence_model.folds_of([decision["entity_id"]])
         with torch.inference_mode():  # no autograd bookkeeping at all (no_grad still keeps some)
-            encoded = self.sequence_model.output_columns(arrays)
+            encoded = self.sequence_model.output_columns(arrays, folds)
         row = {**features, **{c: v[0] for c, v in encoded.items()}}
         # The scorer's float32 matrix, built directly: the same values `to_matrix` gives a
         # one-row DataFrame (None is NaN, missing to XGBoost), without its per-column cost.

@@ -2,8 +2,8 @@
 
 A `Scorer` holds a booster per task over one ordered feature list. Reason codes come from
 XGBoost's own SHAP contributions (`pred_contribs`): per decision, the features pushing the risk
-up the most, grouped by the human-readable reason declared for each feature (so 64 embedding
-dimensions become one "recent activity pattern" reason, not 64). Saved as UBJ + JSON, never
+up the most, grouped by the human-readable reason declared for each feature (so every input read
+from the sequence encoders becomes one "recent activity pattern" reason). Saved as UBJ + JSON, never
 pickled.
 """
 

@@ -222,9 +222,13 @@ class RiskService:
         request's history gets its own key, so one request's recent events never reach another
         decision of the same entity."""
         model, keys = self.model, [str(i) for i in range(len(requests))]
+        # Keyed by request, each decision keeps its person's fold: the encoders that score them.
+        folds = model.sequence_model.folds_of([r.entity_id for r in requests])
         decisions = self.with_references(
             pl.DataFrame([decision_of(r) for r in requests], schema=self.decision_schema)
-        ).with_columns(pl.Series("entity_id", keys), pl.Series("decision_id", keys))
+        ).with_columns(
+            pl.Series("entity_id", keys), pl.Series("decision_id", keys), pl.Series("fold", folds)
+        )
         # Only events strictly before each request's own decision, as `history` reads for /score:
         # the store stops at the latest decision of each entity, and the join with each request's
         # key drops what is after that request's decision before its recent events are added.

@@ -21,9 +21,11 @@ sequence encoder per fold.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import numpy as np
 import polars as pl
 
 from eventml.quality import CheckOutcome
@@ -119,13 +121,22 @@ def split_decisions(
     return decisions.with_columns(split.cast(SPLIT_TYPE).alias("split"))
 
 
+def fold_of(entity_ids: Iterable, folds: int = 2, salt: str = "") -> np.ndarray:
+    """Each person's fold (0 … folds-1), from BLAKE2b of their id (and `salt`, which deals the
+    same people another way): the same in every run and process, so a live decision's person is
+    in the fold their training rows were."""
+    return np.array(
+        [stable_hash(salt + str(e)) % 10_000 * folds // 10_000 for e in entity_ids], dtype=np.int8
+    )
+
+
 def with_person_folds(splits: pl.DataFrame, folds: int = 2, salt: str = "") -> pl.DataFrame:
-    """Add `fold` (0 … folds-1) to every row: the person's fold, from BLAKE2b of their id (and
-    `salt`, which deals the same people another way), so a person lands in the same fold on every
-    run. Each fold has its own sequence encoder, which learns decision labels from its people's
-    train rows only; every train row then takes the outputs of the encoders that never learned
-    its person's labels (`learned_by`), so the scorers learn from every train row with encoder
-    outputs that know nothing of that person's outcomes, as new people are met.
+    """Add `fold` (`fold_of`) to every row. Each fold has its own sequence encoder, which learns
+    decision labels from its people's train rows only, and every decision of a person, in
+    training and live, takes the outputs of the encoders of the other folds, which never learned
+    that person's labels (`eventml.embedding.SequenceModel.output_columns`): the scorers learn
+    from every train row with encoder outputs that know nothing of that person's outcomes, as
+    new people are met, and meet each person later with the same encoders.
 
     By person, not by time: a person's decisions weeks apart often share one outcome (one adverse
     event falls in both label windows), and the encoder recognises a person (their device, their
@@ -135,22 +146,8 @@ def with_person_folds(splits: pl.DataFrame, folds: int = 2, salt: str = "") -> p
     if folds < 2:
         raise ValueError(f"folds must be at least 2 (one encoder per fold), got {folds}")
     people = splits["entity_id"].unique()
-    fold_of = pl.DataFrame(
-        {
-            "entity_id": people,
-            "fold": pl.Series(
-                [stable_hash(salt + str(e)) % 10_000 * folds // 10_000 for e in people],
-                dtype=pl.Int8,
-            ),
-        }
-    )
-    return splits.join(fold_of, on="entity_id", how="left", maintain_order="left")
-
-
-def learned_by() -> pl.Expr:
-    """The fold whose encoder learned a row's label: the person's fold on train rows, null on
-    every other row, which every encoder may score, as it scores live decisions."""
-    return pl.when(pl.col("split") == "train").then(pl.col("fold")).alias("learned_by")
+    dealt = pl.DataFrame({"entity_id": people, "fold": fold_of(people, folds, salt)})
+    return splits.join(dealt, on="entity_id", how="left", maintain_order="left")
 
 
 def training_rows(splits: pl.DataFrame, label: str, split: str = "train") -> pl.DataFrame:

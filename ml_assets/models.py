@@ -18,7 +18,6 @@ from eventml.encoder_data import EventTable
 from eventml.evaluate import learning_curve_plot
 from eventml.risk_model import DecisionPolicy, RiskModel, model_table
 from eventml.scorer import Scorer, ScorerConfig
-from eventml.splits import learned_by
 from ml_assets.metadata import lineage, png_md
 from ml_assets.settings import settings_of
 from resources.compute import CPU_POOL, Compute
@@ -121,13 +120,12 @@ def decision_embeddings(
     tables: DeltaTables,
     compute: Compute,
 ) -> pl.DataFrame:
-    """The encoders' embedding of every decision and their probability per task, cross-fitted:
-    a train row takes the encoders that never learned its person's labels, every other row
-    (like a live decision) every fold's mean."""
+    """The encoders' embedding of every decision (every fold's side by side) and their
+    probability per task, cross-fitted: every decision of a person takes the encoders of the
+    folds that never learned that person's labels, as the person's live decisions do."""
     # One version of the events for this process and every worker.
     events_uri, version = tables.uri("raw_events"), tables.version("raw_events")
-    decisions = training_splits.with_columns(learned_by())
-    table = compute.embeddings(sequence_encoder, events_uri, version, decisions)
+    table = compute.embeddings(sequence_encoder, events_uri, version, training_splits)
     context.add_output_metadata(
         {
             "dagster/row_count": table.height,

@@ -1,10 +1,10 @@
-"""Batch inference on a Ray cluster with Ray Data: the encoder's outputs (embedding and its own
-probability per task) for every decision, by parts of the decisions; and the scorer's
-probabilities for every row of a model table, by blocks of it.
+"""Batch inference on a Ray cluster with Ray Data: the encoders' outputs (embedding and
+cross-fitted probability per task) for every decision, by parts of the decisions; and the
+scorer's probabilities for every row of a model table, by blocks of it.
 
 The decisions are ordered by entity shard, so a part holds few entities' decisions, and cut into
-`parts` blocks, each one batch. A pool of `workers` actors each loads the encoder once (from its saved files,
-not a pickle) and, per batch, reads only the batch's entities' events from the events table at
+`parts` blocks, each one batch. A pool of `workers` actors each loads the encoders once (from
+their saved files, not a pickle) and, per batch, reads only the batch's entities' events from the events table at
 the version the step pinned: a worker holds a part's histories, never the table. An entity cut
 across two parts has its events read by both; every output depends on the entity's own events
 only, so the rows are those of `eventml.embedding.embedding_table` over the whole table.
@@ -56,7 +56,7 @@ def embedding_table_by_parts(
     on the cluster this process is connected to; rows in the decisions' order."""
     with tempfile.TemporaryDirectory() as tmp:
         files = files_of(model.save(tmp))
-    keep = [c for c in ("decision_id", "entity_id", "ts", "learned_by") if c in decisions.columns]
+    keep = [c for c in ("decision_id", "entity_id", "ts", "fold") if c in decisions.columns]
     ordered = decisions.select(keep).sort(shard_of_entity(parts), "entity_id", "ts")
     kwargs = {"model_files": files, "events_uri": events_uri, "version": version}
     # A part is a batch: its entities' events are read once.

@@ -18,7 +18,7 @@ from eventml.labels import build_decisions
 from eventml.risk_model import DecisionPolicy, RiskModel, model_table
 from eventml.scorer import Scorer, ScorerConfig
 from eventml.sources import DAY
-from eventml.splits import learned_by, split_decisions, with_person_folds
+from eventml.splits import split_decisions, with_person_folds
 from eventml.worlds.lending import simulate
 from ml_assets.models import REGISTERED_MODEL
 from ml_assets.serving import risk_service_bento
@@ -38,7 +38,7 @@ def train_tiny(tables: DeltaTables, spec) -> RiskModel:
         events, splits, spec, TINY_ENCODER, log=lambda *_: None
     )
     feature_set = spec.feature_set()
-    outputs = embedding_table(sequence_model, events, splits.with_columns(learned_by()))
+    outputs = embedding_table(sequence_model, events, splits)
     table = model_table(splits, features, outputs)
     names = feature_set.names + sequence_model.probability_names
     scorer = Scorer.fit(

@@ -47,7 +47,7 @@ def test_the_model_learns_both_labels_and_is_judged_out_of_time(marketplace):
     challenger = evaluation.filter(pl.col("model") == "challenger")
     assert set(challenger["task"]) == {"returned_14d", "disputed"}
     # The planted signal (earlier returns, basket size, earlier disputes) is learnable.
-    assert (challenger["auc"] > 0.6).all()
+    assert (challenger["auc"] > 0.6).all(), evaluation.select("model", "task", "auc").rows()
 
 
 def test_the_first_model_is_promoted_on_the_packs_task(marketplace):

@@ -2,6 +2,7 @@
 learn from, the cross-fitted outputs the scorers read, and the same data and config train the
 same model."""
 
+import shutil
 from dataclasses import replace
 from datetime import timedelta
 
@@ -20,7 +21,7 @@ from eventml.encoder import predict
 from eventml.encoder_data import EncoderData, EventTable, learning_rows
 from eventml.labels import build_decisions
 from eventml.sequences import SequenceSpec
-from eventml.splits import learned_by, split_decisions, with_person_folds
+from eventml.splits import split_decisions, with_person_folds
 from eventml.worlds.lending import PACK as LENDING_PACK
 from eventml.worlds.lending import WorldConfig, simulate
 
@@ -74,7 +75,7 @@ def test_each_folds_encoder_learns_labels_from_its_own_people_and_no_outlook_the
     assert set(splits["fold"]) == {0, 1}
     first_test = splits.filter(pl.col("split") == "test")["ts"].min()
     for fold in (0, 1):
-        learn, outlook = learning_rows(events, splits, LENDING_PACK, outlook_days=30, fold=fold)
+        learn, outlook = learning_rows(events, splits, LENDING_PACK, fold, outlook_days=30)
         assert outlook == tuple(f"{t}_30d" for t in LENDING_PACK.event_types)
         # The self-supervised task reads every train and gap history.
         assert learn.height == splits.filter(pl.col("split").is_in(["train", "gap"])).height
@@ -107,31 +108,51 @@ def test_each_folds_encoder_learns_labels_from_its_own_people_and_no_outlook_the
 
 def test_without_an_outlook_the_encoder_reads_only_the_decision_labels(world):
     events, splits = world
-    learn, outlook = learning_rows(events, splits, LENDING_PACK, outlook_days=0)
+    learn, outlook = learning_rows(events, splits, LENDING_PACK, 0, outlook_days=0)
     assert outlook == ()
     assert not any(c.endswith("_30d") for c in learn.columns)
 
 
-def test_a_train_row_takes_the_encoder_that_never_learned_its_persons_labels(world, model):
+def test_every_decision_of_a_person_takes_the_encoder_that_never_learned_their_labels(world, model):
     events, splits = world
-    rows = splits.with_columns(learned_by())
-    train = (rows["split"] == "train").to_numpy()
-    assert rows["learned_by"].is_null().to_numpy().tolist() == (~train).tolist()
-    table = embedding_table(model, events, rows)
-    alone = [predict(encoder, model.arrays(events, rows)) for encoder in model.encoders]
+    table = embedding_table(model, events, splits)
+    arrays = model.arrays(events, splits)
+    alone = [predict(encoder, arrays) for encoder in model.encoders]
+    fold = splits["fold"].to_numpy()
+    # A live decision's person is in the fold training dealt them to, from their id alone.
+    np.testing.assert_array_equal(model.folds_of(splits["entity_id"]), fold)
+    live = model.output_columns(arrays, fold)  # each encoder on the rows it scores only
     for task in model.tasks:
-        got = table[f"encoder_{task}"].to_numpy()
-        mean = (alone[0][task].astype(np.float64) + alone[1][task]) / 2
-        for fold in (0, 1):
-            mine = train & (rows["fold"] == fold).to_numpy()
-            assert mine.any()
-            np.testing.assert_array_equal(got[mine], alone[1 - fold][task][mine].astype(np.float64))
-        np.testing.assert_array_equal(got[~train], mean[~train])
-        # A live decision (no `learned_by`) takes every fold's mean, whoever the person is.
-        live = model.output_columns(model.arrays(events, rows))[f"encoder_{task}"]
-        np.testing.assert_array_equal(live, mean)
+        other = np.where(fold == 0, alone[1][task], alone[0][task]).astype(np.float64)
+        np.testing.assert_array_equal(table[f"encoder_{task}"].to_numpy(), other)
+        np.testing.assert_array_equal(live[f"encoder_{task}"], other)
     # The embedding is every fold's side by side, the same for every row.
     assert [c for c in table.columns if c.startswith("emb_")] == [f"emb_{i}" for i in range(8)]
+
+
+def test_splits_without_folds_or_outputs_for_folds_it_lacks_are_refused(world, model):
+    events, splits = world
+    with pytest.raises(ValueError, match="with_person_folds"):
+        train_sequence_model(events, splits.drop("fold"), LENDING_PACK, TINY, log=print)
+    arrays = model.arrays(events, splits.head(3))
+    with pytest.raises(ValueError, match="encoders for folds 0-1"):
+        model.output_columns(arrays, np.array([0, 2, 1]))
+
+
+def test_a_model_saved_with_one_encoder_before_cross_fitting_still_loads(world, model, tmp_path):
+    """A champion registered before cross-fitting (`encoder/`, a scorer on its embedding) is
+    scored as it was: one encoder, its embedding and probabilities under their old names."""
+    events, splits = world
+    model.save(tmp_path)
+    (tmp_path / "encoders" / "0").rename(tmp_path / "encoder")
+    shutil.rmtree(tmp_path / "encoders")
+    old = SequenceModel.load(tmp_path)
+    assert len(old.encoders) == 1
+    assert old.output_names == [f"emb_{i}" for i in range(4)] + old.probability_names
+    arrays = model.arrays(events, splits.head(20))
+    alone = predict(model.encoders[0], arrays)["default_90d"].astype(np.float64)
+    one = old.output_columns(arrays, old.folds_of(splits.head(20)["entity_id"]))
+    np.testing.assert_array_equal(one["encoder_default_90d"], alone)
 
 
 def test_a_saved_model_refuses_a_spec_that_codes_ids_differently_from_its_encoder(
@@ -160,7 +181,9 @@ def test_the_encoder_learns_every_label_of_the_spec_however_many(world, n_labels
     splits = with_person_folds(split_decisions(build_decisions(events, spec), spec))
     model, _ = train_sequence_model(events, splits, spec, TINY, log=lambda line: None)
     assert model.tasks == tuple(label.name for label in labels)
-    columns = model.output_columns(model.arrays(events, splits.head(5)))
+    columns = model.output_columns(
+        model.arrays(events, splits.head(5)), splits.head(5)["fold"].to_numpy()
+    )
     probabilities = [columns[name] for name in model.probability_names]
     assert len(probabilities) == n_labels
     assert all(((p >= 0) & (p <= 1)).all() for p in probabilities)

@@ -117,7 +117,7 @@ def test_a_model_reloaded_from_the_registry_predicts_exactly_what_was_trained(wo
 def test_the_champion_is_scored_with_its_own_encoder_whatever_the_challengers_reads(world):
     """The test rows carry the challenger's encoder columns; the champion must be scored on its
     own encoder's, or a retrained encoder would make any champion look broken. Runs after the
-    promotion above, so the champion is a full model that reads its embedding."""
+    promotion above, so the champion is a full model that reads its encoders' probabilities."""
     trained, _, _ = world
     champion = trained.mlflow.version_by_alias(REGISTERED_MODEL, "champion")
     with tempfile.TemporaryDirectory() as tmp:
