@@ -2,10 +2,11 @@
 
 A sequence model (an encoder per fold of people + event coding), an XGBoost scorer on
 point-in-time features plus the encoders' probability per task, the feature set both were
-trained with, and the thresholds that turn probabilities into a decision. `score_tables` scores decisions from the offline tables; `score`
-scores live decisions from their entities' events with the functions training uses, and
-`score_one` one decision through the request path, which agrees with them to the bit. The Bento
-runs the last two; the parity check compares them with the first.
+trained with, and the thresholds that turn probabilities into a decision. `score_tables` scores
+decisions from the offline tables; `score` scores live decisions from their entities' events
+with the functions training uses, and `score_one` one decision through the request path, which
+agrees with them to the bit. The Bento runs the last two; the parity check compares them with
+the first.
 """
 
 from __future__ import annotations
