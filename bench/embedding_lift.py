@@ -7,6 +7,8 @@ partitions of the people into folds.
     .venv/bin/python bench/embedding_lift.py --world cards --users 1000 --days 150 \
         --option compromised_terminals_per_day=2 --option testing_rate=0.002 \
         --option takeover_rate=0.0015 --option shift_day=null --seeds 0 --partitions 0
+    .venv/bin/python bench/embedding_lift.py --keep-tables DIR   # then, after a scorer change:
+    .venv/bin/python bench/embedding_lift.py --from-tables DIR   # every run scored again
 
 The world is simulated here (its `WorldConfig` defaults; by default the days before its shift)
 and its features computed in process, so nothing needs `make demo` first.
@@ -84,26 +86,32 @@ def out_of_time(
 
 
 def run(seed, partition, events, splits, features, pack, args) -> tuple[dict, pl.DataFrame]:
-    tasks = [label.name for label in pack.labels]
     folded = with_person_folds(splits, salt="" if partition == 0 else f"partition {partition}")
     config = SequenceModelConfig(epochs=args.epochs, seed=seed, patience=args.patience)
     start = time.perf_counter()
     quiet = lambda line: print(line, flush=True) if line.startswith("fold") else None  # noqa: E731
     model, results = train_sequence_model(events, folded, pack, config, log=quiet)
     seconds = time.perf_counter() - start
-    outputs = embedding_table(model, events, folded)
-    table = model_table(folded, features, outputs)
-    names = pack.feature_set().names
-    baseline = out_of_time(table, names, pack)
-    scorer = out_of_time(table, names + model.probability_names, pack)
-    test = table.filter(pl.col("split") == "test")
+    table = model_table(folded, features, embedding_table(model, events, folded))
     row = {
         "seed": seed,
         "partition": partition,
         "encoders_s": round(seconds),
         "best_epochs": "/".join(str(r.best_epoch + 1) for r in results),
-        "scorer_rows": table.filter(pl.col("split") == "train").height,
     }
+    return row | lift(table, pack), table
+
+
+def lift(table: pl.DataFrame, pack: DatasetPack) -> dict:
+    """The figures of one run's model table: features only, + the encoders' probabilities
+    (`encoder_<task>`), the encoders alone and the oracle, per task and metric."""
+    tasks = [label.name for label in pack.labels]
+    names = pack.feature_set().names
+    encoders = [c for c in table.columns if c.startswith("encoder_")]
+    baseline = out_of_time(table, names, pack)
+    scorer = out_of_time(table, names + encoders, pack)
+    test = table.filter(pl.col("split") == "test")
+    row = {"scorer_rows": table.filter(pl.col("split") == "train").height}
     for task in tasks:
         known, y = judged(test, task)
         row[f"{task} test positives"] = int(y.sum())
@@ -116,7 +124,24 @@ def run(seed, partition, events, splits, features, pack, args) -> tuple[dict, pl
             }
             row |= {f"{task} {metric} {k}": round(v, 4) for k, v in figures.items()}
             row[f"{task} {metric} lift"] = round(figures["+encoders"] - figures["features"], 4)
-    return row, table
+    return row
+
+
+def kept_runs(directory: str, pack: DatasetPack):
+    """(row, table) of every table `--keep-tables` wrote to `directory`, scored again by the
+    scorers as they are now: a scorer change measured over every run in minutes, without
+    training an encoder."""
+    paths = sorted(Path(directory).glob("p*-s*.parquet"))
+    if not paths:
+        raise SystemExit(
+            f"no p<partition>-s<seed>.parquet in {directory}: write them with --keep-tables"
+        )
+    for path in paths:
+        partition, seed = (int(part[1:]) for part in path.stem.split("-"))
+        table = pl.read_parquet(path)
+        print(f"{path}: scored again", flush=True)
+        row = {"seed": seed, "partition": partition, "encoders_s": None, "best_epochs": None}
+        yield row | lift(table, pack), table
 
 
 def oracle_edge(table: pl.DataFrame, pack: DatasetPack, task: str) -> dict:
@@ -134,6 +159,26 @@ def oracle_edge(table: pl.DataFrame, pack: DatasetPack, task: str) -> dict:
     }
 
 
+def runs(args):
+    """(row, model table) of every run the arguments ask for."""
+    if args.from_tables:
+        yield from kept_runs(args.from_tables, world(args.world).PACK)
+        return
+    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
+    events, decisions, features, pack = load(args.world, args.users, args.days, options)
+    splits = split_decisions(decisions, pack)
+    days = events["ts"].dt.date().n_unique()
+    print(f"{args.world} {options}: {events.height:,} events, {decisions.height:,} decisions, "
+          f"{days} days")  # fmt: skip
+    for partition in args.partitions:
+        for seed in args.seeds:
+            row, table = run(seed, partition, events, splits, features, pack, args)
+            if args.keep_tables:
+                Path(args.keep_tables).mkdir(parents=True, exist_ok=True)
+                table.write_parquet(f"{args.keep_tables}/p{partition}-s{seed}.parquet")
+            yield row, table
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", choices=WORLDS, default="lending")
@@ -149,24 +194,17 @@ def main(argv=None) -> None:
     p.add_argument("--keep-tables", metavar="DIR",
                    help="write each run's model table (features, the encoders' outputs, "
                         "splits) to DIR/p<partition>-s<seed>.parquet")  # fmt: skip
+    p.add_argument("--from-tables", metavar="DIR",
+                   help="train no encoder: score the tables --keep-tables wrote to DIR again, "
+                        "with the scorers as they are now")  # fmt: skip
     args = p.parse_args(argv)
-    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
-    events, decisions, features, pack = load(args.world, args.users, args.days, options)
-    tasks = [label.name for label in pack.labels]
-    splits = split_decisions(decisions, pack)
-    days = events["ts"].dt.date().n_unique()
-    print(f"{args.world} {options}: {events.height:,} events, {decisions.height:,} decisions, "
-          f"{days} days")  # fmt: skip
     rows, first = [], None
-    for partition in args.partitions:
-        for seed in args.seeds:
-            row, table = run(seed, partition, events, splits, features, pack, args)
-            first = table if first is None else first
-            if args.keep_tables:
-                Path(args.keep_tables).mkdir(parents=True, exist_ok=True)
-                table.write_parquet(f"{args.keep_tables}/p{partition}-s{seed}.parquet")
-            print(row, flush=True)
-            rows.append(row)
+    for row, table in runs(args):
+        first = table if first is None else first
+        print(row, flush=True)
+        rows.append(row)
+    pack = world(args.world).PACK
+    tasks = [label.name for label in pack.labels]
     results = pl.DataFrame(rows)
     figures = [c for c in results.columns if c.split(" ")[0] in tasks]
     lifts = [c for c in figures if c.endswith(" lift")]

@@ -125,6 +125,14 @@ class SequenceModel:
         """Each person's fold, as `eventml.splits.with_person_folds` dealt them in training."""
         return fold_of(entity_ids, len(self.encoders))
 
+    def folds_of_decisions(self, decisions: pl.DataFrame) -> np.ndarray:
+        """Each decision's person's fold: the `fold` column where the decisions carry one (the
+        training splits, or requests keyed by something other than the person), else
+        `folds_of` their `entity_id`."""
+        if "fold" in decisions.columns:
+            return decisions["fold"].to_numpy()
+        return self.folds_of(decisions["entity_id"])
+
     def output_columns(
         self, arrays: dict[str, np.ndarray], folds: np.ndarray, embeddings: bool = False
     ) -> dict[str, np.ndarray]:
@@ -213,10 +221,10 @@ def train_sequence_model(
 ) -> tuple[SequenceModel, list[TrainResult]]:
     """One encoder per fold of the splits' people (`fold`), each on
     `eventml.encoder_data.learning_rows` of its fold, early-stopped on `valid`; a result per
-    fold. `events` are the events themselves, or
-    the table they are read from (a cluster's workers read only their entities' events).
-    `trainer` builds the sequences and runs the training loop: in this process
-    (`train_in_process`), or on a cluster's workers (`eventml.cluster`)."""
+    fold. `events` are the events themselves, or the table they are read from (a cluster's
+    workers read only their entities' events). `trainer` builds the sequences and runs the
+    training loop: in this process (`train_in_process`), or on a cluster's workers
+    (`eventml.cluster`)."""
     tasks = tuple(label.name for label in spec.labels)
     seq_spec = SequenceSpec.fit(spec, scan_of(events), high_cardinality=config.high_cardinality)
     if "fold" not in splits.columns:
@@ -260,13 +268,13 @@ def embedding_table(
 ) -> pl.DataFrame:
     """decision_id and `output_columns` (embeddings included) for every decision, in the
     decisions' order, each person in their `fold` where `decisions` has one (the splits the
-    model was trained on), else in the fold their id deals them (`SequenceModel.folds_of`).
+    model was trained on), else in the fold their id deals them
+    (`SequenceModel.folds_of_decisions`).
 
     Coded a part of whole entities at a time: every output depends on its entity's own events
     only, and the sequence arrays of every decision at once would not fit (2.3M decisions took
     over 24 GB; bench/scale.py)."""
-    keep = [c for c in ("decision_id", "entity_id", "ts", "fold") if c in decisions.columns]
-    decisions = decisions.select(keep)
+    decisions = decision_keys(decisions)
     parts = entity_shards(decisions, -(-decisions.height // DECISIONS_PER_PASS))
     if len(parts) == 1:
         return _outputs(model, events, decisions)
@@ -279,12 +287,15 @@ def embedding_table(
     )
 
 
+def decision_keys(decisions: pl.DataFrame) -> pl.DataFrame:
+    """The columns of `decisions` the encoders read: the decision, its person and time, and the
+    person's `fold` where the decisions carry one."""
+    keep = [c for c in ("decision_id", "entity_id", "ts", "fold") if c in decisions.columns]
+    return decisions.select(keep)
+
+
 def _outputs(model: SequenceModel, events: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
-    folds = (
-        decisions["fold"].to_numpy()
-        if "fold" in decisions.columns
-        else model.folds_of(decisions["entity_id"])
-    )
+    folds = model.folds_of_decisions(decisions)
     columns = model.output_columns(model.arrays(events, decisions), folds, embeddings=True)
     return pl.DataFrame({"decision_id": decisions["decision_id"], **columns})
 

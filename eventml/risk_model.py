@@ -100,12 +100,7 @@ class RiskModel:
         the sequence arrays, one encoder pass, one scorer pass) for many decisions at once."""
         features = compute_features(events, decisions, self.feature_set, activity)
         model = self.sequence_model
-        # Each person's fold: given where the caller keyed the decisions by something else.
-        folds = (
-            decisions["fold"].to_numpy()
-            if "fold" in decisions.columns
-            else model.folds_of(decisions["entity_id"])
-        )
+        folds = model.folds_of_decisions(decisions)
         encoded = model.output_columns(model.arrays(events, decisions), folds)
         table = decisions.select("decision_id").join(
             features, on="decision_id", how="left", maintain_order="left"

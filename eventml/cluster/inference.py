@@ -4,10 +4,11 @@ scorer's probabilities for every row of a model table, by blocks of it.
 
 The decisions are ordered by entity shard, so a part holds few entities' decisions, and cut into
 `parts` blocks, each one batch. A pool of `workers` actors each loads the encoders once (from
-their saved files, not a pickle) and, per batch, reads only the batch's entities' events from the events table at
-the version the step pinned: a worker holds a part's histories, never the table. An entity cut
-across two parts has its events read by both; every output depends on the entity's own events
-only, so the rows are those of `eventml.embedding.embedding_table` over the whole table.
+their saved files, not a pickle) and, per batch, reads only the batch's entities' events from
+the events table at the version the step pinned: a worker holds a part's histories, never the
+table. An entity cut across two parts has its events read by both; every output depends on the
+entity's own events only, so the rows are those of `eventml.embedding.embedding_table` over the
+whole table.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import polars as pl
 import pyarrow as pa
 
 from eventml.cluster.workers import ONE_CPU, files_of, write_files
-from eventml.embedding import SequenceModel, embedding_table
+from eventml.embedding import SequenceModel, decision_keys, embedding_table
 from eventml.features.sharded import shard_of_entity
 from eventml.scorer import Scorer
 
 
 class EmbedPart:
-    """A Ray Data worker: the encoder loaded once, then a part of the decisions at a time."""
+    """A Ray Data worker: the encoders loaded once, then a part of the decisions at a time."""
 
     def __init__(self, model_files: dict[str, bytes], events_uri: str, version: int | None):
         with tempfile.TemporaryDirectory() as tmp:
@@ -56,8 +57,7 @@ def embedding_table_by_parts(
     on the cluster this process is connected to; rows in the decisions' order."""
     with tempfile.TemporaryDirectory() as tmp:
         files = files_of(model.save(tmp))
-    keep = [c for c in ("decision_id", "entity_id", "ts", "fold") if c in decisions.columns]
-    ordered = decisions.select(keep).sort(shard_of_entity(parts), "entity_id", "ts")
+    ordered = decision_keys(decisions).sort(shard_of_entity(parts), "entity_id", "ts")
     kwargs = {"model_files": files, "events_uri": events_uri, "version": version}
     # A part is a batch: its entities' events are read once.
     table = _by_actors(EmbedPart, kwargs, _blocks(ordered, parts), workers, cpus_per_worker)
